@@ -1,0 +1,160 @@
+"""Plain, immutable results returned by ``Storage``.
+
+Callers never see ORM objects: these dataclasses are safe to keep after the
+session closes, to pass between tasks, and to log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+TrainingKind = Literal["correction", "upvoted"]
+
+
+@dataclass(frozen=True, slots=True)
+class PersonInfo:
+    id: int
+    telegram_id: int
+    language_code: str | None
+    first_seen_at: datetime
+    last_seen_at: datetime
+    is_forgotten: bool
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PhotoRecord:
+    id: int
+    sha256: str
+    rel_path: str
+    size_bytes: int
+    width: int
+    height: int
+    telegram_file_unique_id: str | None
+    created_at: datetime
+    created: bool  # False when the same bytes were already stored
+
+
+@dataclass(frozen=True, slots=True)
+class CaptionRecord:
+    id: int
+    photo_id: int
+    photo_sha256: str
+    photo_rel_path: str
+    model_version: str
+    text: str
+    score: float
+    beam_size: int
+    latency_ms: float
+    requester_telegram_id: int
+    chat_id: int | None
+    message_id: int | None
+    created_at: datetime
+    votes_up: int = 0
+    votes_down: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class VoteRecord:
+    caption_id: int
+    telegram_id: int
+    up: bool
+    changed: bool  # False when the same vote was already recorded
+    votes_up: int  # totals on the caption after this vote
+    votes_down: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCorrection:
+    telegram_id: int
+    caption_id: int
+    caption_text: str
+    prompt_chat_id: int | None
+    prompt_message_id: int | None
+    started_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CorrectionRecord:
+    id: int
+    caption_id: int
+    telegram_id: int
+    text: str
+    text_raw: str
+    created_at: datetime
+    trained_model_version: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetReport:
+    telegram_id: int
+    found: bool
+    votes: int = 0
+    corrections: int = 0
+    captions: int = 0
+    photos: int = 0
+    files_deleted: int = 0
+    pending: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DayCount:
+    day: date
+    captions: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    captions_per_day: tuple[DayCount, ...]  # oldest first, UTC days, zero days included
+    captions: int
+    photos: int
+    people: int  # not forgotten
+    votes_up: int
+    votes_down: int
+    corrections: int
+    corrections_untrained: int
+    active_model: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersionRecord:
+    id: int
+    name: str
+    checkpoint_path: str
+    parent: str | None
+    metrics: dict[str, Any] = field(hash=False, compare=True)
+    status: str = "candidate"
+    reason: str | None = None
+    created_at: datetime | None = None
+    promoted_at: datetime | None = None
+
+    @property
+    def is_active(self) -> bool:
+        return self.status == "active"
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingExample:
+    kind: TrainingKind
+    source_id: int  # correction id for "correction", caption id for "upvoted"
+    caption_id: int
+    photo_id: int
+    sha256: str
+    rel_path: str
+    path: Path
+    text: str
+    created_at: datetime
+    trained_model_version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExportReport:
+    out_dir: Path
+    images: int
+    captions: int
+    train: int
+    val: int
+    missing_files: int
