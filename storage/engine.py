@@ -11,6 +11,7 @@ SQLite returns "database is locked" without waiting.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 BUSY_TIMEOUT_MS = 10_000
 BEGIN_MODE_OPTION = "storage_sqlite_begin"
+WAL_SWITCH_ATTEMPTS = 20
 # busy_timeout first: switching to WAL needs a lock, and it should wait for it too.
 SQLITE_PRAGMAS = (
     f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
@@ -65,14 +67,36 @@ def _install_sqlite_hooks(engine: AsyncEngine) -> None:
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Stop the driver from issuing its own (deferred, DML-only) BEGIN.
         dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
         try:
-            for pragma in SQLITE_PRAGMAS:
-                cursor.execute(pragma)
-        finally:
-            cursor.close()
+            _apply_pragmas(dbapi_connection)
+        except BaseException:
+            dbapi_connection.close()  # the pool drops it; don't leak the driver's thread
+            raise
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get(BEGIN_MODE_OPTION, "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _apply_pragmas(dbapi_connection: Any) -> None:
+    """Run ``SQLITE_PRAGMAS`` on a new connection, riding out WAL-switch lock errors.
+
+    Switching a brand-new file to WAL needs exclusive access and fails at once
+    (no busy wait) while another connection does the same. That only happens
+    in the first moments of a database's life, so a few short blocking pauses
+    are acceptable here.
+    """
+    cursor = dbapi_connection.cursor()
+    try:
+        for pragma in SQLITE_PRAGMAS:
+            for attempt in range(WAL_SWITCH_ATTEMPTS):
+                try:
+                    cursor.execute(pragma)
+                    break
+                except Exception as exc:
+                    if "locked" not in str(exc).lower() or attempt == WAL_SWITCH_ATTEMPTS - 1:
+                        raise
+                    time.sleep(0.01 * (attempt + 1))
+    finally:
+        cursor.close()

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from storage.engine import write_engine
+from storage.retry import retry_locked
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -49,10 +50,15 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     """Upgrade the database to ``revision`` on a connection of ``engine``.
 
     The migration runs in one write transaction (BEGIN IMMEDIATE on SQLite), so
-    several processes starting at once apply it exactly once.
+    several processes starting at once apply it exactly once; a lock error
+    (e.g. two connections switching a brand-new file to WAL) is retried.
     """
-    async with write_engine(engine).begin() as conn:
-        await conn.run_sync(_upgrade_sync, revision)
+
+    async def attempt() -> None:
+        async with write_engine(engine).begin() as conn:
+            await conn.run_sync(_upgrade_sync, revision)
+
+    await retry_locked(attempt)
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:

@@ -10,11 +10,10 @@ reaches the caller under load.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import dataclasses
 import json
 import logging
 import math
-import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -57,6 +56,7 @@ from storage.records import (
     TrainingExample,
     VoteRecord,
 )
+from storage.retry import MAX_LOCKED_ATTEMPTS, Backoff, is_locked
 from storage.validation import validate_correction
 
 log = logging.getLogger(__name__)
@@ -64,20 +64,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SessionOp = Callable[[AsyncSession], Awaitable[T]]
 
-MAX_ATTEMPTS = 60
-FIRST_BACKOFF_S = 0.005
-MAX_BACKOFF_S = 0.5
 INTEGRITY_ATTEMPTS = 3
 LANGUAGE_CODE_MAX = 16
 ID_CHUNK = 500
 LAST_SEEN_PRECISION = timedelta(minutes=1)
-LOCKED_MARKERS = ("database is locked", "database is busy", "database table is locked")
 PhotoRef = PhotoRecord | CaptionRecord | TrainingExample | str | Path
-
-
-def _is_locked(exc: OperationalError) -> bool:
-    message = str(exc.orig if exc.orig is not None else exc).lower()
-    return any(marker in message for marker in LOCKED_MARKERS)
 
 
 async def _rowcount(session: AsyncSession, stmt: Delete | Update) -> int:
@@ -186,6 +177,7 @@ class Storage:
         # asyncio lock is much cheaper than letting them poll the file lock (the
         # busy handler sleeps in steps of up to 100 ms); other processes still
         # meet the file lock, handled by busy_timeout and the retry in ``_run``.
+        self.lock_retries = 0  # how often SQLite said "locked" and a transaction was retried
         self._write_lock: asyncio.Lock | None = asyncio.Lock() if is_sqlite(url) else None
 
     # ------------------------------------------------------------------ lifecycle
@@ -230,21 +222,23 @@ class Storage:
         With ``retry_integrity`` a unique-key clash (two writers creating the same
         row at once, possible on PostgreSQL) is retried too: the next attempt finds the row.
         """
-        backoff = FIRST_BACKOFF_S
-        for attempt in itertools.count(1):
+        backoff = Backoff()
+        locked = clashes = 0
+        while True:
             try:
                 async with factory() as session, session.begin():
                     return await op(session)
             except OperationalError as exc:
-                if not _is_locked(exc) or attempt >= MAX_ATTEMPTS:
+                locked += 1
+                if not is_locked(exc) or locked >= MAX_LOCKED_ATTEMPTS:
                     raise
-                log.debug("database locked, attempt %d; retrying", attempt)
+                self.lock_retries += 1
+                log.debug("database locked (attempt %d); retrying", locked)
             except IntegrityError:
-                if not retry_integrity or attempt >= INTEGRITY_ATTEMPTS:
+                clashes += 1
+                if not retry_integrity or clashes >= INTEGRITY_ATTEMPTS:
                     raise
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-            backoff = min(backoff * 2, MAX_BACKOFF_S)
-        raise AssertionError("unreachable")
+            await backoff.sleep()
 
     async def _write(self, op: SessionOp[T], retry_integrity: bool = False) -> T:
         if self._write_lock is None:
@@ -650,16 +644,7 @@ class Storage:
 
         report, rel_paths = await self._write(op)
         files = await self._delete_unreferenced_files(rel_paths)
-        return ForgetReport(
-            telegram_id=report.telegram_id,
-            found=report.found,
-            votes=report.votes,
-            corrections=report.corrections,
-            captions=report.captions,
-            photos=report.photos,
-            files_deleted=files,
-            pending=report.pending,
-        )
+        return dataclasses.replace(report, files_deleted=files)
 
     async def _delete_unreferenced_files(self, rel_paths: Sequence[str]) -> int:
         """Unlink photo files whose rows are gone, inside a write transaction.

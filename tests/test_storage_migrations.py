@@ -89,7 +89,7 @@ async def test_downgrade_to_base_removes_everything(tmp_path: Path) -> None:
 
 
 async def test_concurrent_start_up_migrates_once(tmp_path: Path) -> None:
-    opened = await asyncio.gather(*(Storage.open(data_dir=tmp_path) for _ in range(4)))
+    opened = await asyncio.gather(*(Storage.open(data_dir=tmp_path) for _ in range(6)))
     try:
         assert {await migrations.current_revision(s.engine) for s in opened} == {"0001"}
     finally:
