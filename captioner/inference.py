@@ -1,0 +1,125 @@
+"""The captioner facade: image bytes or pictures in, captions with attention maps out."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from . import checkpoint
+from .beam import BeamConfig, Hypothesis, SpecialIds, beam_search
+from .checkpoint import CaptionModel
+from .images import ImageLimits, load_image, to_model_input
+
+
+@dataclass
+class Caption:
+    text: str
+    words: list[str]
+    score: float  # length-normalised log-probability (what beam search ranked by)
+    log_prob: float
+    finished: bool
+    attention: np.ndarray | None = None  # (len(words), grid, grid), each map sums to 1
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("CUDA was requested but no CUDA device is available; use --device cpu")
+    return resolved
+
+
+def preprocess(model: CaptionModel, image: Image.Image) -> Tensor:
+    """The one preprocessing function shared by training, evaluation and serving."""
+    return to_model_input(image, model.config.image_size, model.encoder.mean, model.encoder.std)
+
+
+class Captioner:
+    """A loaded model on a device, ready to caption batches of images."""
+
+    def __init__(self, model: CaptionModel, device: str | torch.device = "auto",
+                 beam: BeamConfig | None = None, encoder_batch_size: int | None = None) -> None:
+        self.device = resolve_device(device)
+        self.model = model.to(self.device)
+        self.model.encoder.eval()
+        self.model.decoder.eval()
+        self.beam = beam or default_beam_config(model)
+        vocab = model.vocab
+        self.special = SpecialIds(vocab.pad_id, vocab.start_id, vocab.end_id, vocab.unk_id)
+        # On CPU this encoder runs fastest at small batches (cache-bound); on GPU, big ones.
+        self.encoder_batch_size = encoder_batch_size or (64 if self.device.type == "cuda" else 4)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str | torch.device = "auto",
+             beam: BeamConfig | None = None) -> Captioner:
+        target = resolve_device(device)
+        return cls(checkpoint.load(path, device=target), target, beam)
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    def prepare(self, data: bytes, limits: ImageLimits = ImageLimits()) -> Tensor:
+        """Untrusted bytes -> model input; raises captioner.images.ImageError subclasses."""
+        return preprocess(self.model, load_image(data, limits))
+
+    def prepare_image(self, image: Image.Image) -> Tensor:
+        return preprocess(self.model, image)
+
+    @torch.inference_mode()
+    def encode(self, images: Tensor) -> Tensor:
+        chunks = [self.model.encoder(chunk.to(self.device))
+                  for chunk in images.split(self.encoder_batch_size)]
+        return torch.cat(chunks)
+
+    @torch.inference_mode()
+    def decode(self, features: Tensor, beam: BeamConfig | None = None,
+               attention: bool = True) -> list[Caption]:
+        hyps = beam_search(self.model.decoder, features.to(self.device).float(), beam or self.beam, self.special)
+        return [self._to_caption(h, features.size(1), attention) for h in hyps]
+
+    def caption_tensors(self, images: Tensor, beam: BeamConfig | None = None,
+                        attention: bool = True) -> list[Caption]:
+        return self.decode(self.encode(images), beam, attention)
+
+    def caption_images(self, images: Sequence[Image.Image], beam: BeamConfig | None = None,
+                       attention: bool = True) -> list[Caption]:
+        batch = torch.stack([self.prepare_image(im) for im in images])
+        return self.caption_tensors(batch, beam, attention)
+
+    def caption_bytes(self, data: bytes, beam: BeamConfig | None = None, attention: bool = True) -> Caption:
+        return self.caption_tensors(self.prepare(data).unsqueeze(0), beam, attention)[0]
+
+    def _to_caption(self, hyp: Hypothesis, regions: int, attention: bool) -> Caption:
+        words = [self.model.vocab.words[i] for i in hyp.tokens]
+        maps = None
+        if attention:
+            side = math.isqrt(regions)
+            if side * side == regions:
+                maps = hyp.attention.float().numpy().reshape(len(words), side, side)
+            else:
+                maps = hyp.attention.float().numpy().reshape(len(words), 1, regions)
+        return Caption(" ".join(words), words, hyp.score, hyp.log_prob, hyp.finished, maps)
+
+
+def default_beam_config(model: CaptionModel) -> BeamConfig:
+    """Decoding settings chosen on validation data at training time, if the checkpoint records them."""
+    return beam_config_from_meta(model.meta)
+
+
+def beam_config_from_meta(meta: dict[str, Any]) -> BeamConfig:
+    stored = meta.get("decoding")
+    config = BeamConfig()
+    if isinstance(stored, dict):
+        allowed = {k: v for k, v in stored.items() if k in BeamConfig.__dataclass_fields__}
+        config = replace(config, **allowed)
+    return config

@@ -1,0 +1,1 @@
+"""Training and evaluation of the captioner on public datasets and on people's corrections."""

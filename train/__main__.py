@@ -1,0 +1,110 @@
+"""Command line: ``python -m train fit|evaluate|finetune ...`` (``--help`` on each)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import fields
+from typing import Any
+
+from captioner.model import ModelConfig
+
+from .fit import TrainConfig
+
+FIT_HELP: dict[str, str] = {
+    "data": "dataset as FORMAT:PATH: flickr:DIR, karpathy:FILE[@IMAGES], coco:ANNOTATIONS[@IMAGES]",
+    "out": "output folder: last/ (resumable state), best/ (best model by val CIDEr), history.json, curves.png",
+    "train_split": "split to train on",
+    "val_split": "split used for model selection (beam-search CIDEr) and early stopping",
+    "cache": "folder for the float16 encoder-feature cache (reused across runs; keyed by encoder and preprocessing)",
+    "epochs": "maximum number of epochs",
+    "batch_size": "captions per batch (per process under torchrun)",
+    "lr": "peak learning rate of the decoder (AdamW)",
+    "min_lr_ratio": "final learning rate as a fraction of --lr (cosine schedule)",
+    "warmup_steps": "linear warm-up steps",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "clip gradients to this global norm",
+    "alpha_c": "weight of the doubly stochastic attention regularisation (the paper's lambda)",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    "min_freq": "words seen fewer times in the training split map to <unk>",
+    "max_caption_len": "training captions are cut to this many words",
+    "patience": "stop after this many epochs without a better validation CIDEr",
+    "val_beam": "beam size for validation decoding",
+    "val_max_len": "maximum caption length for validation decoding",
+    "val_length_penalty": "length normalisation exponent for validation decoding",
+    "val_limit": "validate on the first N images only (0 = all)",
+    "seed": "random seed (data order, dropout, initialisation)",
+    "device": "auto, cpu or cuda",
+    "threads": "torch CPU threads (0 = torch's default)",
+    "max_steps": "stop after this many optimisation steps (0 = no limit; for smoke tests)",
+    "feature_batch_size": "images per encoder pass when filling the feature cache",
+    "raw_images": "compute encoder features from the images at every step instead of the cache",
+    "encoder_lr": "learning rate of the unfrozen encoder blocks (with --fine-tune-blocks)",
+    "init_from": "start from this checkpoint (for example a decoder trained on cached features)",
+    "resume": "continue the run in --out exactly where it stopped (weights, optimizer, schedule, RNG)",
+    "progress": "log progress",
+}
+
+MODEL_HELP: dict[str, str] = {
+    "encoder": "backbone: efficientnet_lite0 (default, weights ship with pip), resnet50, resnet101, resnet18, tiny",
+    "encoder_weights": "local file with the backbone's ImageNet weights (default: the package or torchvision download)",
+    "image_size": "input size in pixels (square)",
+    "embed_dim": "word embedding size",
+    "attention_dim": "attention layer size",
+    "hidden_dim": "LSTM size",
+    "dropout": "dropout before the output layer",
+    "deep_output": "use the paper's deep output layer",
+    "fine_tune_blocks": "unfreeze the top N encoder blocks and train from raw images",
+}
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: Any, helps: dict[str, str], skip: set[str]) -> None:
+    defaults = cls()
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = helps.get(f.name, "")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{help_text} (default: {default})")
+        else:
+            kind = type(default) if default is not None else str
+            parser.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="train a captioner on a public dataset",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_dataclass_options(fit, TrainConfig, FIT_HELP, {"model"})
+    _add_dataclass_options(fit, ModelConfig, MODEL_HELP, set())
+
+    from . import evaluate
+
+    evaluate.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    values = vars(args)
+    if args.command == "fit":
+        from .fit import config_from_args, fit
+
+        model_keys = {f.name for f in fields(ModelConfig)}
+        cfg = config_from_args(values)
+        cfg.model = {k: values[k] for k in model_keys}
+        fit(cfg)
+        return 0
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

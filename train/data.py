@@ -1,0 +1,117 @@
+"""Readers for the caption datasets people download, named on the command line as FORMAT:PATH.
+
+- ``flickr:DIR``   DIR/captions.txt (``image,caption`` CSV with header), DIR/images/, DIR/SPLIT.txt
+- ``karpathy:FILE[@IMAGE_ROOT]``  Karpathy's dataset_{coco,flickr8k,flickr30k}.json; ``restval``
+  joins ``train``; images under IMAGE_ROOT (default: the folder of FILE, plus ``filepath``)
+- ``coco:ANNOTATIONS_DIR[@IMAGE_ROOT]``  official ``captions_SPLIT.json`` files; SPLIT is e.g.
+  ``train2017``/``val2017``; images under IMAGE_ROOT/SPLIT (default: ANNOTATIONS_DIR/..)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class DatasetError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    image_id: str  # unique within the dataset (a file name or a relative path)
+    path: Path
+    captions: tuple[str, ...]
+
+
+class CaptionDataset:
+    """Images with their reference captions, split by name (train, val, ...)."""
+
+    def __init__(self, name: str, splits: dict[str, list[ImageRecord]]) -> None:
+        self.name = name
+        self._splits = splits
+
+    @property
+    def split_names(self) -> list[str]:
+        return sorted(self._splits)
+
+    def split(self, name: str) -> list[ImageRecord]:
+        if name not in self._splits:
+            raise DatasetError(f"{self.name} has no split {name!r}; it has {', '.join(self.split_names)}")
+        return self._splits[name]
+
+
+def load_dataset(spec: str, splits: tuple[str, ...] = ("train", "val")) -> CaptionDataset:
+    """Read ``FORMAT:PATH`` (see the module docstring), keeping only ``splits``."""
+    fmt, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise DatasetError(f"dataset must be FORMAT:PATH (flickr, karpathy or coco), got {spec!r}")
+    readers = {"flickr": read_flickr, "karpathy": read_karpathy, "coco": read_coco}
+    if fmt not in readers:
+        raise DatasetError(f"unknown dataset format {fmt!r}; use one of {', '.join(readers)}")
+    path, _, root = rest.partition("@")
+    return readers[fmt](Path(path), splits, Path(root) if root else None)
+
+
+def read_flickr(directory: Path, splits: tuple[str, ...], image_root: Path | None = None) -> CaptionDataset:
+    captions_file = directory / "captions.txt"
+    if not captions_file.is_file():
+        raise DatasetError(f"{captions_file} not found (expected the Flickr layout)")
+    captions: dict[str, list[str]] = defaultdict(list)
+    with captions_file.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or not {"image", "caption"} <= set(reader.fieldnames):
+            raise DatasetError(f"{captions_file} must have an 'image,caption' header")
+        for row in reader:
+            if row["caption"] and row["caption"].strip():
+                captions[row["image"].strip()].append(row["caption"].strip())
+    images = image_root or directory / "images"
+    result: dict[str, list[ImageRecord]] = {}
+    for split in splits:
+        split_file = directory / f"{split}.txt"
+        if not split_file.is_file():
+            raise DatasetError(f"split file {split_file} not found")
+        names = [n.strip() for n in split_file.read_text(encoding="utf-8").splitlines() if n.strip()]
+        result[split] = [ImageRecord(n, images / n, tuple(captions[n])) for n in names if captions.get(n)]
+    return CaptionDataset(f"flickr:{directory}", result)
+
+
+def read_karpathy(file: Path, splits: tuple[str, ...], image_root: Path | None = None) -> CaptionDataset:
+    try:
+        document = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise DatasetError(f"cannot read Karpathy split file {file}: {err}") from err
+    root = image_root or file.parent
+    result: dict[str, list[ImageRecord]] = {s: [] for s in splits}
+    for image in document.get("images", []):
+        split = "train" if image.get("split") == "restval" else image.get("split")
+        if split not in result:
+            continue
+        relative = Path(image.get("filepath", "")) / image["filename"]
+        texts = tuple(s.get("raw") or " ".join(s.get("tokens", [])) for s in image.get("sentences", []))
+        if texts:
+            result[split].append(ImageRecord(str(relative), root / relative, texts))
+    return CaptionDataset(f"karpathy:{file}", result)
+
+
+def read_coco(directory: Path, splits: tuple[str, ...], image_root: Path | None = None) -> CaptionDataset:
+    """Official COCO captions; split names map to files: val -> val2017 unless given in full."""
+    root = image_root or directory.parent
+    result: dict[str, list[ImageRecord]] = {}
+    for split in splits:
+        full = split if split[-4:].isdigit() else f"{split}2017"
+        file = directory / f"captions_{full}.json"
+        if not file.is_file():
+            raise DatasetError(f"COCO annotations {file} not found")
+        document = json.loads(file.read_text(encoding="utf-8"))
+        texts: dict[int, list[str]] = defaultdict(list)
+        for ann in document.get("annotations", []):
+            texts[ann["image_id"]].append(ann["caption"].strip())
+        result[split] = [
+            ImageRecord(f"{full}/{img['file_name']}", root / full / img["file_name"], tuple(texts[img["id"]]))
+            for img in document.get("images", []) if texts.get(img["id"])
+        ]
+    return CaptionDataset(f"coco:{directory}", result)

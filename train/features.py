@@ -1,0 +1,185 @@
+"""A float16 memory-mapped cache of frozen-encoder features, one row per image.
+
+The cache lives in a folder named by a key over everything that changes the features (encoder,
+its weights, image size, normalisation, preprocessing version), so a change invalidates it by
+construction. Rows are filled in chunks and a ``done`` mask is flushed after each chunk, so an
+interrupted extraction resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from captioner.checkpoint import CaptionModel
+from captioner.images import load_image
+from captioner.inference import preprocess
+
+log = logging.getLogger(__name__)
+
+# Bump when captioner.images / preprocess change in a way that alters pixels.
+PREPROCESS_VERSION = 1
+
+
+def encoder_fingerprint(model: CaptionModel) -> str:
+    """A hash of the encoder's identity: name, config, normalisation and its actual weights."""
+    h = hashlib.sha256()
+    info = {
+        "encoder": model.config.encoder,
+        "image_size": model.config.image_size,
+        "mean": model.encoder.mean,
+        "std": model.encoder.std,
+        "preprocess": PREPROCESS_VERSION,
+    }
+    h.update(json.dumps(info, sort_keys=True).encode())
+    for name, tensor in sorted(model.encoder.backbone.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().float().numpy().tobytes()[:4096])
+        h.update(str(float(tensor.float().sum())).encode())
+    return h.hexdigest()[:16]
+
+
+class FeatureCache:
+    """Append-only store of (L, C) float16 feature maps keyed by image file path.
+
+    Features live in shards (``shard-N.npy``, memory-mapped); ``index.json`` maps each image
+    path to (shard, row). Asking for new images adds a shard, so one cache per encoder serves
+    every dataset and subset without recomputing what it already holds.
+    """
+
+    def __init__(self, directory: Path, regions: int, dim: int) -> None:
+        self.directory = directory
+        self.regions, self.dim = regions, dim
+        directory.mkdir(parents=True, exist_ok=True)
+        index_file = directory / "index.json"
+        self.index: dict[str, tuple[int, int]] = (
+            {k: (v[0], v[1]) for k, v in json.loads(index_file.read_text()).items()} if index_file.exists() else {}
+        )
+        self.shard_sizes = _shard_sizes(self.index)
+        self._shards: dict[int, np.ndarray] = {}
+        self._done: dict[int, np.ndarray] = {}
+
+    @staticmethod
+    def key(path: Path) -> str:
+        return str(path.resolve())
+
+    def _shard(self, shard: int) -> np.ndarray:
+        if shard not in self._shards:
+            file = self.directory / f"shard-{shard}.npy"
+            if file.exists():
+                self._shards[shard] = np.load(file, mmap_mode="r+")
+            else:
+                self._shards[shard] = np.lib.format.open_memmap(
+                    file, mode="w+", dtype=np.float16, shape=(self.shard_sizes[shard], self.regions, self.dim))
+            if self._shards[shard].shape[1:] != (self.regions, self.dim):
+                raise RuntimeError(f"feature cache {self.directory} holds {self._shards[shard].shape[1:]} "
+                                   f"features, expected {(self.regions, self.dim)}; delete it to rebuild")
+        return self._shards[shard]
+
+    def done_mask(self, shard: int) -> np.ndarray:
+        if shard not in self._done:
+            file = self.directory / f"done-{shard}.npy"
+            self._done[shard] = np.load(file) if file.exists() else np.zeros(self.shard_sizes[shard], dtype=bool)
+        return self._done[shard]
+
+    def add(self, paths: Sequence[Path]) -> None:
+        """Reserve rows for images the cache has not seen."""
+        new = [k for k in dict.fromkeys(self.key(p) for p in paths) if k not in self.index]
+        if not new:
+            return
+        shard = max(self.shard_sizes, default=-1) + 1
+        self.shard_sizes[shard] = len(new)
+        self.index.update({k: (shard, row) for row, k in enumerate(new)})
+        self._shard(shard)
+        self._flush(shard)
+        tmp = self.directory / "index.tmp.json"
+        tmp.write_text(json.dumps(self.index))
+        tmp.replace(self.directory / "index.json")
+
+    def missing(self, paths: Sequence[Path]) -> list[Path]:
+        out = []
+        for p in paths:
+            shard, row = self.index[self.key(p)]
+            if not self.done_mask(shard)[row]:
+                out.append(p)
+        return out
+
+    def put(self, paths: Sequence[Path], features: np.ndarray) -> None:
+        for p, f in zip(paths, features, strict=True):
+            shard, row = self.index[self.key(p)]
+            self._shard(shard)[row] = f
+            self.done_mask(shard)[row] = True
+
+    def get(self, paths: Sequence[Path]) -> np.ndarray:
+        """Stacked features (N, L, C) in float16; every path must be filled."""
+        out = np.empty((len(paths), self.regions, self.dim), dtype=np.float16)
+        for i, p in enumerate(paths):
+            shard, row = self.index[self.key(p)]
+            if not self.done_mask(shard)[row]:
+                raise RuntimeError(f"no cached features for {p}")
+            out[i] = self._shard(shard)[row]
+        return out
+
+    def flush(self) -> None:
+        for shard in list(self._shards):
+            self._flush(shard)
+
+    def _flush(self, shard: int) -> None:
+        # Features reach the disk before the mask that says they are there.
+        self._shard(shard).flush()
+        tmp = self.directory / f"done-{shard}.tmp.npy"
+        np.save(tmp, self.done_mask(shard))
+        tmp.replace(self.directory / f"done-{shard}.npy")
+
+
+def _shard_sizes(index: dict[str, tuple[int, int]]) -> dict[int, int]:
+    sizes: dict[int, int] = {}
+    for shard, row in index.values():
+        sizes[shard] = max(sizes.get(shard, 0), row + 1)
+    return sizes
+
+
+def open_cache(model: CaptionModel, cache_root: Path) -> FeatureCache:
+    regions, dim = _feature_shape(model)
+    return FeatureCache(cache_root / f"{model.config.encoder}-{encoder_fingerprint(model)}", regions, dim)
+
+
+def _feature_shape(model: CaptionModel) -> tuple[int, int]:
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, model.config.image_size, model.config.image_size)
+        out = model.encoder.to("cpu")(probe)
+    return int(out.shape[1]), int(out.shape[2])
+
+
+@torch.inference_mode()
+def fill_cache(cache: FeatureCache, model: CaptionModel, paths: Sequence[Path], device: torch.device,
+               batch_size: int = 4, progress: bool = True) -> None:
+    """Compute features for every image not yet cached; resumable after an interruption."""
+    cache.add(paths)
+    todo = cache.missing(paths)
+    if not todo:
+        return
+    log.info("extracting features for %d images into %s", len(todo), cache.directory)
+    model.encoder.eval().to(device)
+    bar = tqdm(total=len(todo), desc="features", unit="img", disable=not progress, mininterval=10)
+    for n, start in enumerate(range(0, len(todo), batch_size)):
+        chunk = todo[start:start + batch_size]
+        batch = torch.stack([preprocess(model, _read(p)) for p in chunk]).to(device)
+        cache.put(chunk, model.encoder(batch).to("cpu", torch.float16).numpy())
+        if n % 100 == 0:
+            cache.flush()
+        bar.update(len(chunk))
+    cache.flush()
+    bar.close()
+
+
+def _read(path: Path) -> Image.Image:
+    return load_image(path.read_bytes())

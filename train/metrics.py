@@ -1,0 +1,86 @@
+"""Captioning metrics through pycocoevalcap (the standard coco-caption code).
+
+METEOR and the PTB tokenizer run on Java. Without Java, captions are tokenised with the
+project's own tokenizer (lower-case words, punctuation dropped: close to PTB for these texts)
+and METEOR is skipped with a warning that is also returned to the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from captioner.vocab import tokenize
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+
+@dataclass
+class Scores:
+    values: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+
+
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def _tokenize_all(captions: Mapping[str, Sequence[str]], use_java: bool) -> dict[str, list[str]]:
+    if use_java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        data = {k: [{"caption": c} for c in v] for k, v in captions.items()}
+        return dict(PTBTokenizer().tokenize(data))
+    return {k: [" ".join(tokenize(c)) for c in v] for k, v in captions.items()}
+
+
+def score(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str],
+          metrics: Sequence[str] = METRIC_KEYS, use_java: bool | None = None) -> Scores:
+    """Corpus-level scores (fractions) of ``hypotheses`` against ``references`` (same keys)."""
+    if set(references) != set(hypotheses):
+        raise ValueError("references and hypotheses must cover the same images")
+    if not hypotheses:
+        raise ValueError("nothing to score")
+    warnings: list[str] = []
+    java = java_available() if use_java is None else use_java
+    if not java:
+        warnings.append("Java not found: METEOR skipped and captions tokenised without the PTB tokenizer")
+        log.warning(warnings[-1])
+    gts = _tokenize_all(references, java)
+    res = _tokenize_all({k: [v] for k, v in hypotheses.items()}, java)
+    values: dict[str, float] = {}
+    for scorer, names in _scorers(metrics, java):
+        # pycocoevalcap prints diagnostics to stdout; keep stdout clean for --json output.
+        with contextlib.redirect_stdout(sys.stderr):
+            result, _ = scorer.compute_score(gts, res)  # type: ignore[attr-defined]
+        if isinstance(result, list):
+            values.update({n: float(r) for n, r in zip(names, result, strict=True)})
+        else:
+            values[names[0]] = float(result)
+    return Scores({k: values[k] for k in METRIC_KEYS if k in values}, warnings)
+
+
+def _scorers(metrics: Sequence[str], java: bool) -> list[tuple[object, list[str]]]:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    wanted = set(metrics)
+    scorers: list[tuple[object, list[str]]] = []
+    if wanted & {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"}:
+        scorers.append((Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]))
+    if "METEOR" in wanted and java:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scorers.append((Meteor(), ["METEOR"]))
+    if "ROUGE_L" in wanted:
+        scorers.append((Rouge(), ["ROUGE_L"]))
+    if "CIDEr" in wanted:
+        scorers.append((Cider(), ["CIDEr"]))
+    return scorers
