@@ -1,0 +1,83 @@
+"""``python -m captioner caption PHOTO [PHOTO ...]``: caption photos from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .attention_viz import render_attention
+from .beam import BeamConfig
+from .checkpoint import CheckpointError
+from .images import ImageError, ImageLimits, load_image
+from .inference import Captioner
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m captioner", description="Caption photos.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cap = sub.add_parser("caption", help="print a one-sentence caption for each photo")
+    cap.add_argument("photos", nargs="+", type=Path, help="image files (JPEG, PNG, WebP, GIF, ...)")
+    cap.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    cap.add_argument("--beam", type=int, default=None, help="beam size (default: the model's own; 1 = greedy)")
+    cap.add_argument("--max-len", type=int, default=None, help="maximum caption length in words")
+    cap.add_argument("--json", action="store_true", help="one JSON object per line")
+    cap.add_argument("--attention", type=Path, default=None,
+                     help="write the attention picture here (with several photos: OUT-1.png, OUT-2.png, ...)")
+    cap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    cap.add_argument("--max-bytes", type=int, default=ImageLimits().max_bytes, help="largest file accepted")
+    return parser
+
+
+def _attention_path(base: Path, index: int, total: int) -> Path:
+    return base if total == 1 else base.with_name(f"{base.stem}-{index + 1}{base.suffix or '.png'}")
+
+
+def caption_command(args: argparse.Namespace) -> int:
+    try:
+        captioner = Captioner.load(args.model, args.device)
+    except (CheckpointError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    base = captioner.beam
+    beam = BeamConfig(args.beam or base.beam_size, args.max_len or base.max_len, base.length_penalty,
+                      base.block_ngram, base.forbid_unk)
+    limits = ImageLimits(max_bytes=args.max_bytes)
+    failures = 0
+    for index, path in enumerate(args.photos):
+        try:
+            image = load_image(path.read_bytes(), limits)
+        except (OSError, ImageError) as err:
+            failures += 1
+            _report_error(args.json, path, err)
+            continue
+        caption = captioner.caption_images([image], beam, attention=args.attention is not None)[0]
+        if args.json:
+            print(json.dumps({"image": str(path), "caption": caption.text, "score": round(caption.score, 4)}))
+        else:
+            print(f"{path}: {caption.text}")
+        if args.attention is not None and caption.attention is not None:
+            out = _attention_path(args.attention, index, len(args.photos))
+            out.write_bytes(render_attention(image, caption.words, caption.attention))
+        sys.stdout.flush()
+    return 1 if failures else 0
+
+
+def _report_error(as_json: bool, path: Path, err: Exception) -> None:
+    message = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    if as_json:
+        print(json.dumps({"image": str(path), "error": message}))
+    else:
+        print(f"{path}: error: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    args = build_parser().parse_args(argv)
+    return caption_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
