@@ -14,7 +14,8 @@ from captioner.checkpoint import CaptionModel
 from captioner.model import ModelConfig
 from captioner.vocab import Vocabulary
 
-SHARED_FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
 TINY_WORDS = ["a", "dog", "cat", "runs", "on", "the", "grass", "man", "in", "red", "shirt", "water", "two", "is"]
 
 

@@ -1,0 +1,104 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner.images import (
+    ImageLimits,
+    ImageTooLargeError,
+    NotAnImageError,
+    TruncatedImageError,
+    UnsupportedImageError,
+    load_image,
+    to_model_input,
+)
+from tests.helpers import photo_bytes
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_jpeg_loads_as_rgb() -> None:
+    image = load_image(photo_bytes(1, (40, 30)))
+    assert image.mode == "RGB" and image.size == (40, 30)
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    loaded = load_image(_encode(image, "JPEG", exif=exif))
+    assert loaded.size == (20, 40)
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "L", "P", "1", "LA"])
+def test_colour_modes_become_rgb(mode: str) -> None:
+    image = Image.new("RGB", (16, 16), (30, 120, 200)).convert(mode)
+    fmt = "JPEG" if mode in ("CMYK", "L") else "PNG"
+    assert load_image(_encode(image, fmt)).mode == "RGB"
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped() -> None:
+    array = np.full((8, 8), 32768, dtype=np.uint16)
+    image = Image.fromarray(array)
+    loaded = load_image(_encode(image, "PNG"))
+    assert loaded.mode == "RGB"
+    assert 120 <= np.asarray(loaded)[0, 0, 0] <= 135
+
+
+def test_transparent_pixels_are_composited_on_white() -> None:
+    image = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    image.putpixel((0, 0), (0, 0, 255, 255))
+    pixels = np.asarray(load_image(_encode(image, "PNG")))
+    assert tuple(pixels[4, 4]) == (255, 255, 255)
+    assert tuple(pixels[0, 0]) == (0, 0, 255)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_animation_uses_first_frame(fmt: str) -> None:
+    frames = [Image.new("RGB", (16, 16), c) for c in [(250, 0, 0), (0, 250, 0), (0, 0, 250)]]
+    data = _encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    red, green, blue = np.asarray(load_image(data))[8, 8].tolist()
+    assert red > 200 and green < 60 and blue < 60
+
+
+def test_not_an_image() -> None:
+    with pytest.raises(NotAnImageError, match="not an image"):
+        load_image(b"%PDF-1.4 definitely not a photo")
+    with pytest.raises(NotAnImageError):
+        load_image(b"")
+
+
+def test_truncated_image() -> None:
+    data = photo_bytes(2, (200, 200))
+    with pytest.raises(TruncatedImageError, match="incomplete"):
+        load_image(data[: len(data) // 2])
+
+
+def test_file_size_limit() -> None:
+    with pytest.raises(ImageTooLargeError, match="limit"):
+        load_image(photo_bytes(3), ImageLimits(max_bytes=100))
+
+
+def test_decompression_bomb() -> None:
+    bomb = _encode(Image.new("L", (4000, 4000)), "PNG")  # tiny file, 16 megapixels
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageTooLargeError, match="megapixels"):
+        load_image(bomb, ImageLimits(max_pixels=1_000_000))
+
+
+def test_unsupported_format() -> None:
+    data = _encode(Image.new("RGB", (8, 8)), "PCX")
+    with pytest.raises(UnsupportedImageError, match="not supported"):
+        load_image(data)
+
+
+def test_model_input_shape_and_normalisation() -> None:
+    image = Image.new("RGB", (50, 30), (255, 0, 0))
+    tensor = to_model_input(image, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert tuple(tensor.shape) == (3, 32, 32)
+    assert tensor[0].allclose(tensor.new_ones(())) and tensor[1].allclose(-tensor.new_ones(()))
