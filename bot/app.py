@@ -1,0 +1,190 @@
+"""The bot's life cycle: open storage, start the worker, poll Telegram, and shut down cleanly.
+
+:class:`CaptionBot` is used by ``python -m bot`` and, in-process, by the tests::
+
+    bot = CaptionBot(settings)
+    await bot.start()        # getMe, database, model, setMyCommands, polling
+    ...
+    await bot.stop()         # stop polling, answer what is in flight, stop the worker, close the db
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import warnings
+
+from telegram import BotCommand, BotCommandScopeChat, BotCommandScopeDefault, LinkPreviewOptions, Update
+from telegram.constants import ParseMode
+from telegram.error import TelegramError
+from telegram.ext import AIORateLimiter, Application, Defaults
+from telegram.warnings import PTBDeprecationWarning
+
+from bot import texts
+from bot.config import Settings
+from bot.handlers import register
+from bot.models import checkpoint_path, follow_promoted
+from bot.ratelimit import RateLimiter
+from bot.runtime import RUNTIME_KEY, Runtime
+from bot.service import ServiceFactory, create_service
+from captioner.serving.base import CaptionService, ModelLoadError
+from storage import Storage
+
+log = logging.getLogger("bot")
+
+# PTB's own rate limiter reads RetryAfter.retry_after, which warns about a future type change.
+warnings.filterwarnings("ignore", message=".*retry_after.*", category=PTBDeprecationWarning)
+
+ALLOWED_UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY]
+NO_PREVIEWS = LinkPreviewOptions(is_disabled=True)
+POLL_TIMEOUT = 10  # seconds a getUpdates call waits for news
+
+
+def build_application(settings: Settings) -> Application:
+    app = (
+        Application.builder()
+        .token(settings.token)
+        .base_url(settings.base_url)
+        .base_file_url(settings.base_file_url)
+        .local_mode(settings.local_mode)
+        .defaults(Defaults(parse_mode=ParseMode.HTML, link_preview_options=NO_PREVIEWS))
+        .rate_limiter(AIORateLimiter(max_retries=3))
+        .concurrent_updates(settings.concurrent_updates)
+        .connect_timeout(10)
+        .read_timeout(30)
+        .write_timeout(30)
+        .media_write_timeout(60)
+        .pool_timeout(30)
+        .get_updates_read_timeout(POLL_TIMEOUT + 10)
+        .build()
+    )
+    register(app)
+    return app
+
+
+class CaptionBot:
+    def __init__(self, settings: Settings, service_factory: ServiceFactory | None = None) -> None:
+        self.settings = settings
+        self.service_factory = service_factory or create_service
+        self.app = build_application(settings)
+        self.storage: Storage | None = None
+        self.service: CaptionService | None = None
+        self.runtime: Runtime | None = None
+        self._initialized = False
+        self._follower: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start everything; on failure, undo what was started and re-raise."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        started = time.monotonic()
+        settings = self.settings
+        await self.app.initialize()  # getMe: fails fast on a bad token or an unreachable server
+        self._initialized = True
+        log.info("connected to Telegram as @%s (id %d)", self.app.bot.username, self.app.bot.id)
+        self.storage = await Storage.open(settings.database_url, settings.data_dir)
+        log.info("storage open at %s", self.storage.data_dir)
+        promoted, checkpoint = await self._startup_model(self.storage)
+        self.service, serving_promoted = await self._start_service(checkpoint, promoted is not None)
+        self.runtime = Runtime(settings, self.storage, self.service, RateLimiter(settings.photos_per_minute))
+        self.runtime.promoted_loaded = promoted if serving_promoted else None
+        self.app.bot_data[RUNTIME_KEY] = self.runtime
+        await self._register_commands()
+        assert self.app.updater is not None
+        await self.app.updater.start_polling(timeout=POLL_TIMEOUT, allowed_updates=ALLOWED_UPDATES)
+        await self.app.start()
+        if settings.model_poll_seconds > 0:
+            self._follower = asyncio.create_task(
+                follow_promoted(self.runtime, settings.model_poll_seconds), name="follow-promoted-model"
+            )
+        log.info("ready in %.1f s: serving model %s, polling for updates", time.monotonic() - started,
+                 self.service.model_version)
+
+    async def _startup_model(self, storage: Storage) -> tuple[str | None, str | None]:
+        """(promoted name, checkpoint to start with): the promoted model when following them."""
+        if self.settings.model_poll_seconds > 0:
+            active = await storage.active_model_version()
+            if active is not None:
+                path = checkpoint_path(active, storage.data_dir)
+                if path.exists():
+                    return active.name, str(path)
+                log.error("promoted model %s is missing at %s; starting with the configured model",
+                          active.name, path)
+        return None, self.settings.model
+
+    async def _start_service(self, checkpoint: str | None, promoted: bool) -> tuple[CaptionService, bool]:
+        """The started service, and whether it serves the promoted model (else the configured one)."""
+        service = self.service_factory(self.settings, checkpoint)
+        self.service = service  # so that a failed start still gets closed
+        try:
+            await service.start()
+            return service, promoted
+        except ModelLoadError as err:
+            if not promoted:
+                raise
+            log.error("could not load the promoted model (%s); starting with the configured model", err)
+        with contextlib.suppress(Exception):
+            await service.close(drain_timeout=0)
+        service = self.service_factory(self.settings, self.settings.model)
+        self.service = service
+        await service.start()
+        return service, False
+
+    async def _register_commands(self) -> None:
+        bot = self.app.bot
+        await bot.set_my_commands(texts.bot_commands(), scope=BotCommandScopeDefault())
+        admin_commands = texts.bot_commands() + [
+            BotCommand(name, description) for name, description in texts.ADMIN_COMMANDS
+        ]
+        for admin_id in sorted(self.settings.admin_ids):
+            try:
+                await bot.set_my_commands(admin_commands, scope=BotCommandScopeChat(admin_id))
+            except TelegramError as err:  # they have not talked to the bot yet
+                log.info("operator commands not shown to %d: %s", admin_id, err)
+
+    async def stop(self) -> None:
+        """Stop taking updates, finish the ones in hand, stop the worker, close the database."""
+        started = time.monotonic()
+        app = self.app
+        if app.updater is not None and app.updater.running:
+            await app.updater.stop()
+        if app.running:
+            await app.stop()  # waits for the handlers in flight (their captions are still served)
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
+        if self.service is not None:
+            try:
+                await self.service.close(drain_timeout=self.settings.request_timeout)
+            except Exception:
+                log.exception("the caption worker did not stop cleanly")
+            self.service = None
+        if self.storage is not None:
+            await self.storage.close()
+            self.storage = None
+        if self._initialized:
+            with contextlib.suppress(TelegramError):
+                await app.shutdown()
+            self._initialized = False
+        log.info("stopped in %.1f s", time.monotonic() - started)
+
+
+async def run(settings: Settings, stop: asyncio.Event, service_factory: ServiceFactory | None = None) -> None:
+    """Run the bot until ``stop`` is set."""
+    bot = CaptionBot(settings, service_factory)
+    await bot.start()
+    try:
+        await stop.wait()
+        log.info("stopping: finishing the photos in hand")
+    finally:
+        await bot.stop()
+

@@ -1,0 +1,182 @@
+"""The buttons under captions (vote, correct, attention) and the /forget confirmation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from html import escape
+
+from telegram import CallbackQuery, ForceReply, Message, Update, User
+from telegram.constants import ChatAction, ChatType
+from telegram.error import BadRequest
+
+from bot import keyboards, texts
+from bot.handlers.common import Context, quietly, replying_to, send_chat_action
+from bot.handlers.photos import error_text
+from bot.runtime import Runtime, get_runtime
+from captioner.images import ImageError
+from captioner.serving.base import ServiceError
+from storage import NotFound
+
+log = logging.getLogger("bot.buttons")
+
+
+async def on_button(update: Update, context: Context) -> None:
+    query = update.callback_query
+    if query is None:
+        return
+    action = keyboards.parse(query.data)
+    runtime = get_runtime(context)
+    user = query.from_user
+    if action is None:
+        log.info("unknown button %r from user %d", query.data, user.id)
+        await query.answer(texts.BUTTON_UNKNOWN, show_alert=True)
+        return
+    if action.kind == "forget":
+        await _forget(query, runtime, bool(action.confirm))
+        return
+    assert action.caption_id is not None
+    if action.kind == "vote":
+        await _vote(query, runtime, action.caption_id, bool(action.up))
+    elif action.kind == "correct":
+        await _correct(query, context, runtime, action.caption_id)
+    elif action.kind == "attention":
+        await _attention(query, context, runtime, action.caption_id)
+
+
+def _message(query: CallbackQuery) -> Message | None:
+    """The message the button is under, when Telegram still gives it to us."""
+    return query.message if isinstance(query.message, Message) else None
+
+
+async def _gone(query: CallbackQuery, text: str = texts.CAPTION_GONE) -> None:
+    await query.answer(text, show_alert=True)
+    message = _message(query)
+    if message is not None and message.reply_markup is not None:
+        await quietly(query.edit_message_reply_markup(None), "removing stale buttons")
+
+
+async def _vote(query: CallbackQuery, runtime: Runtime, caption_id: int, up: bool) -> None:
+    user = query.from_user
+    try:
+        vote = await runtime.storage.record_vote(caption_id, user.id, up)
+    except NotFound:
+        await _gone(query)
+        return
+    if not vote.changed:
+        answer = texts.VOTE_UNCHANGED
+    else:
+        answer = texts.VOTE_UP_THANKS if up else texts.VOTE_DOWN_THANKS
+    await query.answer(answer)
+    log.info("vote caption=%d user=%d up=%s changed=%s", caption_id, user.id, up, vote.changed)
+    if vote.changed and _message(query) is not None:
+        if _is_private(query):
+            markup = keyboards.caption_keyboard(caption_id, my_vote=up)
+        else:
+            markup = keyboards.caption_keyboard(caption_id, counts=(vote.votes_up, vote.votes_down))
+        await quietly(query.edit_message_reply_markup(markup), "showing the vote")
+
+
+def _is_private(query: CallbackQuery) -> bool:
+    message = _message(query)
+    return message is None or message.chat.type == ChatType.PRIVATE
+
+
+async def _correct(query: CallbackQuery, context: Context, runtime: Runtime, caption_id: int) -> None:
+    user = query.from_user
+    caption = await runtime.storage.get_caption(caption_id)
+    if caption is None:
+        await _gone(query)
+        return
+    message = _message(query)
+    chat_id = message.chat.id if message is not None else user.id
+    await query.answer(texts.CORRECTION_CALLBACK)
+    prompt = await context.bot.send_message(
+        chat_id,
+        _mention(user, message) + texts.correction_prompt(caption.text),
+        reply_parameters=replying_to(message.message_id) if message is not None else None,
+        reply_markup=ForceReply(selective=True, input_field_placeholder=texts.CORRECTION_PROMPT_PLACEHOLDER),
+    )
+    try:
+        await runtime.storage.start_correction(user.id, caption_id, prompt.chat.id, prompt.message_id)
+    except NotFound:  # deleted between the two calls (a /forget in another chat)
+        await quietly(context.bot.edit_message_text(texts.CAPTION_GONE, chat_id=prompt.chat.id,
+                                                    message_id=prompt.message_id), "retracting prompt")
+        return
+    log.info("correction started caption=%d user=%d prompt=%d", caption_id, user.id, prompt.message_id)
+
+
+def _mention(user: User, message: Message | None) -> str:
+    """In groups, name the person so that the selective ForceReply opens on their keyboard only."""
+    if message is None or message.chat.type == ChatType.PRIVATE:
+        return ""
+    return f'<a href="tg://user?id={user.id}">{escape(user.first_name or "you")}</a>, '
+
+
+async def _attention(query: CallbackQuery, context: Context, runtime: Runtime, caption_id: int) -> None:
+    user = query.from_user
+    caption = await runtime.storage.get_caption(caption_id)
+    if caption is None:
+        await _gone(query)
+        return
+    try:
+        path = runtime.storage.resolve_photo_path(caption)
+        data = await asyncio.to_thread(path.read_bytes)
+    except OSError:
+        await _gone(query, texts.PHOTO_GONE)
+        return
+    retry_after = runtime.limiter.acquire(user.id)
+    if retry_after:
+        await query.answer(texts.rate_limited(runtime.limiter.limit, retry_after), show_alert=True)
+        return
+    await query.answer(texts.ATTENTION_CALLBACK)
+    message = _message(query)
+    chat_id = message.chat.id if message is not None else user.id
+    reply_parameters = replying_to(message.message_id) if message is not None else None
+    send_chat_action(context, runtime, chat_id, ChatAction.UPLOAD_PHOTO)
+    try:
+        result = await runtime.service.caption(
+            data, beam_size=runtime.settings.beam_size, attention=True,
+            timeout=runtime.settings.request_timeout,
+        )
+    except (ImageError, ServiceError) as err:
+        log.info("attention failed caption=%d: %s: %s", caption_id, type(err).__name__, err)
+        await context.bot.send_message(chat_id, error_text(err), reply_parameters=reply_parameters)
+        return
+    if not result.attention_png:
+        log.warning("attention for caption %d came back without a picture", caption_id)
+        await context.bot.send_message(chat_id, texts.WORKER_FAILED, reply_parameters=reply_parameters)
+        return
+    await context.bot.send_photo(
+        chat_id, result.attention_png, caption=texts.attention_caption(caption.text, result.caption),
+        reply_parameters=reply_parameters,
+    )
+    log.info("attention sent caption=%d user=%d words=%d", caption_id, user.id, len(result.words))
+
+
+async def _forget(query: CallbackQuery, runtime: Runtime, confirm: bool) -> None:
+    user = query.from_user
+    if not confirm:
+        await query.answer()
+        await _replace(query, texts.FORGET_KEPT)
+        return
+    report = await runtime.storage.forget_person(user.id)
+    await query.answer("Deleted." if report.found else "Nothing stored.")
+    log.info("forget user=%d found=%s captions=%d photos=%d", user.id, report.found, report.captions,
+             report.photos)
+    if not report.found or not (report.votes or report.corrections or report.captions or report.photos):
+        await _replace(query, texts.FORGET_NOTHING)
+    else:
+        await _replace(query, texts.forget_done(
+            report.votes, report.corrections, report.captions, report.photos
+        ))
+
+
+async def _replace(query: CallbackQuery, text: str) -> None:
+    if _message(query) is None:
+        return
+    try:
+        await query.edit_message_text(text, reply_markup=None)
+    except BadRequest as err:
+        log.info("could not edit the /forget question: %s", err)
+

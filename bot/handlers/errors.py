@@ -1,0 +1,37 @@
+"""The last line of defence: log unexpected errors with the update id, apologise to the person."""
+
+from __future__ import annotations
+
+import logging
+
+from telegram import Update
+from telegram.error import Forbidden, NetworkError, TelegramError
+
+from bot import texts
+from bot.handlers.common import Context, quietly, replying_to
+
+log = logging.getLogger("bot.errors")
+
+
+async def on_error(update: object, context: Context) -> None:
+    error = context.error
+    if not isinstance(update, Update):
+        if isinstance(error, NetworkError):
+            log.warning("network problem talking to Telegram: %s", error)
+        else:
+            log.error("error outside an update: %r", error, exc_info=error)
+        return
+    log.error("error while handling update %d: %r", update.update_id, error, exc_info=error)
+    if isinstance(error, Forbidden):
+        return  # the person blocked the bot; nothing to tell them
+    query = update.callback_query
+    if query is not None:
+        await quietly(query.answer(texts.ERROR, show_alert=True), "answering a failed button")
+        return
+    message = update.effective_message
+    if message is not None and update.effective_chat is not None:
+        try:
+            await context.bot.send_message(update.effective_chat.id, texts.ERROR,
+                                           reply_parameters=replying_to(message.message_id))
+        except TelegramError as err:
+            log.warning("could not tell the person about the error: %s", err)

@@ -1,0 +1,297 @@
+"""Everything the bot says to people, in one place (Telegram HTML: escape what people typed)."""
+
+from __future__ import annotations
+
+import math
+from html import escape
+
+from telegram import BotCommand
+
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("start", "What this bot does"),
+    ("help", "How to use the buttons"),
+    ("privacy", "What is stored and why"),
+    ("forget", "Delete everything stored about you"),
+    ("cancel", "Stop correcting a caption"),
+)
+ADMIN_COMMANDS: tuple[tuple[str, str], ...] = (
+    ("stats", "Counts, model and queue (operators)"),
+    ("reload", "Load the newest promoted model (operators)"),
+)
+
+
+def bot_commands() -> list[BotCommand]:
+    return [BotCommand(name, description) for name, description in COMMANDS]
+
+
+# ---------------------------------------------------------------- buttons
+
+BUTTON_UP = "👍 Right"
+BUTTON_DOWN = "👎 Wrong"
+BUTTON_CORRECT = "✏️ Fix"
+BUTTON_ATTENTION = "🔍 Why?"
+VOTED_MARK = " ✓"
+BUTTON_FORGET_YES = "🗑 Yes, delete my data"
+BUTTON_FORGET_NO = "Keep it"
+
+# ---------------------------------------------------------------- /start, /help, /privacy
+
+
+def start(first_name: str | None) -> str:
+    hello = f"Hi {escape(first_name)}! 👋" if first_name else "Hi! 👋"
+    return (
+        f"{hello} I describe photos in one sentence.\n\n"
+        "<b>Send me a photo</b> (an image file or an album works too) and I'll reply with a caption.\n\n"
+        + _BUTTONS_HELP
+        + "\n\nI learn from your votes and corrections. I keep the photos you send, my captions, "
+        "your votes and corrections, linked to your Telegram user id. /privacy explains why; "
+        "/forget deletes it all."
+    )
+
+
+_BUTTONS_HELP = (
+    "Under each caption:\n"
+    "👍 / 👎 tell me whether it's right\n"
+    "✏️ lets you type a better caption (or just reply to my caption with yours)\n"
+    "🔍 shows where I looked for each word"
+)
+
+HELP = (
+    "Send me a <b>photo</b>, an <b>image file</b> (JPEG, PNG, WebP, GIF) or an <b>album</b>, "
+    "and I'll describe each picture in one sentence.\n\n"
+    + _BUTTONS_HELP
+    + "\n\n/cancel stops a correction you started\n"
+    "/privacy what I store and why\n"
+    "/forget delete everything I stored about you"
+)
+
+PRIVACY = (
+    "<b>What I store</b>\n"
+    "• the photos you send me, and the captions I wrote for them\n"
+    "• your 👍/👎 votes and the corrections you type\n"
+    "• your Telegram user id (to link the above to you), and your app language if you used /start\n\n"
+    "<b>What for</b>\n"
+    "Corrections and well-rated captions are used to train the next version of the captioning "
+    "model. Nothing is shared with anyone else, and nothing is used for advertising.\n\n"
+    "<b>Deleting</b>\n"
+    "/forget deletes your votes, corrections, captions, and the photos only you sent. "
+    "It takes effect at once."
+)
+
+# ---------------------------------------------------------------- captions
+
+
+def caption(text: str) -> str:
+    sentence = text.strip()
+    if sentence:
+        sentence = sentence[0].upper() + sentence[1:]
+        if sentence[-1] not in ".!?":
+            sentence += "."
+    return f"📷 {escape(sentence)}" if sentence else "📷 (I couldn't find words for this one.)"
+
+
+def queue_position(position: int, wait_seconds: float) -> str:
+    return (
+        f"⏳ You're number {position} in the queue (about {_duration(wait_seconds)}). "
+        "I'll post the caption here."
+    )
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(1, math.ceil(seconds))
+    if seconds < 90:
+        return f"{seconds} s"
+    return f"{math.ceil(seconds / 60)} min"
+
+
+# ---------------------------------------------------------------- votes
+
+VOTE_UP_THANKS = "Thanks! Marked as right 👍"
+VOTE_DOWN_THANKS = "Thanks! Marked as wrong 👎 — tap ✏️ to tell me what it shows."
+VOTE_UNCHANGED = "You already voted that way."
+
+# ---------------------------------------------------------------- corrections
+
+
+def correction_prompt(caption_text: str) -> str:
+    return (
+        f"✏️ What does the photo show? Reply with a better caption for “{escape(caption_text)}”.\n"
+        "One sentence is perfect. /cancel to stop."
+    )
+
+
+CORRECTION_PROMPT_PLACEHOLDER = "e.g. a brown dog runs on the beach"
+CORRECTION_CALLBACK = "Type your caption ✏️"
+
+
+def correction_saved(text: str) -> str:
+    return f"✅ Thanks, your caption is saved: “{escape(text)}”. It helps train the next model."
+
+
+def correction_rejected(reason: str) -> str:
+    return f"🤔 {escape(reason)}\nReply again with a new caption, or /cancel."
+
+
+REPLY_NOT_CAPTION = "To correct a caption, reply to the caption message itself, or tap ✏️ under it."
+CANCELLED = "OK, correction cancelled."
+NOTHING_TO_CANCEL = "There's nothing to cancel. Send me a photo whenever you like."
+
+# ---------------------------------------------------------------- attention
+
+ATTENTION_CALLBACK = "Drawing where I looked… 🔍"
+
+
+def attention_caption(caption_text: str, current_text: str) -> str:
+    head = "🔍 Where I looked for each word."
+    if current_text.strip().lower() != caption_text.strip().lower():
+        head += f" (My current model now says: “{escape(current_text)}”.)"
+    return head
+
+
+# ---------------------------------------------------------------- stale buttons
+
+CAPTION_GONE = (
+    "That caption is no longer stored (it may have been deleted with /forget). Send the photo again."
+)
+PHOTO_GONE = "I no longer have that photo. Send it again and I'll take another look."
+BUTTON_UNKNOWN = "This button is from an older version of me. Send the photo again to get fresh buttons."
+
+# ---------------------------------------------------------------- limits and bad input
+
+
+def file_too_big_for_telegram(size: int) -> str:
+    return (
+        f"😕 This file is {_mb(size)}; Telegram lets bots download files up to 20 MB. "
+        "Please send it as a photo (Telegram compresses it) or a smaller file."
+    )
+
+
+def file_too_big(size: int, limit: int) -> str:
+    return f"😕 This file is {_mb(size)}; I accept files up to {_mb(limit)}. Please send a smaller image."
+
+
+def _mb(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MB"
+
+
+def bad_image(reason: str) -> str:
+    return f"😕 I can't caption this one. {escape(reason)}"
+
+
+def rate_limited(limit: int, retry_after: float) -> str:
+    return (
+        f"🐢 Slow down a little: I caption up to {limit} photos a minute per person. "
+        f"Please send this one again in {_duration(retry_after)}."
+    )
+
+
+BUSY = "😮‍💨 I'm very busy right now. Please send the photo again in a minute."
+TIMEOUT = "⌛ That took too long, sorry. Please send the photo again in a minute."
+WORKER_FAILED = (
+    "😵 Something went wrong while I looked at this photo. Please try again, or try another photo."
+)
+RESTARTING = "🔄 I'm restarting. Please send the photo again in a minute."
+DOWNLOAD_FAILED = "😕 I couldn't download this file from Telegram. Please send it again."
+ERROR = "😵 Sorry, something went wrong on my side. Please try again in a moment."
+
+NOT_A_PHOTO = (
+    "I describe photos 📷 — send me a photo, an image file or an album, and I'll caption it. "
+    "/help shows more."
+)
+UNKNOWN_COMMAND = "I don't know that command. /help lists what I can do."
+STICKER = "Nice sticker! 🙂 I only describe photos, though. Send me a photo and I'll caption it."
+VIDEO = "I can't watch videos yet 🎬. Send me a photo (a screenshot works) and I'll caption it."
+AUDIO = "I can't listen 🎧, only look. Send me a photo and I'll caption it."
+
+
+def not_an_image_file(file_name: str | None, mime_type: str | None) -> str:
+    what = escape(file_name) if file_name else "This file"
+    kind = f" ({escape(mime_type)})" if mime_type else ""
+    return f"{what}{kind} isn't an image I can read. Send me a photo, or a JPEG, PNG, WebP or GIF file."
+
+
+# ---------------------------------------------------------------- /forget
+
+FORGET_CONFIRM = (
+    "This deletes everything I stored about you: your votes, corrections, captions, and the photos "
+    "only you sent. It can't be undone. Delete it all?"
+)
+FORGET_KEPT = "OK, nothing was deleted."
+FORGET_NOTHING = "I have nothing stored about you. 👍"
+
+
+def forget_done(votes: int, corrections: int, captions: int, photos: int) -> str:
+    return (
+        "🗑 Done. I deleted "
+        f"{_count(photos, 'photo')}, {_count(captions, 'caption')}, {_count(votes, 'vote')} and "
+        f"{_count(corrections, 'correction')}. "
+        "If you send me a photo again, I'll store it as described in /privacy."
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+# ---------------------------------------------------------------- operators
+
+
+def admin_only(command: str) -> str:
+    return f"Sorry, /{escape(command)} is only for the people who run this bot."
+
+
+def stats(
+    *,
+    captions: int,
+    photos: int,
+    people: int,
+    votes_up: int,
+    votes_down: int,
+    corrections: int,
+    corrections_untrained: int,
+    captions_today: int,
+    active_model: str | None,
+    serving_model: str,
+    waiting: int,
+    in_flight: int,
+    capacity: int,
+    wait_seconds: float,
+    uptime_seconds: float,
+    captioned_since_start: int,
+    median_latency_ms: float | None,
+) -> str:
+    latency = f"{median_latency_ms:.0f} ms" if median_latency_ms is not None else "n/a"
+    promoted = escape(active_model) if active_model else "none yet"
+    return (
+        "<b>Stats</b>\n"
+        f"captions {captions} (today {captions_today}), photos {photos}, people {people}\n"
+        f"votes 👍 {votes_up} 👎 {votes_down}\n"
+        f"corrections {corrections} (not yet trained on: {corrections_untrained})\n\n"
+        f"<b>Model</b>\nserving <code>{escape(serving_model)}</code>\npromoted <code>{promoted}</code>\n\n"
+        f"<b>Queue</b>\nwaiting {waiting}, in progress {in_flight}, capacity {capacity}, "
+        f"wait about {wait_seconds:.1f} s\n\n"
+        f"<b>This run</b>\nup {_uptime(uptime_seconds)}, captioned {captioned_since_start}, "
+        f"median latency {latency}"
+    )
+
+
+def _uptime(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {secs} s"
+
+
+RELOAD_NO_PROMOTED = "No model has been promoted yet; still serving <code>{serving}</code>."
+RELOAD_SAME = "Already serving the promoted model <code>{serving}</code>."
+RELOAD_STARTED = "Loading <code>{name}</code>…"
+RELOAD_DONE = "✅ Now serving <code>{name}</code> (was <code>{old}</code>)."
+RELOAD_FAILED = "❌ Could not load <code>{name}</code>: {reason}\nStill serving <code>{serving}</code>."
+
+
+def reload_message(template: str, **values: str) -> str:
+    return template.format(**{key: escape(value) for key, value in values.items()})

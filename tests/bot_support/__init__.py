@@ -1,0 +1,61 @@
+"""Helpers for the bot's end-to-end tests: fast tiny models, hostile files, settings."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import torch
+
+from captioner import checkpoint
+from captioner.checkpoint import CaptionModel
+from captioner.vocab import Vocabulary
+from tests.helpers import TINY_WORDS, photo_bytes, tiny_config
+
+ADMIN_ID = 900
+TOKEN = "7000001:AAF-fake-token-For_Tests_0123456789"
+
+
+def fast_checkpoint(directory: Path, version: str = "tiny-bot-v1", seed: int = 0) -> Path:
+    """A tiny random model that decodes short captions quickly (beam 2, at most 8 words)."""
+    torch.manual_seed(seed)
+    vocab = Vocabulary.build([" ".join(TINY_WORDS)], min_freq=1)
+    meta = {"version": version, "decoding": {"beam_size": 2, "max_len": 8}}
+    model = CaptionModel.create(tiny_config(), vocab, meta)
+    return checkpoint.save(model, directory)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A small PNG whose header claims 900 megapixels (a decompression bomb)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    rows = zlib.compress(b"\x00" * (width + 1) * 4)  # a few rows; the rest would be "inflated"
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", rows) + _chunk(b"IEND", b"")
+
+
+def truncated_jpeg(seed: int = 3) -> bytes:
+    data = photo_bytes(seed, size=(200, 160))
+    return data[: len(data) // 2]
+
+
+def png_bytes(seed: int = 5) -> bytes:
+    return photo_bytes(seed, fmt="PNG")
+
+
+def is_png(data: bytes) -> bool:
+    return data.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def big_jpeg(megapixels: float = 1.0, seed: int = 9) -> bytes:
+    side = int((megapixels * 1_000_000) ** 0.5)
+    from PIL import Image
+
+    image = Image.effect_noise((side, side), 64).convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
