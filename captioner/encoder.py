@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -77,7 +78,7 @@ def _load_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 
 class _EfficientNetStem(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: Any) -> None:  # EfficientNet: its attributes are untyped
         super().__init__()
         self.conv = net._conv_stem
         self.bn = net._bn0
@@ -88,7 +89,7 @@ class _EfficientNetStem(nn.Module):
 
 
 class _EfficientNetHead(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: Any) -> None:  # EfficientNet: its attributes are untyped
         super().__init__()
         self.conv = net._conv_head
         self.bn = net._bn1

@@ -13,11 +13,14 @@ from captioner.model import ModelConfig
 from .fit import TrainConfig
 
 FIT_HELP: dict[str, str] = {
-    "data": "dataset as FORMAT:PATH: flickr:DIR, karpathy:FILE[@IMAGES], coco:ANNOTATIONS[@IMAGES]",
-    "out": "output folder: last/ (resumable state), best/ (best model by val CIDEr), history.json, curves.png",
+    "data": "dataset as FORMAT:PATH: flickr:DIR, karpathy:FILE[@IMAGE_ROOT] or "
+            "coco:ANNOTATIONS_DIR[@IMAGE_ROOT]",
+    "out": "output folder: last/ (resumable state), best/ (best model by val CIDEr), history.json, "
+           "curves.png",
     "train_split": "split to train on",
     "val_split": "split used for model selection (beam-search CIDEr) and early stopping",
-    "cache": "folder for the float16 encoder-feature cache (reused across runs; keyed by encoder and preprocessing)",
+    "cache": "folder for the float16 encoder-feature cache (reused across runs; keyed by encoder and "
+             "preprocessing)",
     "epochs": "maximum number of epochs",
     "batch_size": "captions per batch (per process under torchrun)",
     "lr": "peak learning rate of the decoder (AdamW)",
@@ -40,26 +43,30 @@ FIT_HELP: dict[str, str] = {
     "max_steps": "stop after this many optimisation steps (0 = no limit; for smoke tests)",
     "feature_batch_size": "images per encoder pass when filling the feature cache",
     "raw_images": "compute encoder features from the images at every step instead of the cache",
-    "encoder_lr": "learning rate of the unfrozen encoder blocks (with --fine-tune-blocks)",
-    "init_from": "start from this checkpoint (for example a decoder trained on cached features)",
+    "encoder_lr": "peak learning rate of the unfrozen encoder blocks (with --fine-tune-blocks)",
+    "init_from": "start from this checkpoint's weights, architecture and vocabulary (for example a "
+                 "decoder trained on cached features, before --fine-tune-blocks)",
     "resume": "continue the run in --out exactly where it stopped (weights, optimizer, schedule, RNG)",
     "progress": "log progress",
 }
 
 MODEL_HELP: dict[str, str] = {
-    "encoder": "backbone: efficientnet_lite0 (default, weights ship with pip), resnet50, resnet101, resnet18, tiny",
-    "encoder_weights": "local file with the backbone's ImageNet weights (default: the package or torchvision download)",
+    "encoder": "backbone: efficientnet_lite0 (default, weights ship with pip), resnet50, resnet101, "
+               "resnet18, tiny",
+    "encoder_weights": "local file with the backbone's ImageNet weights (default: the package or "
+                       "torchvision download)",
     "image_size": "input size in pixels (square)",
     "embed_dim": "word embedding size",
     "attention_dim": "attention layer size",
     "hidden_dim": "LSTM size",
     "dropout": "dropout before the output layer",
     "deep_output": "use the paper's deep output layer",
-    "fine_tune_blocks": "unfreeze the top N encoder blocks and train from raw images",
+    "fine_tune_blocks": "unfreeze the top N encoder blocks and train from raw images (implies --raw-images; "
+                        "with --init-from, N > 0 overrides the checkpoint's setting)",
 }
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls: Any, helps: dict[str, str], skip: set[str]) -> None:
+def _add_dataclass_options(parser: Any, cls: Any, helps: dict[str, str], skip: set[str]) -> None:
     defaults = cls()
     for f in fields(cls):
         if f.name in skip:
@@ -68,25 +75,61 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: Any, helps: dic
         default = getattr(defaults, f.name)
         help_text = helps.get(f.name, "")
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{help_text} (default: {default})")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             kind = type(default) if default is not None else str
-            parser.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")
+            metavar = METAVARS.get(f.name, "N" if kind is int else "X" if kind is float else "VALUE")
+            parser.add_argument(flag, type=kind, default=default, help=help_text, metavar=metavar)
+
+
+METAVARS = {
+    "data": "FORMAT:PATH", "out": "DIR", "train_split": "SPLIT", "val_split": "SPLIT", "cache": "DIR",
+    "device": "DEVICE", "init_from": "CHECKPOINT", "encoder": "NAME", "encoder_weights": "FILE",
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except empty ones (None, "", off switches); description and epilog as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        empty = action.default in (None, "") or (action.default is False and action.nargs == 0
+                                                   and not isinstance(action, argparse.BooleanOptionalAction))
+        if "%(default)" in text or "default:" in text or empty or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+FIT_EPILOG = """examples:
+  python -m train fit --data flickr:../shared/data/flickr8k --out runs/flickr8k
+  python -m train fit --data karpathy:data/dataset_flickr30k.json@data/flickr30k-images --out runs/f30k
+  python -m train fit --data karpathy:data/coco/dataset_coco.json@data/coco --out runs/coco
+  python -m train fit --data coco:data/coco/annotations --out runs/coco2017  # captions_{train,val}2017.json
+  python -m train fit ... --out runs/x --resume              # continue an interrupted run
+  python -m train fit ... --init-from runs/x/best --fine-tune-blocks 2 --lr 1e-4 --out runs/x-ft
+  torchrun --nproc_per_node=4 -m train fit ...              # DistributedDataParallel
+
+Features of the frozen encoder are computed once into --cache (float16, memory-mapped) and reused
+by later runs; --raw-images or --fine-tune-blocks read the images at every step instead.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    fit = sub.add_parser("fit", help="train a captioner on a public dataset",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fit = sub.add_parser(
+        "fit", help="train a captioner on a public dataset",
+        description="Train a Show-Attend-Tell captioner with teacher forcing, select the model by\n"
+                    "validation CIDEr from beam search, and write OUT/best, OUT/last, history and curves.",
+        epilog=FIT_EPILOG, formatter_class=HelpFormatter)
     _add_dataclass_options(fit, TrainConfig, FIT_HELP, {"model"})
-    _add_dataclass_options(fit, ModelConfig, MODEL_HELP, set())
+    model_options = fit.add_argument_group("model (ignored with --init-from, except --fine-tune-blocks)")
+    _add_dataclass_options(model_options, ModelConfig, MODEL_HELP, set())
 
     from . import evaluate
 
-    evaluate.add_parser(sub)
+    evaluate.add_parser(sub, HelpFormatter)
     return parser
 
 

@@ -22,24 +22,41 @@ from .fit import FeatureSource, generate
 log = logging.getLogger(__name__)
 
 
-def add_parser(sub: Any) -> None:
-    parser = sub.add_parser("evaluate", help="score a model on a dataset split (BLEU, METEOR, ROUGE-L, CIDEr)",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
-    parser.add_argument("--data", required=True, help="dataset as FORMAT:PATH (see `fit --help`)")
+def add_parser(sub: Any,
+               formatter: type[argparse.HelpFormatter] = argparse.ArgumentDefaultsHelpFormatter) -> None:
+    parser = sub.add_parser(
+        "evaluate", help="score a model on a dataset split (BLEU, METEOR, ROUGE-L, CIDEr)",
+        description="Decode a dataset split with beam search in batches and score it with pycocoevalcap\n"
+                    "(METEOR needs Java; without it METEOR is skipped with a warning).",
+        epilog="example:\n  python -m train evaluate --model runs/flickr8k/best "
+               "--data flickr:../shared/data/flickr8k --split val --json",
+        formatter_class=formatter)
+    parser.add_argument("--model", default=None, metavar="CHECKPOINT",
+                        help="checkpoint folder (default: the bundled default model)")
+    parser.add_argument("--data", required=True, metavar="FORMAT:PATH",
+                        help="dataset: flickr:DIR, karpathy:FILE[@IMAGE_ROOT] or "
+                             "coco:ANNOTATIONS_DIR[@IMAGE_ROOT]")
     parser.add_argument("--split", default="val", help="split to evaluate")
-    parser.add_argument("--beam", type=int, default=None, help="beam size (default: the model's own)")
-    parser.add_argument("--max-len", type=int, default=None, help="maximum caption length")
-    parser.add_argument("--length-penalty", type=float, default=None, help="length normalisation exponent")
-    parser.add_argument("--block-ngram", type=int, default=None, help="forbid repeated n-grams of this size")
-    parser.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
-    parser.add_argument("--batch-size", type=int, default=100, help="images decoded together")
+    parser.add_argument("--beam", type=int, default=None, metavar="K",
+                        help="beam size (default: the one recorded in the checkpoint, else 3)")
+    parser.add_argument("--max-len", type=int, default=None, metavar="N",
+                        help="maximum caption length in words (default: the checkpoint's, else 20)")
+    parser.add_argument("--length-penalty", type=float, default=None, metavar="X",
+                        help="length normalisation exponent (default: the checkpoint's, else 0)")
+    parser.add_argument("--block-ngram", type=int, default=None, metavar="N",
+                        help="forbid repeating an n-gram of this size (default: the checkpoint's, else off)")
+    parser.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N images (0 = all)")
+    parser.add_argument("--batch-size", type=int, default=100, metavar="N", help="images decoded together")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--cache", default="cache/features", help="encoder feature cache folder")
-    parser.add_argument("--no-cache", action="store_true", help="encode images directly, without the cache")
-    parser.add_argument("--captions-out", default=None,
-                        help="where to write per-image captions as JSON (default: captions_SPLIT.json here)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object with pycocoevalcap's keys")
+    parser.add_argument("--cache", default="cache/features", metavar="DIR",
+                        help="encoder feature cache folder (shared with `fit`)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="encode the images directly, without the cache")
+    parser.add_argument("--captions-out", default=None, metavar="FILE",
+                        help="where to write the per-image captions as JSON (default: ./captions_SPLIT.json)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object: Bleu_1..4, METEOR (null without Java), ROUGE_L, "
+                             "CIDEr, n_images")
     parser.set_defaults(func=run)
 
 
@@ -85,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
     for warning in scores.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:
-        print(json.dumps({**scores.values, "n_images": len(hyps)}))
+        # Always pycocoevalcap's keys: a metric that could not run (METEOR without Java) is null.
+        values: dict[str, float | None] = {key: scores.values.get(key) for key in metrics.METRIC_KEYS}
+        print(json.dumps({**values, "n_images": len(hyps)}))
     else:
         print(f"model {info['model']}, {len(hyps)} images of {args.split}, beam {beam.beam_size}, "
               f"length penalty {beam.length_penalty}")

@@ -60,9 +60,8 @@ class FeatureCache:
         self.regions, self.dim = regions, dim
         directory.mkdir(parents=True, exist_ok=True)
         index_file = directory / "index.json"
-        self.index: dict[str, tuple[int, int]] = (
-            {k: (v[0], v[1]) for k, v in json.loads(index_file.read_text()).items()} if index_file.exists() else {}
-        )
+        stored = json.loads(index_file.read_text()) if index_file.exists() else {}
+        self.index: dict[str, tuple[int, int]] = {k: (v[0], v[1]) for k, v in stored.items()}
         self.shard_sizes = _shard_sizes(self.index)
         self._shards: dict[int, np.ndarray] = {}
         self._done: dict[int, np.ndarray] = {}
@@ -77,8 +76,8 @@ class FeatureCache:
             if file.exists():
                 self._shards[shard] = np.load(file, mmap_mode="r+")
             else:
-                self._shards[shard] = np.lib.format.open_memmap(
-                    file, mode="w+", dtype=np.float16, shape=(self.shard_sizes[shard], self.regions, self.dim))
+                shape = (self.shard_sizes[shard], self.regions, self.dim)
+                self._shards[shard] = np.lib.format.open_memmap(file, "w+", np.float16, shape)
             if self._shards[shard].shape[1:] != (self.regions, self.dim):
                 raise RuntimeError(f"feature cache {self.directory} holds {self._shards[shard].shape[1:]} "
                                    f"features, expected {(self.regions, self.dim)}; delete it to rebuild")
@@ -87,7 +86,8 @@ class FeatureCache:
     def done_mask(self, shard: int) -> np.ndarray:
         if shard not in self._done:
             file = self.directory / f"done-{shard}.npy"
-            self._done[shard] = np.load(file) if file.exists() else np.zeros(self.shard_sizes[shard], dtype=bool)
+            size = self.shard_sizes[shard]
+            self._done[shard] = np.load(file) if file.exists() else np.zeros(size, dtype=bool)
         return self._done[shard]
 
     def add(self, paths: Sequence[Path]) -> None:
@@ -134,7 +134,9 @@ class FeatureCache:
 
     def _flush(self, shard: int) -> None:
         # Features reach the disk before the mask that says they are there.
-        self._shard(shard).flush()
+        features = self._shard(shard)
+        if isinstance(features, np.memmap):
+            features.flush()
         tmp = self.directory / f"done-{shard}.tmp.npy"
         np.save(tmp, self.done_mask(shard))
         tmp.replace(self.directory / f"done-{shard}.npy")
@@ -153,9 +155,16 @@ def open_cache(model: CaptionModel, cache_root: Path) -> FeatureCache:
 
 
 def _feature_shape(model: CaptionModel) -> tuple[int, int]:
-    with torch.no_grad():
-        probe = torch.zeros(1, 3, model.config.image_size, model.config.image_size)
-        out = model.encoder.to("cpu")(probe)
+    """(regions, channels) of the encoder's output, probed where the encoder is, leaving it as it was."""
+    encoder = model.encoder
+    device = next(encoder.parameters()).device
+    was_training = encoder.training
+    try:
+        with torch.no_grad():
+            size = model.config.image_size
+            out = encoder.eval()(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        encoder.train(was_training)
     return int(out.shape[1]), int(out.shape[2])
 
 
@@ -167,18 +176,31 @@ def fill_cache(cache: FeatureCache, model: CaptionModel, paths: Sequence[Path], 
     todo = cache.missing(paths)
     if not todo:
         return
+    check_images_exist(todo)
     log.info("extracting features for %d images into %s", len(todo), cache.directory)
     model.encoder.eval().to(device)
     bar = tqdm(total=len(todo), desc="features", unit="img", disable=not progress, mininterval=10)
-    for n, start in enumerate(range(0, len(todo), batch_size)):
-        chunk = todo[start:start + batch_size]
-        batch = torch.stack([preprocess(model, _read(p)) for p in chunk]).to(device)
-        cache.put(chunk, model.encoder(batch).to("cpu", torch.float16).numpy())
-        if n % 100 == 0:
-            cache.flush()
-        bar.update(len(chunk))
-    cache.flush()
-    bar.close()
+    try:
+        for n, start in enumerate(range(0, len(todo), batch_size)):
+            chunk = todo[start:start + batch_size]
+            batch = torch.stack([preprocess(model, _read(p)) for p in chunk]).to(device)
+            cache.put(chunk, model.encoder(batch).to("cpu", torch.float16).numpy())
+            if n % 100 == 0:
+                cache.flush()
+            bar.update(len(chunk))
+    finally:
+        # Also on Ctrl-C or an unreadable image: what was computed is kept (a kill -9 loses at most
+        # the rows since the last flush, which the next run computes again).
+        cache.flush()
+        bar.close()
+
+
+def check_images_exist(paths: Sequence[Path]) -> None:
+    """Fail before a long run starts, not hours into it, when images are missing."""
+    absent = [p for p in paths if not p.is_file()]
+    if absent:
+        raise FileNotFoundError(f"{len(absent)} of {len(paths)} images not found, for example {absent[0]} "
+                                "(check the dataset's image folder: FORMAT:PATH@IMAGE_ROOT)")
 
 
 def _read(path: Path) -> Image.Image:

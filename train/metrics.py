@@ -19,6 +19,8 @@ from captioner.vocab import tokenize
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+NO_JAVA_WARNING = "Java not found: METEOR skipped and captions tokenised without the PTB tokenizer"
+_logged: set[str] = set()
 
 
 @dataclass
@@ -50,8 +52,11 @@ def score(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str]
     warnings: list[str] = []
     java = java_available() if use_java is None else use_java
     if not java:
-        warnings.append("Java not found: METEOR skipped and captions tokenised without the PTB tokenizer")
-        log.warning(warnings[-1])
+        warnings.append(NO_JAVA_WARNING if "METEOR" in metrics else NO_JAVA_WARNING.split(":")[0]
+                        + ": captions tokenised without the PTB tokenizer")
+        if warnings[-1] not in _logged:  # once per process, not at every validation
+            _logged.add(warnings[-1])
+            log.warning(warnings[-1])
     gts = _tokenize_all(references, java)
     res = _tokenize_all({k: [v] for k, v in hypotheses.items()}, java)
     values: dict[str, float] = {}

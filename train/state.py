@@ -39,7 +39,8 @@ def save_trainer_state(directory: Path, model: CaptionModel, optimizer: torch.op
     tmp_json.replace(directory / STATE_JSON)
 
 
-def load_trainer_state(directory: Path, model: CaptionModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_trainer_state(directory: Path, model: CaptionModel,
+                       optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore weights, optimizer and RNG saved by :func:`save_trainer_state`; returns ``info``."""
     checkpoint.load_weights_into(model, directory)
     document = json.loads((directory / STATE_JSON).read_text())

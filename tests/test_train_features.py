@@ -1,0 +1,153 @@
+"""The float16 feature cache: resumable, reused across runs, invalidated when the encoder changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner.checkpoint import CaptionModel
+from captioner.vocab import Vocabulary
+from tests.helpers import tiny_config
+from tests.test_train_support import make_flickr
+from train import features
+from train.data import load_dataset
+from train.features import FeatureCache, encoder_fingerprint, fill_cache, open_cache
+from train.fit import FeatureSource
+
+
+def tiny_model(**overrides: object) -> CaptionModel:
+    return CaptionModel.create(tiny_config(**overrides), Vocabulary.build(["a dog"], min_freq=1))
+
+
+def image_paths(tmp_path: Path, n_train: int = 6) -> list[Path]:
+    root = make_flickr(tmp_path / "data", n_train=n_train, n_val=1)
+    return [r.path for r in load_dataset(f"flickr:{root}", ("train",)).split("train")]
+
+
+class CountingReads:
+    """Counts the images fill_cache decodes; can fail after ``fail_after`` of them (an interruption)."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.count, self.fail_after = 0, fail_after
+
+    def __call__(self, path: Path) -> Image.Image:
+        if self.fail_after is not None and self.count >= self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.count += 1
+        return features.load_image(path.read_bytes())
+
+
+def direct_features(model: CaptionModel, paths: list[Path]) -> np.ndarray:
+    with torch.no_grad():
+        pixels = torch.stack([features.preprocess(model, features._read(p)) for p in paths])
+        return model.encoder.eval()(pixels).to(torch.float16).numpy()
+
+
+def test_fill_is_resumable_after_an_interruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, paths = tiny_model(), image_paths(tmp_path)
+    reads = CountingReads(fail_after=4)
+    monkeypatch.setattr(features, "_read", reads)
+    cache = open_cache(model, tmp_path / "cache")
+    with pytest.raises(KeyboardInterrupt):
+        fill_cache(cache, model, paths, torch.device("cpu"), batch_size=2, progress=False)
+    # A new process sees the two finished chunks on disk and computes only the rest.
+    reopened = open_cache(model, tmp_path / "cache")
+    assert reopened.directory == cache.directory
+    assert reopened.missing(paths) == paths[4:]
+    reads = CountingReads()
+    monkeypatch.setattr(features, "_read", reads)
+    fill_cache(reopened, model, paths, torch.device("cpu"), batch_size=2, progress=False)
+    assert reads.count == 2
+    final = open_cache(model, tmp_path / "cache")
+    assert final.missing(paths) == []
+    np.testing.assert_allclose(final.get(paths).astype(np.float32),
+                               direct_features(model, paths).astype(np.float32), rtol=0, atol=1e-3)
+    assert final.get(paths).dtype == np.float16
+
+
+def test_second_run_computes_nothing_and_new_images_get_a_new_shard(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    model, paths = tiny_model(), image_paths(tmp_path)
+    fill_cache(open_cache(model, tmp_path / "cache"), model, paths[:4], torch.device("cpu"), progress=False)
+    reads = CountingReads()
+    monkeypatch.setattr(features, "_read", reads)
+    cache = open_cache(tiny_model(), tmp_path / "cache")  # a new run builds the same encoder again
+    fill_cache(cache, model, paths[:4], torch.device("cpu"), progress=False)
+    assert reads.count == 0
+    before = cache.get(paths[:4]).copy()
+    fill_cache(cache, model, paths, torch.device("cpu"), progress=False)  # two more images
+    assert reads.count == 2
+    assert sorted(p.name for p in cache.directory.glob("shard-*.npy")) == ["shard-0.npy", "shard-1.npy"]
+    again = open_cache(model, tmp_path / "cache")
+    np.testing.assert_array_equal(again.get(paths[:4]), before)
+    assert again.missing(paths) == []
+
+
+def test_encoder_change_means_a_new_cache_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, paths = tiny_model(), image_paths(tmp_path, n_train=2)
+    cache = open_cache(model, tmp_path / "cache")
+    fill_cache(cache, model, paths, torch.device("cpu"), progress=False)
+    assert cache.directory.name == f"tiny-{encoder_fingerprint(model)}"
+    assert encoder_fingerprint(tiny_model()) == encoder_fingerprint(model)
+
+    tuned = tiny_model()
+    with torch.no_grad():
+        tuned.encoder.backbone.stages[-1].conv.bias.add_(0.01)  # e.g. after fine-tuning the top block
+    other_size = tiny_model(image_size=96)
+    monkeypatch.setattr(features, "PREPROCESS_VERSION", features.PREPROCESS_VERSION + 1)
+    new_preprocessing = encoder_fingerprint(model)
+    monkeypatch.undo()
+    folders = {open_cache(m, tmp_path / "cache").directory for m in (tuned, other_size)}
+    assert len(folders | {cache.directory}) == 3
+    assert new_preprocessing != encoder_fingerprint(model)
+    fresh = open_cache(tuned, tmp_path / "cache")
+    fresh.add(paths)
+    assert fresh.missing(paths) == paths  # nothing is reused from the old encoder's features
+    assert open_cache(model, tmp_path / "cache").missing(paths) == []  # the old cache is intact
+
+
+def test_shape_mismatch_is_reported(tmp_path: Path) -> None:
+    model, paths = tiny_model(), image_paths(tmp_path, n_train=2)
+    fill_cache(open_cache(model, tmp_path / "cache"), model, paths, torch.device("cpu"), progress=False)
+    wrong = FeatureCache(open_cache(model, tmp_path / "cache").directory, regions=9, dim=64)
+    with pytest.raises(RuntimeError, match="delete it to rebuild"):
+        wrong.get(paths)
+
+
+def test_missing_images_fail_before_extraction(tmp_path: Path) -> None:
+    model, paths = tiny_model(), image_paths(tmp_path, n_train=2)
+    paths[1].unlink()
+    with pytest.raises(FileNotFoundError, match="1 of 2 images not found"):
+        fill_cache(open_cache(model, tmp_path / "cache"), model, paths, torch.device("cpu"), progress=False)
+
+
+def test_feature_source_reads_the_same_from_memory_and_from_the_memmap(tmp_path: Path) -> None:
+    model, paths = tiny_model(), image_paths(tmp_path, n_train=4)
+    cache = open_cache(model, tmp_path / "cache")
+    fill_cache(cache, model, paths, torch.device("cpu"), progress=False)
+    records = {p.name: p for p in paths}
+    ids = [paths[2].name, paths[0].name, paths[2].name]  # captions of one image share its row
+    in_ram = FeatureSource(model, records, cache, torch.device("cpu"), in_memory=True)
+    per_batch = FeatureSource(model, records, cache, torch.device("cpu"), in_memory=False)
+    raw = FeatureSource(model, records, None, torch.device("cpu"))
+    assert in_ram.table is not None and per_batch.table is None
+    a, b, c = in_ram(ids), per_batch(ids), raw(ids)
+    assert a.dtype == b.dtype == c.dtype == torch.float32 and a.shape == (3, 4, 64)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, c, rtol=0, atol=1e-3)
+    torch.testing.assert_close(a[0], a[2])
+
+
+def test_probing_the_feature_shape_leaves_the_encoder_alone(tmp_path: Path) -> None:
+    model = tiny_model(fine_tune_blocks=1)
+    model.encoder.train()
+    stats = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    cache = open_cache(model, tmp_path / "cache")
+    assert (cache.regions, cache.dim) == (4, 64)
+    assert model.encoder.training
+    for key, value in model.encoder.state_dict().items():
+        torch.testing.assert_close(value, stats[key])
