@@ -14,6 +14,7 @@ and :attr:`FakeTelegram.messages`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import itertools
 import json
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from PIL import Image
 
 T = TypeVar("T")
@@ -42,7 +43,9 @@ HTML_TAGS = {
     "b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "a", "code", "pre", "tg-spoiler",
     "span", "blockquote", "tg-emoji",
 }
-SENDING_METHODS = {"sendMessage", "sendPhoto", "editMessageText", "editMessageReplyMarkup", "editMessageCaption"}
+SENDING_METHODS = {
+    "sendMessage", "sendPhoto", "editMessageText", "editMessageReplyMarkup", "editMessageCaption",
+}
 NOT_MODIFIED = (
     "Bad Request: message is not modified: specified new message content and reply markup are exactly "
     "the same as a current content and reply markup of the message"
@@ -92,7 +95,8 @@ def _utf16_len(text: str) -> int:
     return len(text.encode("utf-16-le")) // 2
 
 
-_TAG = re.compile(r"<(/?)([a-zA-Z][a-zA-Z0-9-]*)((?:\s+[a-zA-Z-]+(?:=(?:\"[^\"]*\"|'[^']*'|[^\s>]+))?)*)\s*(/?)>")
+_ATTRIBUTE = r"""\s+[a-zA-Z-]+(?:=(?:"[^"]*"|'[^']*'|[^\s>]+))?"""
+_TAG = re.compile(rf"<(/?)([a-zA-Z][a-zA-Z0-9-]*)((?:{_ATTRIBUTE})*)\s*(/?)>")
 _ENTITY = re.compile(r"&(lt|gt|amp|quot|#\d+|#x[0-9a-fA-F]+);")
 _ENTITY_VALUES = {"lt": "<", "gt": ">", "amp": "&", "quot": '"'}
 
@@ -116,9 +120,10 @@ def parse_html(text: str) -> str:
                                     f"byte offset {len(text[:i].encode())}")
             if closing:
                 if not stack or stack[-1] != name:
-                    raise ApiError(400, f'Bad Request: can\'t parse entities: Unmatched end tag at byte offset '
-                                        f'{len(text[:i].encode())}, expected "</{stack[-1] if stack else ""}>", '
-                                        f'found "</{name}>"')
+                    expected = stack[-1] if stack else ""
+                    offset = len(text[:i].encode())
+                    raise ApiError(400, "Bad Request: can't parse entities: Unmatched end tag at byte offset "
+                                        f'{offset}, expected "</{expected}>", found "</{name}>"')
                 stack.pop()
             else:
                 stack.append(name)
@@ -159,8 +164,8 @@ def check_reply_markup(raw: Any) -> dict[str, Any] | None:
     if "inline_keyboard" in markup:
         rows = markup["inline_keyboard"]
         if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
-            raise ApiError(400, "Bad Request: field \"inline_keyboard\" of the InlineKeyboardMarkup should be an "
-                                "Array of Arrays")
+            raise ApiError(400, 'Bad Request: field "inline_keyboard" of the InlineKeyboardMarkup should be '
+                                "an Array of Arrays")
         if sum(len(row) for row in rows) > 100 or any(len(row) > 8 for row in rows):
             raise ApiError(400, "Bad Request: too many inline keyboard buttons")
         for row in rows:
@@ -249,9 +254,7 @@ class FakeTelegram:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = int(self._runner.addresses[0][1])
 
     async def close(self) -> None:
         async with self._changed:
@@ -285,7 +288,10 @@ class FakeTelegram:
         try:
             if method in SENDING_METHODS:
                 self._check_flood()
-            result = await handler(params, files, request) if method == "getUpdates" else handler(params, files)
+            if method == "getUpdates":
+                result = await handler(params, files, request)
+            else:
+                result = handler(params, files)
         except ApiError as err:
             return self._error(call, err)
         call.result = result
@@ -324,12 +330,12 @@ class FakeTelegram:
         elif request.content_type == "multipart/form-data":
             reader = await request.multipart()
             async for part in reader:
-                if part.name is None:
+                if not isinstance(part, BodyPartReader) or part.name is None:
                     continue
-                if part.filename is not None:  # type: ignore[union-attr]
-                    files[part.name] = bytes(await part.read())  # type: ignore[union-attr]
+                if part.filename is not None:
+                    files[part.name] = bytes(await part.read())
                 else:
-                    params[part.name] = await part.text()  # type: ignore[union-attr]
+                    params[part.name] = await part.text()
         else:
             form = await request.post()
             params.update({k: v for k, v in form.items() if isinstance(v, str)})
@@ -391,7 +397,8 @@ class FakeTelegram:
             raise ApiError(400, "Bad Request: message to be replied not found")
         return target
 
-    def _new_bot_message(self, chat: dict[str, Any], params: dict[str, Any], **content: Any) -> dict[str, Any]:
+    def _new_bot_message(self, chat: dict[str, Any], params: dict[str, Any],
+                         **content: Any) -> dict[str, Any]:
         message: dict[str, Any] = {
             "message_id": self._next_message_id(chat["id"]),
             "from": self.bot_user,
@@ -493,10 +500,9 @@ class FakeTelegram:
             async with self._changed:
                 if self._poll_generation != generation:
                     break
-                try:
-                    await asyncio.wait_for(self._changed.wait(), timeout=max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    left = max(0.0, deadline - time.monotonic())
+                    await asyncio.wait_for(self._changed.wait(), timeout=left)
             if self._poll_generation != generation:
                 if request.transport is not None and not request.transport.is_closing():
                     self.conflicts += 1
@@ -648,7 +654,8 @@ class FakeTelegram:
         sent = min(c.at for c in self.calls
                    if c.method in ("sendMessage", "editMessageText") and isinstance(c.result, dict)
                    and c.result.get("message_id") == answer["message_id"]
-                   and c.result.get("chat", {}).get("id") == key[0] and c.result.get("text") == answer["text"])
+                   and c.result.get("chat", {}).get("id") == key[0]
+                   and c.result.get("text") == answer["text"])
         return sent - received
 
     def replies_to(self, chat_id: int, message_id: int) -> list[dict[str, Any]]:
@@ -667,10 +674,8 @@ class FakeTelegram:
             if left <= 0:
                 raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
             async with self._changed:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=min(left, 0.5))
-                except TimeoutError:
-                    pass
 
     async def wait_reply(self, message: dict[str, Any], count: int = 1, timeout: float = 60.0,
                          final: bool = True) -> list[dict[str, Any]]:
@@ -698,8 +703,9 @@ class Person:
     def __init__(self, fake: FakeTelegram, user_id: int, first_name: str, language_code: str) -> None:
         self.fake = fake
         self.id = user_id
-        self.user = {"id": user_id, "is_bot": False, "first_name": first_name, "language_code": language_code}
-        self.chat = {"id": user_id, "type": "private", "first_name": first_name}
+        self.user: dict[str, Any] = {"id": user_id, "is_bot": False, "first_name": first_name,
+                                     "language_code": language_code}
+        self.chat: dict[str, Any] = {"id": user_id, "type": "private", "first_name": first_name}
         fake.chats[user_id] = self.chat
 
     def in_chat(self, chat: dict[str, Any]) -> Person:
@@ -794,7 +800,8 @@ class Person:
             for button in row:
                 if button["text"].startswith(label_prefix):
                     return await self.press_data(current, button["callback_data"])
-        raise AssertionError(f"no button starting with {label_prefix!r} under message {message['message_id']}")
+        raise AssertionError(
+            f"no button starting with {label_prefix!r} under message {message['message_id']}")
 
     async def press_data(self, message: dict[str, Any], data: str) -> str:
         query_id = f"Q{next(self.fake._query_ids)}"

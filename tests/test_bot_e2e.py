@@ -188,7 +188,8 @@ async def test_album_of_three_gets_three_captions(env: Env) -> None:
         assert await stored_caption(env, answer) is not None
 
 
-@pytest.mark.parametrize(("mime", "name"), [("image/png", "diagram.png"), ("application/octet-stream", "IMG.JPG")])
+@pytest.mark.parametrize(("mime", "name"),
+                         [("image/png", "diagram.png"), ("application/octet-stream", "IMG.JPG")])
 async def test_image_file_gets_caption(env: Env, mime: str, name: str) -> None:
     cy = env.fake.person(103 if mime == "image/png" else 104, "Cy")
     data = png_bytes() if name.endswith("png") else photo_bytes(13)
@@ -209,8 +210,8 @@ async def test_pencil_then_reply_stores_a_correction_that_is_exported(env: Env) 
     [prompt] = await fake.wait_for(
         lambda: [m for m in fake.replies_to(105, answer["message_id"]) if "reply_markup" not in m
                  and "better caption" in m["text"]], what="the correction prompt")
-    sent = [c for c in fake.calls_of("sendMessage") if c.result and c.result["message_id"] == prompt["message_id"]
-            and c.result["chat"]["id"] == 105]
+    sent = [c for c in fake.calls_of("sendMessage")
+            if c.result and c.result["message_id"] == prompt["message_id"] and c.result["chat"]["id"] == 105]
     assert json.loads(sent[0].params["reply_markup"])["force_reply"] is True
     pending = await pending_correction(env, 105)
     assert pending is not None and pending.prompt_message_id == prompt["message_id"]
@@ -223,7 +224,8 @@ async def test_pencil_then_reply_stores_a_correction_that_is_exported(env: Env) 
 
     out = env.tmp / "export"
     result = subprocess.run(
-        [sys.executable, "-m", "storage", "export", "--data-dir", str(env.settings.data_dir), "--out", str(out)],
+        [sys.executable, "-m", "storage", "export", "--data-dir", str(env.settings.data_dir),
+         "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
@@ -241,7 +243,8 @@ async def test_replying_to_a_caption_is_a_correction(env: Env) -> None:
     assert "saved" in ack["text"] and "<b>play</b> & laugh" in ack["text"]
     caption = await env.storage.find_caption_by_message(106, answer["message_id"])
     examples = await env.storage.corrections_for_training()
-    assert any(ex.caption_id == caption.id and ex.text == "two children <b>play</b> & laugh" for ex in examples)
+    assert any(ex.caption_id == caption.id and ex.text == "two children <b>play</b> & laugh"
+               for ex in examples)
 
 
 async def test_rejected_correction_then_cancel(env: Env) -> None:
@@ -305,7 +308,8 @@ async def test_every_bad_input_gets_a_specific_message_and_the_bot_keeps_serving
          "not an image I can read"),
         (await hal.document(truncated_jpeg(), mime_type="image/jpeg", file_name="cut.jpg"), "incomplete"),
         (await hal.document(bomb_png(), mime_type="image/png", file_name="bomb.png"), "too many pixels"),
-        (await hal.document(b"%PDF-1.4 ...", mime_type="application/pdf", file_name="cv.pdf"), "isn't an image"),
+        (await hal.document(b"%PDF-1.4 ...", mime_type="application/pdf", file_name="cv.pdf"),
+         "isn't an image"),
         (await hal.sticker(), "sticker"),
         (await hal.video(), "videos"),
         (await hal.voice(), "listen"),
@@ -378,7 +382,7 @@ async def test_forget_deletes_everything_after_confirmation(env: Env) -> None:
     stale = await fake.wait_answer(query)
     assert stale["show_alert"] and "no longer stored" in stale["text"]
     await fake.wait_for(lambda: "reply_markup" not in current(env, answer), what="the stale keyboard removed")
-    query = await kim.press_data(answer, "a:%d" % caption.id)
+    query = await kim.press_data(answer, f"a:{caption.id}")
     assert "no longer stored" in (await fake.wait_answer(query))["text"]
 
 
@@ -410,6 +414,13 @@ async def test_unexpected_error_is_logged_and_reported_without_details(
     monkeypatch.undo()
     cmd = await max_.text("a man in a red shirt", reply_to=answer)  # and the bot carries on
     assert "saved" in (await fake.wait_reply(cmd))[0]["text"]
+
+    # With the database failing, a photo still gets its caption, only without buttons.
+    monkeypatch.setattr(env.storage, "record_photo", broken)
+    photo = await max_.photo(photo_bytes(43))
+    [degraded] = await fake.wait_reply(photo)
+    monkeypatch.undo()
+    assert degraded["text"].startswith("📷") and "reply_markup" not in degraded
 
 
 # ---------------------------------------------------------------------- groups

@@ -63,11 +63,8 @@ async def _vote(query: CallbackQuery, runtime: Runtime, caption_id: int, up: boo
     except NotFound:
         await _gone(query)
         return
-    if not vote.changed:
-        answer = texts.VOTE_UNCHANGED
-    else:
-        answer = texts.VOTE_UP_THANKS if up else texts.VOTE_DOWN_THANKS
-    await query.answer(answer)
+    thanks = texts.VOTE_UP_THANKS if up else texts.VOTE_DOWN_THANKS
+    await query.answer(thanks if vote.changed else texts.VOTE_UNCHANGED)
     log.info("vote caption=%d user=%d up=%s changed=%s", caption_id, user.id, up, vote.changed)
     if vote.changed and _message(query) is not None:
         if _is_private(query):

@@ -135,8 +135,15 @@ async def on_image(update: Update, context: Context) -> None:
         await edit_or_reply(context, message, notice, error_text(err))
         return
     captioned = time.monotonic()
-    await _answer(context, runtime, message, notice, image, data, result,
-                  latency_ms=(captioned - started) * 1000)
+    try:
+        await _answer(context, runtime, message, notice, image, data, result,
+                      latency_ms=(captioned - started) * 1000)
+    except TelegramError:
+        raise
+    except Exception:  # storage trouble: still give the person their caption, without buttons
+        log.exception("could not store the caption %s; sending it without buttons", ids)
+        await edit_or_reply(context, message, notice, texts.caption(result.caption))
+        return
     finished = time.monotonic()
     runtime.note_caption((finished - started) * 1000)
     log.info(

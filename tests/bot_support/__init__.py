@@ -28,7 +28,8 @@ def fast_checkpoint(directory: Path, version: str = "tiny-bot-v1", seed: int = 0
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
 def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:

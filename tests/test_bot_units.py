@@ -1,0 +1,216 @@
+"""The bot's small parts: settings, .env.example, callback data, rate limit, texts, log redaction."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from bot import keyboards, texts
+from bot.config import BOT_API_DOWNLOAD_LIMIT, VARIABLES, ConfigError, MissingTokenError, Settings
+from bot.logs import MASK, RedactingFormatter, configure_logging
+from bot.ratelimit import RateLimiter
+from captioner.serving.config import ENV_VARIABLES as SERVICE_VARIABLES
+from tests.fake_telegram import ApiError, check_reply_markup, parse_html
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "123456:AAE-secret-part-of-the-token_xyz"
+
+
+# ---------------------------------------------------------------------- settings
+
+
+def test_env_example_documents_every_variable_the_bot_reads() -> None:
+    text = (ROOT / ".env.example").read_text(encoding="utf-8")
+    documented = dict(re.findall(r"^([A-Z][A-Z0-9_]+)=(.*)$", text, flags=re.MULTILINE))
+    read = set(VARIABLES) | set(SERVICE_VARIABLES)
+    assert read - set(documented) == set(), "variables read but not documented"
+    assert set(documented) - read == set(), "variables documented but not read"
+    for name, default in VARIABLES.items():
+        assert documented[name] == default, f"{name}: .env.example {documented[name]!r}, code {default!r}"
+    for name in documented:  # each has a comment right above it (or above its group)
+        assert re.search(rf"#[^\n]*\n(?:[A-Z_]+=[^\n]*\n)*{name}=", text), name
+
+
+def test_settings_defaults_and_parsing() -> None:
+    settings = Settings.from_env({"TELEGRAM_BOT_TOKEN": TOKEN})
+    assert settings.base_url == "https://api.telegram.org/bot"
+    assert settings.photos_per_minute == 6 and settings.beam_size is None
+    assert settings.admin_ids == frozenset()
+    assert settings.download_limit == BOT_API_DOWNLOAD_LIMIT
+    settings = Settings.from_env({
+        "TELEGRAM_BOT_TOKEN": f"  {TOKEN} ", "CAPTIONBOT_ADMIN_IDS": "12, 34;56,",
+        "CAPTIONBOT_MAX_FILE_MB": "50",
+        "CAPTIONBOT_BEAM_SIZE": "1", "CAPTIONBOT_BATCH_WAIT_MS": "5", "CAPTIONBOT_DEVICE": "CUDA:1",
+        "CAPTIONBOT_LOG_LEVEL": "debug", "CAPTIONBOT_DATA_DIR": "~/cb", "CAPTIONBOT_MODEL_POLL_SECONDS": "0",
+    })
+    assert settings.token == TOKEN
+    assert settings.admin_ids == frozenset({12, 34, 56})
+    assert settings.is_admin(34) and not settings.is_admin(None)
+    assert settings.download_limit == BOT_API_DOWNLOAD_LIMIT  # the cloud Bot API's limit still applies
+    assert Settings.from_env({"TELEGRAM_BOT_TOKEN": TOKEN, "CAPTIONBOT_MAX_FILE_MB": "50",
+                              "TELEGRAM_LOCAL_MODE": "yes"}).download_limit == 50 * 1024 * 1024
+    assert settings.beam_size == 1 and settings.batch_wait_seconds == pytest.approx(0.005)
+    assert settings.device == "cuda:1" and settings.log_level == "DEBUG" and settings.model_poll_seconds == 0
+    assert settings.data_dir is not None and "~" not in str(settings.data_dir)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("CAPTIONBOT_PHOTOS_PER_MINUTE", "lots"),
+    ("CAPTIONBOT_PHOTOS_PER_MINUTE", "-1"),
+    ("CAPTIONBOT_ADMIN_IDS", "12,@alice"),
+    ("CAPTIONBOT_DEVICE", "tpu"),
+    ("CAPTIONBOT_BATCH_SIZE", "0"),
+    ("CAPTIONBOT_REQUEST_TIMEOUT", "nan"),
+    ("TELEGRAM_BASE_URL", "api.telegram.org/bot"),
+    ("TELEGRAM_LOCAL_MODE", "maybe"),
+    ("CAPTIONBOT_LOG_LEVEL", "LOUD"),
+])
+def test_bad_settings_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({"TELEGRAM_BOT_TOKEN": TOKEN, name: value})
+
+
+def test_missing_or_malformed_token() -> None:
+    with pytest.raises(MissingTokenError):
+        Settings.from_env({"TELEGRAM_BOT_TOKEN": "   "})
+    with pytest.raises(ConfigError, match="does not look like"):
+        Settings.from_env({"TELEGRAM_BOT_TOKEN": "not a token"})
+
+
+# ---------------------------------------------------------------------- keyboards
+
+
+def test_callback_data_round_trips_and_fits_in_64_bytes() -> None:
+    for caption_id in (1, 42, 10**17):
+        markup = keyboards.caption_keyboard(caption_id, my_vote=True, counts=(3, 1))
+        data = [b.callback_data for row in markup.inline_keyboard for b in row]
+        assert all(isinstance(d, str) and 0 < len(d.encode()) <= 64 for d in data)
+        actions = [keyboards.parse(str(d)) for d in data]
+        assert [a.kind for a in actions if a] == ["vote", "vote", "correct", "attention"]
+        assert all(a is not None and a.caption_id == caption_id for a in actions)
+        assert check_reply_markup(markup.to_json()) is not None  # what Telegram would accept
+    assert keyboards.parse("v:7:u") == keyboards.Action("vote", 7, up=True)
+    assert keyboards.parse("f:y") == keyboards.Action("forget", confirm=True)
+    for junk in (None, "", "v:7", "v:x:u", "v:-1:u", "c:1:2", "a:" + "9" * 40, "zzz", "v:7:sideways"):
+        assert keyboards.parse(junk) is None
+
+
+def test_keyboard_labels_start_with_the_four_emoji_and_mark_the_vote() -> None:
+    labels = [b.text for row in keyboards.caption_keyboard(5, my_vote=False).inline_keyboard for b in row]
+    assert [label.split()[0] for label in labels] == ["👍", "👎", "✏️", "🔍"]
+    assert labels[1].endswith("✓") and not labels[0].endswith("✓")
+
+
+# ---------------------------------------------------------------------- rate limit
+
+
+def test_rate_limit_sliding_window() -> None:
+    now = [1000.0]
+    limiter = RateLimiter(3, 60, clock=lambda: now[0])
+    assert [limiter.acquire(1) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.acquire(1) == pytest.approx(60)
+    assert limiter.acquire(2) == 0.0  # per person
+    now[0] += 30
+    assert limiter.acquire(1) == pytest.approx(30)
+    now[0] += 30
+    assert limiter.acquire(1) == 0.0
+    now[0] += 1000
+    limiter.acquire(3)
+    assert len(limiter) == 1  # idle people are forgotten
+    assert RateLimiter(0).acquire(1) == 0.0
+
+
+# ---------------------------------------------------------------------- texts
+
+
+def _all_texts() -> list[str]:
+    samples: dict[str, object] = {
+        "first_name": "<Zoë & co>", "text": "a <dog> & a cat", "caption_text": "a dog",
+        "current_text": "a cat",
+        "position": 4, "wait_seconds": 12.3, "size": 25 * 1024 * 1024, "limit": 6, "reason": "bad <x>",
+        "retry_after": 42.0, "file_name": "<cv>.pdf", "mime_type": "application/pdf", "votes": 1,
+        "corrections": 2, "captions": 3, "photos": 4, "command": "stats",
+    }
+    out: list[str] = []
+    for name, value in vars(texts).items():
+        if name.startswith("_") or (name.isupper() and not isinstance(value, str)):
+            continue
+        if isinstance(value, str) and name.isupper():
+            out.append(value.format(serving="v1", name="v2", old="v1", reason="x") if "{" in value else value)
+        elif inspect.isfunction(value) and value.__module__ == texts.__name__ and name not in (
+                "bot_commands", "reload_message", "stats"):
+            params = inspect.signature(value).parameters
+            out.append(value(**{p: samples[p] for p in params}))
+    out.append(texts.stats(captions=1, photos=1, people=1, votes_up=1, votes_down=0, corrections=0,
+                           corrections_untrained=0, captions_today=1, active_model=None, serving_model="m<1>",
+                           waiting=0, in_flight=0, capacity=8, wait_seconds=0.1, uptime_seconds=4000,
+                           captioned_since_start=1, median_latency_ms=None))
+    return out
+
+
+def test_every_text_is_valid_telegram_html_and_short_enough() -> None:
+    all_texts = _all_texts()
+    assert len(all_texts) > 40
+    for text in all_texts:
+        try:
+            plain = parse_html(text)
+        except ApiError as err:
+            raise AssertionError(f"{text!r}: {err}") from None
+        assert 0 < len(plain) <= 4096
+
+
+def test_person_supplied_text_is_escaped() -> None:
+    assert parse_html(texts.caption("a <b>dog</b> & cat")) == "📷 A <b>dog</b> & cat."
+    assert parse_html(texts.correction_saved("x < y")).count("x < y") == 1
+    assert texts.caption("") and texts.caption("is it?").endswith("?")
+
+
+def test_button_answers_fit_in_a_callback_answer() -> None:
+    for text in (texts.VOTE_UP_THANKS, texts.VOTE_DOWN_THANKS, texts.VOTE_UNCHANGED, texts.CAPTION_GONE,
+                 texts.PHOTO_GONE, texts.BUTTON_UNKNOWN, texts.ERROR, texts.CORRECTION_CALLBACK,
+                 texts.ATTENTION_CALLBACK, texts.rate_limited(6, 59)):
+        assert len(text) <= 200 and "<" not in text
+
+
+# ---------------------------------------------------------------------- logs
+
+
+def test_token_is_redacted_from_messages_arguments_and_tracebacks() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(RedactingFormatter([TOKEN]))
+    logger = logging.getLogger("test.redaction")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("POST https://api.telegram.org/bot%s/getUpdates", TOKEN)
+        logger.warning(f"url-encoded https://x/bot{TOKEN.replace(':', '%3A')}/getMe")
+        try:
+            raise RuntimeError(f"connect failed for https://api.telegram.org/bot{TOKEN}/sendMessage")
+        except RuntimeError:
+            logger.exception("boom")
+        logger.warning("only the secret half: %s", TOKEN.split(":")[1])
+    finally:
+        logger.removeHandler(handler)
+    output = stream.getvalue()
+    assert TOKEN.split(":")[1] not in output and TOKEN not in output
+    assert output.count(MASK) == 4
+
+
+def test_configure_logging_quiets_the_http_client() -> None:
+    root = logging.getLogger()
+    saved = (root.level, [h.formatter for h in root.handlers])
+    try:
+        configure_logging("DEBUG", [TOKEN])
+        assert logging.getLogger("httpx").getEffectiveLevel() >= logging.WARNING
+        assert logging.getLogger("httpcore").getEffectiveLevel() >= logging.WARNING
+        assert all(isinstance(h.formatter, RedactingFormatter) for h in root.handlers)
+    finally:
+        root.setLevel(saved[0])
+        for handler, formatter in zip(root.handlers, saved[1], strict=False):
+            handler.setFormatter(formatter)
