@@ -1,0 +1,99 @@
+"""Settings of the caption service, buildable from keyword arguments or environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ..images import ImageLimits
+
+# Environment variable -> ServiceConfig field (the bot's names; see .env.example).
+ENV_VARIABLES: dict[str, str] = {
+    "CAPTIONBOT_MODEL": "checkpoint",
+    "CAPTIONBOT_DEVICE": "device",
+    "CAPTIONBOT_WORKER_THREADS": "threads",
+    "CAPTIONBOT_BATCH_SIZE": "max_batch_size",
+    "CAPTIONBOT_BATCH_WAIT_MS": "max_wait_ms",
+    "CAPTIONBOT_QUEUE_CAPACITY": "queue_capacity",
+    "CAPTIONBOT_REQUEST_TIMEOUT": "request_timeout",
+    "CAPTIONBOT_BEAM_SIZE": "default_beam_size",
+    "CAPTIONBOT_MAX_FILE_MB": "image_limits.max_bytes",
+    "CAPTIONBOT_MAX_MEGAPIXELS": "image_limits.max_pixels",
+}
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """How the caption worker runs. Every field has a sensible default except the checkpoint
+    (None = the bundled default model)."""
+
+    checkpoint: str | None = None
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
+    threads: int | None = None  # torch intra-op threads in the worker (None = torch's default)
+    max_batch_size: int = 16
+    max_wait_ms: float = 10.0  # how long a batch waits for more requests once it has one
+    queue_capacity: int = 64  # requests submitted and not yet answered; more -> QueueFullError
+    request_timeout: float = 60.0  # default deadline of a request, in seconds
+    default_beam_size: int | None = None  # None = the checkpoint's own decoding setting
+    max_beam_size: int = 10
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    encoder_batch_size: int | None = None  # None = the Captioner's choice for the device
+    start_timeout: float = 600.0  # seconds allowed for loading a model (start, restart, reload)
+    hang_timeout: float = 300.0  # a batch running longer than this is treated as a hung worker
+    shutdown_grace: float = 5.0  # seconds the worker gets to exit before it is killed
+    warmup: bool = True  # run one dummy image through a freshly loaded model before serving
+    # Testing only: seconds every batch sleeps before computing (makes "mid-batch" observable).
+    debug_batch_delay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if self.max_wait_ms < 0:
+            raise ValueError("max_wait_ms must be >= 0")
+        if self.queue_capacity < 1:
+            raise ValueError("queue_capacity must be >= 1")
+        if self.request_timeout <= 0:
+            raise ValueError("request_timeout must be > 0")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be >= 1")
+        if self.max_beam_size < 1:
+            raise ValueError("max_beam_size must be >= 1")
+        if self.default_beam_size is not None and not 1 <= self.default_beam_size <= self.max_beam_size:
+            raise ValueError(f"default_beam_size must be in 1..{self.max_beam_size}")
+        if self.checkpoint is not None:
+            object.__setattr__(self, "checkpoint", str(Path(self.checkpoint).expanduser().resolve()))
+
+    def with_overrides(self, **overrides: Any) -> ServiceConfig:
+        return replace(self, **overrides)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServiceConfig:
+        """Read the ``CAPTIONBOT_*`` variables of :data:`ENV_VARIABLES`; empty values mean default."""
+        env = os.environ if environ is None else environ
+        types = {f.name: f.type for f in fields(cls)}
+        values: dict[str, Any] = {}
+        limits: dict[str, int] = {}
+        for variable, name in ENV_VARIABLES.items():
+            raw = env.get(variable, "").strip()
+            if not raw:
+                continue
+            try:
+                if name == "image_limits.max_bytes":
+                    limits["max_bytes"] = int(float(raw) * 1024 * 1024)
+                elif name == "image_limits.max_pixels":
+                    limits["max_pixels"] = int(float(raw) * 1_000_000)
+                elif "int" in str(types[name]):
+                    values[name] = int(raw)
+                elif "float" in str(types[name]):
+                    values[name] = float(raw)
+                else:
+                    values[name] = raw
+            except ValueError:
+                raise ValueError(f"{variable}={raw!r} is not a valid number") from None
+        if limits:
+            values["image_limits"] = replace(ImageLimits(), **limits)
+        values.update(overrides)
+        return cls(**values)
