@@ -1,7 +1,8 @@
 """Inline keyboards and their callback data (Telegram allows 1-64 bytes of callback data).
 
 Formats: ``v:<caption_id>:u`` / ``v:<caption_id>:d`` (vote), ``c:<caption_id>`` (correct),
-``a:<caption_id>`` (attention), ``f:y`` / ``f:n`` (confirm /forget).
+``a:<caption_id>`` (attention), ``f:y:<user_id>`` / ``f:n:<user_id>`` (confirm /forget: only
+the person who sent /forget may press it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class Action:
     caption_id: int | None = None
     up: bool | None = None  # vote direction
     confirm: bool | None = None  # forget
+    user_id: int | None = None  # forget: who asked
 
 
 def _data(text: str) -> str:
@@ -52,10 +54,10 @@ def caption_keyboard(caption_id: int, my_vote: bool | None = None,
     ])
 
 
-def forget_keyboard() -> InlineKeyboardMarkup:
+def forget_keyboard(user_id: int) -> InlineKeyboardMarkup:
     return InlineKeyboardMarkup([[
-        InlineKeyboardButton(texts.BUTTON_FORGET_YES, callback_data="f:y"),
-        InlineKeyboardButton(texts.BUTTON_FORGET_NO, callback_data="f:n"),
+        InlineKeyboardButton(texts.BUTTON_FORGET_YES, callback_data=_data(f"f:y:{user_id}")),
+        InlineKeyboardButton(texts.BUTTON_FORGET_NO, callback_data=_data(f"f:n:{user_id}")),
     ]])
 
 
@@ -72,8 +74,8 @@ def parse(data: str | None) -> Action | None:
                 return Action("correct", _id(caption_id))
             case ["a", caption_id]:
                 return Action("attention", _id(caption_id))
-            case ["f", ("y" | "n") as answer]:
-                return Action("forget", confirm=answer == "y")
+            case ["f", ("y" | "n") as answer, user_id]:
+                return Action("forget", confirm=answer == "y", user_id=_id(user_id))
     except ValueError:
         return None
     return None

@@ -217,6 +217,8 @@ FORGET_CONFIRM = (
     "only you sent. It can't be undone. Delete it all?"
 )
 FORGET_KEPT = "OK, nothing was deleted."
+FORGET_ANSWER = "Done."
+FORGET_NOT_YOURS = "This button is for the person who sent /forget. Send /forget yourself to delete your data."
 FORGET_NOTHING = "I have nothing stored about you. 👍"
 
 

@@ -442,6 +442,12 @@ async def test_group_chat_votes_show_counts(env: Env) -> None:
     [ack] = await fake.wait_reply(reply)
     assert "saved" in ack["text"]
     assert fake.replies_to(-5001, chatter["message_id"]) == []
+    # Only the person who sent /forget can confirm it.
+    ask = await ola.command("/forget")
+    [question] = await fake.wait_reply(ask)
+    refused = await fake.wait_answer(await ned.press(question, "🗑"))
+    assert refused["show_alert"] and "person who sent /forget" in refused["text"]
+    assert await stored_caption(env, answer) is not None
 
 
 # ---------------------------------------------------------------------- load

@@ -95,7 +95,8 @@ def test_callback_data_round_trips_and_fits_in_64_bytes() -> None:
         assert all(a is not None and a.caption_id == caption_id for a in actions)
         assert check_reply_markup(markup.to_json()) is not None  # what Telegram would accept
     assert keyboards.parse("v:7:u") == keyboards.Action("vote", 7, up=True)
-    assert keyboards.parse("f:y") == keyboards.Action("forget", confirm=True)
+    assert keyboards.parse("f:y:5") == keyboards.Action("forget", confirm=True, user_id=5)
+    assert keyboards.parse("f:y") is None
     for junk in (None, "", "v:7", "v:x:u", "v:-1:u", "c:1:2", "a:" + "9" * 40, "zzz", "v:7:sideways"):
         assert keyboards.parse(junk) is None
 

@@ -30,9 +30,12 @@ async def on_button(update: Update, context: Context) -> None:
     user = query.from_user
     if action is None:
         log.info("unknown button %r from user %d", query.data, user.id)
-        await query.answer(texts.BUTTON_UNKNOWN, show_alert=True)
+        await _answer(query, texts.BUTTON_UNKNOWN, show_alert=True)
         return
     if action.kind == "forget":
+        if action.user_id != user.id:
+            await _answer(query, texts.FORGET_NOT_YOURS, show_alert=True)
+            return
         await _forget(query, runtime, bool(action.confirm))
         return
     assert action.caption_id is not None
@@ -44,13 +47,18 @@ async def on_button(update: Update, context: Context) -> None:
         await _attention(query, context, runtime, action.caption_id)
 
 
+async def _answer(query: CallbackQuery, text: str | None = None, show_alert: bool = False) -> None:
+    """Answer the button press; a press too old to answer (the bot was down) is not an error."""
+    await quietly(query.answer(text, show_alert=show_alert), "answerCallbackQuery")
+
+
 def _message(query: CallbackQuery) -> Message | None:
     """The message the button is under, when Telegram still gives it to us."""
     return query.message if isinstance(query.message, Message) else None
 
 
 async def _gone(query: CallbackQuery, text: str = texts.CAPTION_GONE) -> None:
-    await query.answer(text, show_alert=True)
+    await _answer(query, text, show_alert=True)
     message = _message(query)
     if message is not None and message.reply_markup is not None:
         await quietly(query.edit_message_reply_markup(None), "removing stale buttons")
@@ -64,7 +72,7 @@ async def _vote(query: CallbackQuery, runtime: Runtime, caption_id: int, up: boo
         await _gone(query)
         return
     thanks = texts.VOTE_UP_THANKS if up else texts.VOTE_DOWN_THANKS
-    await query.answer(thanks if vote.changed else texts.VOTE_UNCHANGED)
+    await _answer(query, thanks if vote.changed else texts.VOTE_UNCHANGED)
     log.info("vote caption=%d user=%d up=%s changed=%s", caption_id, user.id, up, vote.changed)
     if vote.changed and _message(query) is not None:
         if _is_private(query):
@@ -87,7 +95,7 @@ async def _correct(query: CallbackQuery, context: Context, runtime: Runtime, cap
         return
     message = _message(query)
     chat_id = message.chat.id if message is not None else user.id
-    await query.answer(texts.CORRECTION_CALLBACK)
+    await _answer(query, texts.CORRECTION_CALLBACK)
     prompt = await context.bot.send_message(
         chat_id,
         _mention(user, message) + texts.correction_prompt(caption.text),
@@ -124,9 +132,9 @@ async def _attention(query: CallbackQuery, context: Context, runtime: Runtime, c
         return
     retry_after = runtime.limiter.acquire(user.id)
     if retry_after:
-        await query.answer(texts.rate_limited(runtime.limiter.limit, retry_after), show_alert=True)
+        await _answer(query, texts.rate_limited(runtime.limiter.limit, retry_after), show_alert=True)
         return
-    await query.answer(texts.ATTENTION_CALLBACK)
+    await _answer(query, texts.ATTENTION_CALLBACK)
     message = _message(query)
     chat_id = message.chat.id if message is not None else user.id
     reply_parameters = replying_to(message.message_id) if message is not None else None
@@ -154,11 +162,11 @@ async def _attention(query: CallbackQuery, context: Context, runtime: Runtime, c
 async def _forget(query: CallbackQuery, runtime: Runtime, confirm: bool) -> None:
     user = query.from_user
     if not confirm:
-        await query.answer()
+        await _answer(query)
         await _replace(query, texts.FORGET_KEPT)
         return
     report = await runtime.storage.forget_person(user.id)
-    await query.answer("Deleted." if report.found else "Nothing stored.")
+    await _answer(query, texts.FORGET_ANSWER)
     log.info("forget user=%d found=%s captions=%d photos=%d", user.id, report.found, report.captions,
              report.photos)
     if not report.found or not (report.votes or report.corrections or report.captions or report.photos):

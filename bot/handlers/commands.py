@@ -35,8 +35,9 @@ async def on_privacy(update: Update, context: Context) -> None:
 
 
 async def on_forget(update: Update, context: Context) -> None:
-    if update.effective_message is not None:
-        await reply(context, update.effective_message, texts.FORGET_CONFIRM, keyboards.forget_keyboard())
+    message, user = update.effective_message, update.effective_user
+    if message is not None and user is not None:
+        await reply(context, message, texts.FORGET_CONFIRM, keyboards.forget_keyboard(user.id))
 
 
 async def on_unknown_command(update: Update, context: Context) -> None:

@@ -38,7 +38,8 @@ async def on_text(update: Update, context: Context) -> None:
             caption_id, how = caption.id, "reply to caption"
         else:
             pending = await storage.get_pending_correction(user.id)
-            if pending is not None and _is_prompt(pending, replied):
+            if pending is not None and (_is_prompt(pending, replied) or _recent(pending)):
+                # the prompt, or an older prompt of theirs: either way they are answering ✏️
                 caption_id, how = pending.caption_id, "reply to prompt"
     elif is_private(message):
         pending = await storage.get_pending_correction(user.id)
