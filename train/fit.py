@@ -361,9 +361,21 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
             log.info("stopping after epoch %d", epoch)
             break
     if world > 1:
-        dist.barrier()
+        _check_replicas(model, device, world)
         log.info("rank %d of %d finished at step %d", rank, world, step)
     return history
+
+
+def _check_replicas(model: CaptionModel, device: torch.device, world: int) -> None:
+    """Every rank must end with the same weights (DDP and the encoder all-reduce keep them equal)."""
+    params = [*model.decoder.parameters(), *model.encoder.parameters()]
+    sums = torch.stack([p.detach().double().sum() for p in params]).to(device)
+    gathered = [torch.zeros_like(sums) for _ in range(world)]
+    dist.all_gather(gathered, sums)
+    if all(torch.equal(g, gathered[0]) for g in gathered):
+        log.info("weights identical on all %d ranks", world)
+    else:
+        log.error("weights differ between ranks: the checkpoint holds rank 0's")
 
 
 def _feature_source(cfg: TrainConfig, model: CaptionModel, images: dict[str, Path], device: torch.device,

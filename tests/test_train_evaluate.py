@@ -1,0 +1,73 @@
+"""`python -m train evaluate`: pycocoevalcap's keys in --json, captions written, METEOR without Java."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import make_checkpoint
+from tests.test_train_support import make_flickr
+from train import metrics
+from train.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+JSON_KEYS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "n_images"]
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, str]:
+    return make_checkpoint(tmp_path / "model"), f"flickr:{make_flickr(tmp_path / 'data', n_train=2, n_val=3)}"
+
+
+@pytest.mark.slow
+def test_json_output_has_exactly_pycocoevalcaps_keys(tmp_path: Path, setup: tuple[Path, str]) -> None:
+    model, data = setup
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "train", "evaluate", "--model", str(model), "--data", data, "--split", "val",
+               "--beam", "2", "--json", "--captions-out", str(tmp_path / "captions.json"),
+               "--cache", str(tmp_path / "cache")]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout  # nothing but the JSON object on stdout
+    result = json.loads(lines[0])
+    assert list(result) == JSON_KEYS
+    assert result["n_images"] == 3
+    for key in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L"):
+        assert isinstance(result[key], float) and 0.0 <= result[key] <= 1.0
+    assert isinstance(result["CIDEr"], float) and result["CIDEr"] >= 0.0
+    if shutil.which("java"):
+        assert isinstance(result["METEOR"], float) and 0.0 <= result["METEOR"] <= 1.0
+    else:
+        assert result["METEOR"] is None and "METEOR skipped" in done.stderr
+    captions = json.loads((tmp_path / "captions.json").read_text())
+    assert sorted(captions) == ["val_0.jpg", "val_1.jpg", "val_2.jpg"]
+    assert all(isinstance(c, str) and c for c in captions.values())
+    assert any((tmp_path / "cache").iterdir())  # features went through the cache
+
+
+def test_without_java_meteor_is_null_in_json_and_said_to_be_skipped(
+        tmp_path: Path, setup: tuple[Path, str], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    model, data = setup
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.setattr(metrics, "_logged", set())
+    monkeypatch.chdir(tmp_path)
+    base = ["evaluate", "--model", str(model), "--data", data, "--split", "val", "--no-cache", "--limit", "2"]
+    assert main([*base, "--json"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert list(result) == JSON_KEYS and result["METEOR"] is None and result["n_images"] == 2
+    assert all(isinstance(result[k], float) for k in JSON_KEYS if k not in ("METEOR", "n_images"))
+    assert "warning: Java not found: METEOR skipped" in err
+    assert sorted(json.loads((tmp_path / "captions_val.json").read_text())) == ["val_0.jpg", "val_1.jpg"]
+
+    assert main(base) == 0
+    text = capsys.readouterr().out
+    assert "METEOR: skipped (Java not found)" in text and "CIDEr:" in text and "2 images of val" in text
