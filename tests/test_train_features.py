@@ -151,3 +151,22 @@ def test_probing_the_feature_shape_leaves_the_encoder_alone(tmp_path: Path) -> N
     assert model.encoder.training
     for key, value in model.encoder.state_dict().items():
         torch.testing.assert_close(value, stats[key])
+
+
+def test_fit_with_zero_epochs_only_fills_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """How to fill the cache with one process before a torchrun job: `fit ... --epochs 0`."""
+    from tests.test_train_support import tiny_fit_args
+    from train import metrics
+    from train.__main__ import main
+
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    data = make_flickr(tmp_path / "data", n_train=2, n_val=1)
+    assert main(tiny_fit_args(f"flickr:{data}", tmp_path / "run", tmp_path / "cache", epochs=0)) == 0
+    assert not (tmp_path / "run" / "last").exists()
+    (folder,) = (tmp_path / "cache").iterdir()
+    paths = [r.path for s in ("train", "val") for r in load_dataset(f"flickr:{data}").split(s)]
+    assert FeatureCache(folder, 4, 64).missing(paths) == []
+    reads = CountingReads()
+    monkeypatch.setattr(features, "_read", reads)
+    assert main(tiny_fit_args(f"flickr:{data}", tmp_path / "run", tmp_path / "cache", epochs=1)) == 0
+    assert reads.count == 0  # the training run found every image's features in the cache
