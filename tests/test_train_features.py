@@ -96,7 +96,8 @@ def test_encoder_change_means_a_new_cache_folder(tmp_path: Path, monkeypatch: py
 
     tuned = tiny_model()
     with torch.no_grad():
-        tuned.encoder.backbone.stages[-1].conv.bias.add_(0.01)  # e.g. after fine-tuning the top block
+        # e.g. after fine-tuning the top block
+        dict(tuned.encoder.backbone.named_parameters())["stages.3.conv.bias"].add_(0.01)
     other_size = tiny_model(image_size=96)
     monkeypatch.setattr(features, "PREPROCESS_VERSION", features.PREPROCESS_VERSION + 1)
     new_preprocessing = encoder_fingerprint(model)

@@ -105,9 +105,10 @@ FIT_EPILOG = """examples:
   python -m train fit --data karpathy:data/dataset_flickr30k.json@data/flickr30k-images --out runs/f30k
   python -m train fit --data karpathy:data/coco/dataset_coco.json@data/coco --out runs/coco
   python -m train fit --data coco:data/coco/annotations --out runs/coco2017  # captions_{train,val}2017.json
-  python -m train fit ... --out runs/x --resume              # continue an interrupted run
+  python -m train fit ... --out runs/x --resume             # continue an interrupted run
   python -m train fit ... --init-from runs/x/best --fine-tune-blocks 2 --lr 1e-4 --out runs/x-ft
-  torchrun --nproc_per_node=4 -m train fit ...              # DistributedDataParallel
+  python -m train fit ... --epochs 0                        # only fill the feature cache
+  torchrun --standalone --nproc_per_node=4 -m train fit ...  # DistributedDataParallel
 
 Features of the frozen encoder are computed once into --cache (float16, memory-mapped) and reused
 by later runs; --raw-images or --fine-tune-blocks read the images at every step instead.
