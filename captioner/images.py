@@ -45,8 +45,9 @@ class ImageLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-def load_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
+def load_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
     """Decode ``data`` into an upright 8-bit RGB image, or raise an :class:`ImageError`."""
+    limits = limits or ImageLimits()
     if len(data) > limits.max_bytes:
         raise ImageTooLargeError(
             f"The file is {len(data) / 1e6:.1f} MB; the limit is {limits.max_bytes / 1e6:.0f} MB."
@@ -67,6 +68,9 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
         raise NotAnImageError("This file is not an image I can read (try a JPEG or PNG photo).") from err
     except Image.DecompressionBombError as err:
         raise ImageTooLargeError(_too_many_pixels_message(limits)) from err
+    except (OSError, SyntaxError, ValueError) as err:
+        # Pillow raises plain OSError for files cut inside their header ("Truncated File Read").
+        raise TruncatedImageError("The image file is incomplete (it was cut short); please resend it.") from err
     if image.format not in SUPPORTED_FORMATS:
         raise UnsupportedImageError(
             f"{image.format} images are not supported; please send a JPEG, PNG, WebP or GIF."

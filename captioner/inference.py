@@ -68,9 +68,9 @@ class Captioner:
     def version(self) -> str:
         return self.model.version
 
-    def prepare(self, data: bytes, limits: ImageLimits = ImageLimits()) -> Tensor:
+    def prepare(self, data: bytes, limits: ImageLimits | None = None) -> Tensor:
         """Untrusted bytes -> model input; raises captioner.images.ImageError subclasses."""
-        return preprocess(self.model, load_image(data, limits))
+        return preprocess(self.model, load_image(data, limits or ImageLimits()))
 
     def prepare_image(self, image: Image.Image) -> Tensor:
         return preprocess(self.model, image)

@@ -79,6 +79,11 @@ def test_truncated_image() -> None:
         load_image(data[: len(data) // 2])
 
 
+def test_image_cut_inside_its_header() -> None:
+    with pytest.raises(TruncatedImageError):
+        load_image(photo_bytes(2, (200, 200))[:600])
+
+
 def test_file_size_limit() -> None:
     with pytest.raises(ImageTooLargeError, match="limit"):
         load_image(photo_bytes(3), ImageLimits(max_bytes=100))
