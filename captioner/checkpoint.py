@@ -129,6 +129,7 @@ def _state_tensors(model: CaptionModel, dtype: torch.dtype) -> dict[str, torch.T
 def _atomic_write(target: Path, write: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints are meant to be shared and packaged
     try:
         write(Path(tmp))
         with open(tmp, "rb") as fh:
