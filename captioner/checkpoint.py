@@ -132,6 +132,7 @@ def _atomic_write(target: Path, write: Any) -> None:
     os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints are meant to be shared and packaged
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # the writer may have replaced the file we made
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -74,6 +75,29 @@ class Captioner:
 
     def prepare_image(self, image: Image.Image) -> Tensor:
         return preprocess(self.model, image)
+
+    @torch.inference_mode()
+    def calibrate_encoder_batch_size(self, candidates: Sequence[int] = (1, 2, 4, 8), images: int = 8) -> int:
+        """Time the encoder at each chunk size and keep the fastest per image.
+
+        On CPU the best size depends on cache sizes and thread count (EfficientNet-Lite0's wide
+        activations fall out of cache at large batches), so it is measured, not guessed.
+        """
+        if self.device.type != "cpu":
+            return self.encoder_batch_size
+        size = self.model.config.image_size
+        dummy = torch.rand(images, 3, size, size)
+        best, best_time = self.encoder_batch_size, float("inf")
+        for chunk in candidates:
+            self.encoder_batch_size = chunk
+            self.encode(dummy[:chunk])  # warm-up: first calls pay oneDNN's kernel selection
+            start = time.perf_counter()
+            self.encode(dummy)
+            elapsed = time.perf_counter() - start
+            if elapsed < best_time:
+                best, best_time = chunk, elapsed
+        self.encoder_batch_size = best
+        return best
 
     @torch.inference_mode()
     def encode(self, images: Tensor) -> Tensor:

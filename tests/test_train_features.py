@@ -171,3 +171,21 @@ def test_fit_with_zero_epochs_only_fills_the_cache(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(features, "_read", reads)
     assert main(tiny_fit_args(f"flickr:{data}", tmp_path / "run", tmp_path / "cache", epochs=1)) == 0
     assert reads.count == 0  # the training run found every image's features in the cache
+
+
+def test_encoder_fingerprint_does_not_depend_on_the_thread_count() -> None:
+    import torch
+
+    from captioner.checkpoint import CaptionModel
+    from captioner.vocab import Vocabulary
+    from tests.helpers import tiny_config
+    from train.features import encoder_fingerprint
+
+    model = CaptionModel.create(tiny_config(), Vocabulary())
+    threads = torch.get_num_threads()
+    try:
+        first = encoder_fingerprint(model)
+        torch.set_num_threads(1)
+        assert encoder_fingerprint(model) == first
+    finally:
+        torch.set_num_threads(threads)

@@ -40,10 +40,10 @@ def encoder_fingerprint(model: CaptionModel) -> str:
         "preprocess": PREPROCESS_VERSION,
     }
     h.update(json.dumps(info, sort_keys=True).encode())
+    # Every byte of every weight, in a fixed layout: a float sum would depend on the thread count.
     for name, tensor in sorted(model.encoder.backbone.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().float().numpy().tobytes()[:4096])
-        h.update(str(float(tensor.float().sum())).encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

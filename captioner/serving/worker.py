@@ -135,6 +135,8 @@ class Worker:
         captioner = Captioner.load(checkpoint, self.settings.device)
         if self.settings.encoder_batch_size:
             captioner.encoder_batch_size = self.settings.encoder_batch_size
+        else:
+            captioner.calibrate_encoder_batch_size()
         return captioner
 
     def _warmup(self, captioner: Captioner) -> float:
