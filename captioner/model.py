@@ -153,8 +153,7 @@ class Decoder(nn.Module):
         """Add rows for new words at the end; existing words' rows are untouched.
 
         ``init_from[i]`` lists existing token ids whose mean initialises new word i (for example
-        the words of a correction around it); without it, new rows get the mean of all rows and
-        an output bias below every existing word so old predictions do not change.
+        the words of a correction around it); without it, new rows get the mean of all rows.
         """
         old_size = self.vocab_size
         if new_size <= old_size:
@@ -184,9 +183,10 @@ def _grow_linear(old: nn.Linear, new_size: int, init_from: list[list[int]] | Non
     extra = new_size - old.out_features
     grown = nn.Linear(old.in_features, new_size).to(old.weight.device, old.weight.dtype)
     grown.weight.copy_(torch.cat([old.weight, _mean_rows(old.weight, extra, init_from)]))
-    # A low starting bias keeps the new words from taking probability mass before training.
-    low = old.bias.min() - 5.0
-    grown.bias.copy_(torch.cat([old.bias, low.expand(extra)]))
+    # Weights and bias both averaged: a new word's logit is the mean of its context words' logits,
+    # so it never outranks the best old word (old predictions keep their order) yet starts close
+    # enough to be learned in a short fine-tune.
+    grown.bias.copy_(torch.cat([old.bias, _mean_rows(old.bias.unsqueeze(1), extra, init_from).squeeze(1)]))
     return grown
 
 

@@ -128,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_options = fit.add_argument_group("model (ignored with --init-from, except --fine-tune-blocks)")
     _add_dataclass_options(model_options, ModelConfig, MODEL_HELP, set())
 
-    from . import evaluate
+    from . import evaluate, finetune
 
     evaluate.add_parser(sub, HelpFormatter)
+    finetune.add_parser(sub)
     return parser
 
 

@@ -69,12 +69,14 @@ class FinetuneConfig:
     replay_ratio: float = 4.0
     holdout: float = 0.2
     min_word_count: int = 1
-    epochs: int = 6
+    epochs: int = 20
     batch_size: int = 32
     lr: float = 2e-4
     alpha_c: float = 1.0
     grad_clip: float = 5.0
     margin: float = 0.03
+    # With fewer held-out photos than this, the significance test is skipped (too few to resample).
+    min_photos_for_test: int = 5
     seed: int = 1234
     device: str = "auto"
     cache: str = "cache/features"
@@ -209,13 +211,32 @@ def train_candidate(cfg: FinetuneConfig, model: CaptionModel, source: FeatureSou
 
 
 def score_model(model: CaptionModel, source: FeatureSource, records: Sequence[ImageRecord],
-                beam: BeamConfig) -> dict[str, float]:
+                beam: BeamConfig, per_image: dict[str, float] | None = None) -> dict[str, float]:
+    """Corpus scores; with ``per_image``, also fills it with each image's CIDEr."""
     if not records:
         return {}
     hyps = generate(model, source, [r.image_id for r in records], beam)
     refs = {r.image_id: list(r.captions) for r in records}
     wanted = ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr")
+    if per_image is not None:
+        per_image.update(metrics.per_image_cider(refs, hyps))
     return metrics.score(refs, hyps, wanted).values
+
+
+def paired_bootstrap_lower_bound(base: dict[str, float], candidate: dict[str, float], resamples: int = 5000,
+                                 confidence: float = 0.95, seed: int = 0) -> float:
+    """Lower confidence bound of the mean per-photo improvement (candidate - base).
+
+    A few held-out photos make corpus scores noisy: noise in the corrections (spam, random
+    text) can look like a gain. Promotion needs the gain to hold across photos, not on average by luck.
+    """
+    keys = sorted(set(base) & set(candidate))
+    if not keys:
+        return float("-inf")
+    diffs = np.array([candidate[k] - base[k] for k in keys])
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), size=(resamples, len(diffs)))].mean(axis=1)
+    return float(np.quantile(means, 1.0 - confidence))
 
 
 @dataclass
@@ -232,8 +253,12 @@ def corrections_metric(base: dict[str, float], candidate: dict[str, float]) -> s
 
 
 def gate(base: dict[str, dict[str, float]], candidate: dict[str, dict[str, float]],
-         margin: float) -> GateDecision:
-    """Better on the held-out corrections, and validation CIDEr within ``margin`` of the base."""
+         margin: float, improvement_lower_bound: float | None = None) -> GateDecision:
+    """Better on the held-out corrections, and validation CIDEr within ``margin`` of the base.
+
+    "Better" means a higher corpus score and, when per-photo scores are given, a 95% paired
+    bootstrap lower bound of the per-photo CIDEr gain that is not below zero.
+    """
     if not base["corrections"] or not candidate["corrections"]:
         return GateDecision(False, "no held-out corrections to judge the candidate on")
     key = corrections_metric(base["corrections"], candidate["corrections"])
@@ -241,12 +266,17 @@ def gate(base: dict[str, dict[str, float]], candidate: dict[str, dict[str, float
     b_val, c_val = base["validation"].get("CIDEr"), candidate["validation"].get("CIDEr")
     if not c_corr > b_corr:
         return GateDecision(False, f"not better on held-out corrections ({key} {c_corr:.3f} vs base {b_corr:.3f})")
+    if improvement_lower_bound is not None and improvement_lower_bound < 0:
+        return GateDecision(False, f"gain on held-out corrections not significant ({key} {b_corr:.3f} -> "
+                                   f"{c_corr:.3f}, 95% lower bound of the per-photo CIDEr gain "
+                                   f"{improvement_lower_bound:+.3f})")
     if b_val is not None and c_val is not None and c_val < b_val * (1 - margin):
         drop = 100 * (1 - c_val / b_val) if b_val else float("inf")
         return GateDecision(False, f"validation CIDEr dropped {drop:.1f}% ({c_val:.3f} vs {b_val:.3f}; "
                                    f"allowed {100 * margin:.1f}%)")
     val_text = "not checked" if b_val is None or c_val is None else f"{b_val:.3f} -> {c_val:.3f}"
-    return GateDecision(True, f"held-out corrections {key} {b_corr:.3f} -> {c_corr:.3f}; "
+    bound = "" if improvement_lower_bound is None else f" (per-photo gain >= {improvement_lower_bound:+.3f})"
+    return GateDecision(True, f"held-out corrections {key} {b_corr:.3f} -> {c_corr:.3f}{bound}; "
                               f"validation CIDEr {val_text}")
 
 
@@ -295,13 +325,17 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
     source = FeatureSource(candidate, images, cache, device)
 
     beam = default_beam_config(base)
-    before = {"corrections": score_model(base, source, corrections.heldout, beam),
+    base_photos: dict[str, float] = {}
+    candidate_photos: dict[str, float] = {}
+    before = {"corrections": score_model(base, source, corrections.heldout, beam, base_photos),
               "validation": score_model(base, source, val_records, beam)}
     losses = train_candidate(cfg, candidate, source, _examples(corrections.train, candidate.vocab),
                              _examples(replay_records, candidate.vocab))
-    after = {"corrections": score_model(candidate, source, corrections.heldout, beam),
+    after = {"corrections": score_model(candidate, source, corrections.heldout, beam, candidate_photos),
              "validation": score_model(candidate, source, val_records, beam)}
-    decision = gate(before, after, cfg.margin)
+    lower_bound = paired_bootstrap_lower_bound(base_photos, candidate_photos)
+    testable = len(base_photos) >= cfg.min_photos_for_test
+    decision = gate(before, after, cfg.margin, lower_bound if testable else None)
 
     name = cfg.name or f"{base.version.split('+')[0]}+ft{datetime.now(UTC):%Y%m%d%H%M%S}"
     out = Path(cfg.out) / name
@@ -314,7 +348,8 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
     report = {
         "name": name, "parent": base.version, "checkpoint": str(out.resolve()), "promoted": decision.promote,
         "reason": decision.reason, "base": before, "candidate": after, "new_words": new_words,
-        "train_losses": losses, "corrections_train_photos": len(corrections.train),
+        "heldout_gain_lower_bound": lower_bound, "train_losses": losses,
+        "corrections_train_photos": len(corrections.train),
         "corrections_heldout_photos": len(corrections.heldout), "replay_ratio": cfg.replay_ratio,
         "seconds": round(time.time() - started, 1), "config": asdict(cfg),
     }

@@ -89,3 +89,16 @@ def _scorers(metrics: Sequence[str], java: bool) -> list[tuple[object, list[str]
     if "CIDEr" in wanted:
         scorers.append((Cider(), ["CIDEr"]))
     return scorers
+
+
+def per_image_cider(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str],
+                    use_java: bool | None = None) -> dict[str, float]:
+    """CIDEr of each image (pycocoevalcap's per-image scores), for paired comparisons of two models."""
+    from pycocoevalcap.cider.cider import Cider
+
+    java = java_available() if use_java is None else use_java
+    gts = _tokenize_all(references, java)
+    res = _tokenize_all({k: [v] for k, v in hypotheses.items()}, java)
+    with contextlib.redirect_stdout(sys.stderr):
+        _, scores = Cider().compute_score(gts, res)
+    return {key: float(value) for key, value in zip(gts, scores, strict=True)}
