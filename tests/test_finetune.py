@@ -99,7 +99,8 @@ def test_finetune_learns_new_words_and_is_promoted(loop_setup: tuple[Path, str, 
 @pytest.mark.slow
 def test_a_candidate_that_learned_nothing_is_rejected(loop_setup: tuple[Path, str, Path], tmp_path: Path) -> None:
     base, url, data_dir = loop_setup
-    report = finetune(_config(tmp_path, base, url, data_dir, name="cand-frozen", lr=0.0, epochs=1))
+    report = finetune(_config(tmp_path, base, url, data_dir, name="cand-frozen", lr=0.0, epochs=1,
+                                      new_word_epochs=0))
     assert not report["promoted"]
     assert "not better on held-out corrections" in report["reason"]
     versions, untrained = asyncio.run(_versions(url, data_dir))

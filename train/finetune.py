@@ -70,6 +70,8 @@ class FinetuneConfig:
     holdout: float = 0.2
     min_word_count: int = 1
     epochs: int = 20
+    new_word_epochs: int = 10
+    new_word_lr: float = 1e-2
     batch_size: int = 32
     lr: float = 2e-4
     alpha_c: float = 1.0
@@ -180,13 +182,41 @@ def _examples(records: Sequence[ImageRecord], vocab: Vocabulary, max_len: int = 
 
 
 def train_candidate(cfg: FinetuneConfig, model: CaptionModel, source: FeatureSource,
-                    corrections: list[Example], replay: list[Example]) -> list[float]:
-    """Fine-tune the decoder; each epoch mixes all corrections with a fresh replay sample."""
+                    corrections: list[Example], replay: list[Example], old_vocab_size: int | None = None,
+                    ) -> list[float]:
+    """Fine-tune the decoder in two phases; each epoch mixes all corrections with a fresh replay sample.
+
+    Phase 1 trains only the new words' embedding and output rows (old words' logits cannot move),
+    at a high learning rate: the decoder already sees the new thing, it lacks the word for it.
+    Phase 2 fine-tunes the whole decoder gently.
+    """
     rng = np.random.default_rng(cfg.seed)
-    optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=cfg.lr)
+    losses: list[float] = []
+    decoder = model.decoder
+    if old_vocab_size is not None and old_vocab_size < len(model.vocab) and cfg.new_word_epochs:
+        rows = [decoder.embedding.weight, decoder.classifier.weight, decoder.classifier.bias]
+        keep_old = torch.ones(len(model.vocab), device=source.device)
+        keep_old[:old_vocab_size] = 0.0
+        hooks = [p.register_hook(lambda g: g * keep_old.view(-1, *([1] * (g.dim() - 1)))) for p in rows]
+        try:
+            optimizer = torch.optim.Adam(rows, lr=cfg.new_word_lr)
+            losses += _epochs(cfg, model, source, corrections, replay, optimizer, rng, cfg.new_word_epochs, "new words")
+        finally:
+            for hook in hooks:
+                hook.remove()
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr)
+    losses += _epochs(cfg, model, source, corrections, replay, optimizer, rng, cfg.epochs, "decoder")
+    decoder.eval()
+    return losses
+
+
+def _epochs(cfg: FinetuneConfig, model: CaptionModel, source: FeatureSource, corrections: list[Example],
+            replay: list[Example], optimizer: torch.optim.Optimizer, rng: np.random.Generator, epochs: int,
+            phase: str) -> list[float]:
     n_replay = min(len(replay), round(cfg.replay_ratio * len(corrections)))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     losses = []
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         model.decoder.train()
         picked = [replay[i] for i in rng.choice(len(replay), n_replay, replace=False)] if n_replay else []
         examples = corrections + picked
@@ -197,13 +227,12 @@ def train_candidate(cfg: FinetuneConfig, model: CaptionModel, source: FeatureSou
             loss, ce = caption_loss(model.decoder, features, tokens, model.vocab.pad_id, cfg.alpha_c, 0.0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             epoch_losses.append(ce.item())
         losses.append(float(np.mean(epoch_losses)))
-        log.info("fine-tune epoch %d: %d corrections + %d replay captions, loss %.4f", epoch,
+        log.info("fine-tune (%s) epoch %d: %d corrections + %d replay captions, loss %.4f", phase, epoch,
                  len(corrections), len(picked), losses[-1])
-    model.decoder.eval()
     return losses
 
 
@@ -330,7 +359,7 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
     before = {"corrections": score_model(base, source, corrections.heldout, beam, base_photos),
               "validation": score_model(base, source, val_records, beam)}
     losses = train_candidate(cfg, candidate, source, _examples(corrections.train, candidate.vocab),
-                             _examples(replay_records, candidate.vocab))
+                             _examples(replay_records, candidate.vocab), len(base.vocab))
     after = {"corrections": score_model(candidate, source, corrections.heldout, beam, candidate_photos),
              "validation": score_model(candidate, source, val_records, beam)}
     lower_bound = paired_bootstrap_lower_bound(base_photos, candidate_photos)
@@ -408,6 +437,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--min-word-count", type=int, default=defaults.min_word_count,
                    help="a new word joins the vocabulary when the corrections use it this often")
     p.add_argument("--epochs", type=int, default=defaults.epochs, help="fine-tuning epochs")
+    p.add_argument("--new-word-epochs", type=int, default=defaults.new_word_epochs,
+                   help="first phase: epochs that train only the new words' rows (0 = skip)")
+    p.add_argument("--new-word-lr", type=float, default=defaults.new_word_lr, help="learning rate of that phase")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="captions per batch")
     p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate (AdamW)")
     p.add_argument("--margin", type=float, default=defaults.margin,
