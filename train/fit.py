@@ -363,6 +363,10 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     if world > 1:
         _check_replicas(model, device, world)
         log.info("rank %d of %d finished at step %d", rank, world, step)
+        # Without an orderly teardown, gloo's threads can abort the process at interpreter exit
+        # ("terminate called without an active exception") after all the work is done.
+        dist.barrier()
+        dist.destroy_process_group()
     return history
 
 
