@@ -133,6 +133,7 @@ class Worker:
 
     def _load(self, checkpoint: str | None) -> Captioner:
         captioner = Captioner.load(checkpoint, self.settings.device)
+        captioner.freeze_encoder()
         if self.settings.encoder_batch_size:
             captioner.encoder_batch_size = self.settings.encoder_batch_size
         else:
