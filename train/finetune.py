@@ -40,9 +40,12 @@ from captioner.vocab import Vocabulary, tokenize
 from . import metrics
 from .data import ImageRecord, load_dataset
 from .features import fill_cache, open_cache
-from .fit import Example, FeatureSource, bucketed_batches, caption_loss, generate, pad
+from .fit import Example, FeatureSource, TrainConfig, bucketed_batches, build_examples, caption_loss, generate, pad
 
 log = logging.getLogger(__name__)
+
+# Training captions are cut to this many words, as in `python -m train fit`.
+MAX_CAPTION_WORDS = TrainConfig().max_caption_len
 
 EXIT_PROMOTED, EXIT_ERROR, EXIT_REJECTED = 0, 1, 3
 
@@ -171,16 +174,6 @@ def _context_ids(vocab: Vocabulary, texts: Sequence[str], word: str) -> list[int
 # ----------------------------------------------------------------------------- training
 
 
-def _examples(records: Sequence[ImageRecord], vocab: Vocabulary, max_len: int = 40) -> list[Example]:
-    out = []
-    for record in records:
-        for caption in record.captions:
-            ids = vocab.encode(caption)
-            if len(ids) > 2:
-                out.append(Example(record.image_id, ids[: max_len + 2]))
-    return out
-
-
 def train_candidate(cfg: FinetuneConfig, model: CaptionModel, source: FeatureSource,
                     corrections: list[Example], replay: list[Example], old_vocab_size: int | None = None,
                     ) -> list[float]:
@@ -247,9 +240,10 @@ def score_model(model: CaptionModel, source: FeatureSource, records: Sequence[Im
     hyps = generate(model, source, [r.image_id for r in records], beam)
     refs = {r.image_id: list(r.captions) for r in records}
     wanted = ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr")
+    scores = metrics.score(refs, hyps, wanted)
     if per_image is not None:
-        per_image.update(metrics.per_image_cider(refs, hyps))
-    return metrics.score(refs, hyps, wanted).values
+        per_image.update(scores.per_image_cider)
+    return scores.values
 
 
 def paired_bootstrap_lower_bound(base: dict[str, float], candidate: dict[str, float], resamples: int = 5000,
@@ -358,8 +352,9 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
     candidate_photos: dict[str, float] = {}
     before = {"corrections": score_model(base, source, corrections.heldout, beam, base_photos),
               "validation": score_model(base, source, val_records, beam)}
-    losses = train_candidate(cfg, candidate, source, _examples(corrections.train, candidate.vocab),
-                             _examples(replay_records, candidate.vocab), len(base.vocab))
+    correction_examples = build_examples(corrections.train, candidate.vocab, MAX_CAPTION_WORDS)
+    replay_examples = build_examples(replay_records, candidate.vocab, MAX_CAPTION_WORDS)
+    losses = train_candidate(cfg, candidate, source, correction_examples, replay_examples, len(base.vocab))
     after = {"corrections": score_model(candidate, source, corrections.heldout, beam, candidate_photos),
              "validation": score_model(candidate, source, val_records, beam)}
     lower_bound = paired_bootstrap_lower_bound(base_photos, candidate_photos)

@@ -27,6 +27,8 @@ _logged: set[str] = set()
 class Scores:
     values: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    # Each image's CIDEr (pycocoevalcap's per-image scores), for paired comparisons of two models.
+    per_image_cider: dict[str, float] = field(default_factory=dict)
 
 
 def java_available() -> bool:
@@ -60,15 +62,18 @@ def score(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str]
     gts = _tokenize_all(references, java)
     res = _tokenize_all({k: [v] for k, v in hypotheses.items()}, java)
     values: dict[str, float] = {}
+    per_image: dict[str, float] = {}
     for scorer, names in _scorers(metrics, java):
         # pycocoevalcap prints diagnostics to stdout; keep stdout clean for --json output.
         with contextlib.redirect_stdout(sys.stderr):
-            result, _ = scorer.compute_score(gts, res)  # type: ignore[attr-defined]
+            result, image_scores = scorer.compute_score(gts, res)  # type: ignore[attr-defined]
         if isinstance(result, list):
             values.update({n: float(r) for n, r in zip(names, result, strict=True)})
         else:
             values[names[0]] = float(result)
-    return Scores({k: values[k] for k in METRIC_KEYS if k in values}, warnings)
+        if names == ["CIDEr"]:
+            per_image = {key: float(v) for key, v in zip(gts, image_scores, strict=True)}
+    return Scores({k: values[k] for k in METRIC_KEYS if k in values}, warnings, per_image)
 
 
 def _scorers(metrics: Sequence[str], java: bool) -> list[tuple[object, list[str]]]:
@@ -90,15 +95,3 @@ def _scorers(metrics: Sequence[str], java: bool) -> list[tuple[object, list[str]
         scorers.append((Cider(), ["CIDEr"]))
     return scorers
 
-
-def per_image_cider(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str],
-                    use_java: bool | None = None) -> dict[str, float]:
-    """CIDEr of each image (pycocoevalcap's per-image scores), for paired comparisons of two models."""
-    from pycocoevalcap.cider.cider import Cider
-
-    java = java_available() if use_java is None else use_java
-    gts = _tokenize_all(references, java)
-    res = _tokenize_all({k: [v] for k, v in hypotheses.items()}, java)
-    with contextlib.redirect_stdout(sys.stderr):
-        _, scores = Cider().compute_score(gts, res)
-    return {key: float(value) for key, value in zip(gts, scores, strict=True)}
