@@ -28,8 +28,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bot.app import CaptionBot  # noqa: E402
-from bot.config import Settings  # noqa: E402
 from captioner.checkpoint import DEFAULT_MODEL_DIR  # noqa: E402
+from common.settings import Settings  # noqa: E402
 from tests.fake_telegram import FakeTelegram  # noqa: E402
 from tests.helpers import photo_bytes  # noqa: E402
 

@@ -9,7 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
-from bot.config import ConfigError, MissingTokenError, Settings, load_dotenv_file
+from bot.config import MissingTokenError, bot_token
+from common.settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("bot")
 
@@ -41,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        load_dotenv_file(args.env_file)
-        settings = Settings.from_env()
+        settings = load_settings(args.env_file)
+        token = bot_token(settings)
     except MissingTokenError:
         print(NO_TOKEN, file=sys.stderr, end="")
         return 2
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bot.logs import configure_logging
 
-    configure_logging(settings.log_level, [settings.token])
+    configure_logging(settings.log_level, [token])
     try:
         return asyncio.run(_serve(settings))
     except KeyboardInterrupt:  # a second Ctrl-C while shutting down

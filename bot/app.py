@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 import warnings
+from typing import Any
 
 from telegram import BotCommand, BotCommandScopeChat, BotCommandScopeDefault, LinkPreviewOptions, Update
 from telegram.constants import ParseMode
@@ -23,13 +24,14 @@ from telegram.ext import AIORateLimiter, Application, Defaults
 from telegram.warnings import PTBDeprecationWarning
 
 from bot import texts
-from bot.config import Settings
+from bot.config import bot_token
 from bot.handlers import register
-from bot.models import checkpoint_path, follow_promoted
+from bot.model_updates import checkpoint_path, follow_promoted
 from bot.ratelimit import RateLimiter
-from bot.runtime import RUNTIME_KEY, Runtime
-from bot.service import ServiceFactory, create_service
+from bot.runtime import CONTEXT_TYPES, BotData, Runtime
+from bot.service import ServiceFactory, create_service, service_config
 from captioner.serving.base import CaptionService, ModelLoadError
+from common.settings import Settings
 from storage import Storage
 
 log = logging.getLogger("bot")
@@ -42,10 +44,11 @@ NO_PREVIEWS = LinkPreviewOptions(is_disabled=True)
 POLL_TIMEOUT = 10  # seconds a getUpdates call waits for news
 
 
-def build_application(settings: Settings) -> Application:
+def build_application(settings: Settings) -> Application[Any, Any, Any, Any, BotData, Any]:
     app = (
         Application.builder()
-        .token(settings.token)
+        .token(bot_token(settings))
+        .context_types(CONTEXT_TYPES)
         .base_url(settings.base_url)
         .base_file_url(settings.base_file_url)
         .local_mode(settings.local_mode)
@@ -95,7 +98,7 @@ class CaptionBot:
         self.service, serving_promoted = await self._start_service(checkpoint, promoted is not None)
         self.runtime = Runtime(settings, self.storage, self.service, RateLimiter(settings.photos_per_minute))
         self.runtime.promoted_loaded = promoted if serving_promoted else None
-        self.app.bot_data[RUNTIME_KEY] = self.runtime
+        self.app.bot_data.attach(self.runtime)
         await self._register_commands()
         assert self.app.updater is not None
         await self.app.updater.start_polling(timeout=POLL_TIMEOUT, allowed_updates=ALLOWED_UPDATES)
@@ -149,6 +152,10 @@ class CaptionBot:
             except TelegramError as err:  # they have not talked to the bot yet
                 log.info("operator commands not shown to %d: %s", admin_id, err)
 
+    def _request_timeout(self) -> float:
+        """How long a photo may wait for its caption (the worker's setting or its default)."""
+        return service_config(self.settings, None).request_timeout
+
     async def stop(self) -> None:
         """Stop taking updates, finish the ones in hand, stop the worker, close the database."""
         started = time.monotonic()
@@ -164,7 +171,7 @@ class CaptionBot:
             self._follower = None
         if self.service is not None:
             try:
-                await self.service.close(drain_timeout=self.settings.request_timeout)
+                await self.service.close(drain_timeout=self._request_timeout())
             except Exception:
                 log.exception("the caption worker did not stop cleanly")
             self.service = None
@@ -176,15 +183,4 @@ class CaptionBot:
                 await app.shutdown()
             self._initialized = False
         log.info("stopped in %.1f s", time.monotonic() - started)
-
-
-async def run(settings: Settings, stop: asyncio.Event, service_factory: ServiceFactory | None = None) -> None:
-    """Run the bot until ``stop`` is set."""
-    bot = CaptionBot(settings, service_factory)
-    await bot.start()
-    try:
-        await stop.wait()
-        log.info("stopping: finishing the photos in hand")
-    finally:
-        await bot.stop()
 

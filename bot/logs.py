@@ -64,27 +64,3 @@ def configure_logging(level: str, secrets: Iterable[str]) -> None:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     logging.captureWarnings(True)
 
-
-def protect_handlers(secrets: Iterable[str]) -> None:
-    """Wrap the formatters of existing root handlers (e.g. pytest's) so they redact too."""
-    secret_list = sorted(_variants(secrets), key=len, reverse=True)
-    for handler in logging.getLogger().handlers:
-        inner = handler.formatter or logging.Formatter()
-        if isinstance(inner, _WrappedFormatter):
-            inner.secrets = sorted(set(inner.secrets) | set(secret_list), key=len, reverse=True)
-            continue
-        handler.setFormatter(_WrappedFormatter(inner, secret_list))
-    for name in NOISY_LOGGERS:
-        logger = logging.getLogger(name)
-        if logger.level == logging.NOTSET or logger.level < logging.WARNING:
-            logger.setLevel(logging.WARNING)
-
-
-class _WrappedFormatter(logging.Formatter):
-    def __init__(self, inner: logging.Formatter, secrets: list[str]) -> None:
-        super().__init__()
-        self.inner = inner
-        self.secrets = secrets
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(self.inner.format(record), self.secrets)

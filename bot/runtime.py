@@ -1,4 +1,9 @@
-"""What the handlers share: settings, storage, the caption service and a few counters."""
+"""What the handlers share: settings, storage, the caption service and a few counters.
+
+The Application keeps one :class:`BotData` (python-telegram-bot's ``bot_data``, typed through
+:data:`CONTEXT_TYPES`); :class:`CaptionBot` attaches the :class:`Runtime` to it once storage and
+the caption service are up, so a handler reads ``context.bot_data.runtime``.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,15 @@ import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
-from telegram.ext import CallbackContext
+from telegram.ext import CallbackContext, ContextTypes, ExtBot
 
-from bot.config import Settings
 from bot.ratelimit import RateLimiter
 from captioner.serving.base import CaptionService
+from common.settings import Settings
 from storage import Storage
 
-RUNTIME_KEY = "captionbot.runtime"
 CHAT_ACTION_EVERY = 4.0  # seconds; Telegram shows an action for about 5 s
 
 
@@ -53,8 +58,22 @@ class Runtime:
         return True
 
 
-def get_runtime(context: CallbackContext) -> Runtime:
-    runtime = context.application.bot_data.get(RUNTIME_KEY)
-    if not isinstance(runtime, Runtime):
-        raise RuntimeError("the bot's runtime is not set up (post_init did not run)")
-    return runtime
+class BotData:
+    """The Application's ``bot_data``: the runtime, once the bot has started."""
+
+    def __init__(self) -> None:
+        self._runtime: Runtime | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            raise RuntimeError("the bot's runtime is not set up (CaptionBot.start has not run)")
+        return self._runtime
+
+    def attach(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+
+# The context every handler gets: context.bot_data is a BotData.
+Context = CallbackContext[ExtBot[None], dict[Any, Any], dict[Any, Any], BotData]
+CONTEXT_TYPES = ContextTypes(bot_data=BotData)

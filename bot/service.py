@@ -3,27 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
-from bot.config import Settings
 from captioner.images import ImageLimits
 from captioner.serving.base import CaptionService
 from captioner.serving.config import ServiceConfig
+from common.settings import Settings
 
 ServiceFactory = Callable[[Settings, str | None], CaptionService]
 
 
 def service_config(settings: Settings, checkpoint: str | None) -> ServiceConfig:
-    return ServiceConfig(
-        checkpoint=checkpoint,
-        device=settings.device,
-        threads=settings.worker_threads,
-        max_batch_size=settings.batch_size,
-        max_wait_ms=settings.batch_wait_seconds * 1000,
-        queue_capacity=settings.queue_capacity,
-        request_timeout=settings.request_timeout,
-        default_beam_size=settings.beam_size,
-        image_limits=ImageLimits(max_bytes=settings.download_limit, max_pixels=settings.max_pixels),
-    )
+    """The worker's configuration; a setting left unset keeps ServiceConfig's own default."""
+    tuning: dict[str, Any] = {
+        "device": settings.device,
+        "threads": settings.worker_threads,
+        "max_batch_size": settings.batch_size,
+        "max_wait_ms": settings.batch_wait_ms,
+        "queue_capacity": settings.queue_capacity,
+        "request_timeout": settings.request_timeout,
+        "default_beam_size": settings.beam_size,
+    }
+    limits = replace(ImageLimits(), max_bytes=settings.download_limit)
+    if settings.max_pixels is not None:
+        limits = replace(limits, max_pixels=settings.max_pixels)
+    return ServiceConfig(checkpoint=checkpoint, image_limits=limits,
+                         **{name: value for name, value in tuning.items() if value is not None})
 
 
 def create_service(settings: Settings, checkpoint: str | None) -> CaptionService:

@@ -290,7 +290,6 @@ def _uptime(seconds: float) -> str:
 
 RELOAD_NO_PROMOTED = "No model has been promoted yet; still serving <code>{serving}</code>."
 RELOAD_SAME = "Already serving the promoted model <code>{serving}</code>."
-RELOAD_STARTED = "Loading <code>{name}</code>…"
 RELOAD_DONE = "✅ Now serving <code>{name}</code> (was <code>{old}</code>)."
 RELOAD_FAILED = "❌ Could not load <code>{name}</code>: {reason}\nStill serving <code>{serving}</code>."
 

@@ -22,7 +22,7 @@ import pytest_asyncio
 
 from bot import texts
 from bot.app import CaptionBot
-from bot.config import Settings
+from common.settings import Settings
 from tests.bot_support import ADMIN_ID, TOKEN, bomb_png, fast_checkpoint, is_png, png_bytes, truncated_jpeg
 from tests.fake_telegram import FakeTelegram, Person
 from tests.helpers import photo_bytes
@@ -63,8 +63,8 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     settings = Settings(
         token=TOKEN, base_url=fake.base_url, base_file_url=fake.base_file_url, data_dir=tmp / "data",
         model=str(model), device="cpu", admin_ids=frozenset({ADMIN_ID}), photos_per_minute=PHOTOS_PER_MINUTE,
-        max_file_bytes=int(MAX_FILE_MB * 1024 * 1024), queue_capacity=48, batch_size=8,
-        batch_wait_seconds=0.02, request_timeout=90, queue_notice_at=3, model_poll_seconds=1.0,
+        max_file_mb=MAX_FILE_MB, queue_capacity=48, batch_size=8,
+        batch_wait_ms=20, request_timeout=90, queue_notice_at=3, model_poll_seconds=1.0,
         worker_threads=1,
     )
     bot = CaptionBot(settings)

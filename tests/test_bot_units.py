@@ -1,85 +1,49 @@
-"""The bot's small parts: settings, .env.example, callback data, rate limit, texts, log redaction."""
+"""The bot's small parts: settings -> caption service, callback data, rate limit, texts, log redaction.
+(The settings themselves: tests/test_settings.py.)"""
 
 from __future__ import annotations
 
 import inspect
 import io
 import logging
-import re
 from pathlib import Path
 
 import pytest
 
 from bot import keyboards, texts
-from bot.config import BOT_API_DOWNLOAD_LIMIT, VARIABLES, ConfigError, MissingTokenError, Settings
 from bot.logs import MASK, RedactingFormatter, configure_logging
 from bot.ratelimit import RateLimiter
-from captioner.serving.config import ENV_VARIABLES as SERVICE_VARIABLES
+from bot.service import service_config
+from captioner.images import ImageLimits
+from captioner.serving.config import ServiceConfig
+from common.settings import BOT_API_DOWNLOAD_LIMIT, Settings
 from tests.fake_telegram import ApiError, check_reply_markup, parse_html
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "123456:AAE-secret-part-of-the-token_xyz"
 
 
-# ---------------------------------------------------------------------- settings
+# ---------------------------------------------------------------------- settings -> caption service
 
 
-def test_env_example_documents_every_variable_the_bot_reads() -> None:
-    text = (ROOT / ".env.example").read_text(encoding="utf-8")
-    documented = dict(re.findall(r"^([A-Z][A-Z0-9_]+)=(.*)$", text, flags=re.MULTILINE))
-    read = set(VARIABLES) | set(SERVICE_VARIABLES)
-    assert read - set(documented) == set(), "variables read but not documented"
-    assert set(documented) - read == set(), "variables documented but not read"
-    for name, default in VARIABLES.items():
-        assert documented[name] == default, f"{name}: .env.example {documented[name]!r}, code {default!r}"
-    for name in documented:  # each has a comment right above it (or above its group)
-        assert re.search(rf"#[^\n]*\n(?:[A-Z_]+=[^\n]*\n)*{name}=", text), name
+def test_unset_service_settings_keep_the_caption_services_defaults() -> None:
+    config = service_config(Settings(token=TOKEN), None)
+    defaults = ServiceConfig()
+    tuning = ("device", "threads", "max_batch_size", "max_wait_ms", "queue_capacity", "request_timeout",
+              "default_beam_size")
+    assert {f: getattr(config, f) for f in tuning} == {f: getattr(defaults, f) for f in tuning}
+    assert config.image_limits.max_pixels == ImageLimits().max_pixels
+    assert config.image_limits.max_bytes == BOT_API_DOWNLOAD_LIMIT and config.checkpoint is None
 
 
-def test_settings_defaults_and_parsing() -> None:
-    settings = Settings.from_env({"TELEGRAM_BOT_TOKEN": TOKEN})
-    assert settings.base_url == "https://api.telegram.org/bot"
-    assert settings.photos_per_minute == 6 and settings.beam_size is None
-    assert settings.admin_ids == frozenset()
-    assert settings.download_limit == BOT_API_DOWNLOAD_LIMIT
-    settings = Settings.from_env({
-        "TELEGRAM_BOT_TOKEN": f"  {TOKEN} ", "CAPTIONBOT_ADMIN_IDS": "12, 34;56,",
-        "CAPTIONBOT_MAX_FILE_MB": "50",
-        "CAPTIONBOT_BEAM_SIZE": "1", "CAPTIONBOT_BATCH_WAIT_MS": "5", "CAPTIONBOT_DEVICE": "CUDA:1",
-        "CAPTIONBOT_LOG_LEVEL": "debug", "CAPTIONBOT_DATA_DIR": "~/cb", "CAPTIONBOT_MODEL_POLL_SECONDS": "0",
-    })
-    assert settings.token == TOKEN
-    assert settings.admin_ids == frozenset({12, 34, 56})
-    assert settings.is_admin(34) and not settings.is_admin(None)
-    assert settings.download_limit == BOT_API_DOWNLOAD_LIMIT  # the cloud Bot API's limit still applies
-    assert Settings.from_env({"TELEGRAM_BOT_TOKEN": TOKEN, "CAPTIONBOT_MAX_FILE_MB": "50",
-                              "TELEGRAM_LOCAL_MODE": "yes"}).download_limit == 50 * 1024 * 1024
-    assert settings.beam_size == 1 and settings.batch_wait_seconds == pytest.approx(0.005)
-    assert settings.device == "cuda:1" and settings.log_level == "DEBUG" and settings.model_poll_seconds == 0
-    assert settings.data_dir is not None and "~" not in str(settings.data_dir)
-
-
-@pytest.mark.parametrize(("name", "value"), [
-    ("CAPTIONBOT_PHOTOS_PER_MINUTE", "lots"),
-    ("CAPTIONBOT_PHOTOS_PER_MINUTE", "-1"),
-    ("CAPTIONBOT_ADMIN_IDS", "12,@alice"),
-    ("CAPTIONBOT_DEVICE", "tpu"),
-    ("CAPTIONBOT_BATCH_SIZE", "0"),
-    ("CAPTIONBOT_REQUEST_TIMEOUT", "nan"),
-    ("TELEGRAM_BASE_URL", "api.telegram.org/bot"),
-    ("TELEGRAM_LOCAL_MODE", "maybe"),
-    ("CAPTIONBOT_LOG_LEVEL", "LOUD"),
-])
-def test_bad_settings_name_the_variable(name: str, value: str) -> None:
-    with pytest.raises(ConfigError, match=name):
-        Settings.from_env({"TELEGRAM_BOT_TOKEN": TOKEN, name: value})
-
-
-def test_missing_or_malformed_token() -> None:
-    with pytest.raises(MissingTokenError):
-        Settings.from_env({"TELEGRAM_BOT_TOKEN": "   "})
-    with pytest.raises(ConfigError, match="does not look like"):
-        Settings.from_env({"TELEGRAM_BOT_TOKEN": "not a token"})
+def test_service_settings_are_passed_through_unchanged(tmp_path: Path) -> None:
+    settings = Settings(token=TOKEN, batch_size=8, batch_wait_ms=25, max_file_mb=5, max_megapixels=2,
+                        request_timeout=30, worker_threads=2, queue_capacity=3, beam_size=1, device="cpu")
+    config = service_config(settings, str(tmp_path))
+    assert (config.max_batch_size, config.max_wait_ms) == (8, 25.0)
+    assert (config.request_timeout, config.threads, config.queue_capacity) == (30.0, 2, 3)
+    assert (config.default_beam_size, config.device) == (1, "cpu")
+    assert config.image_limits == ImageLimits(max_bytes=5 * 1024 * 1024, max_pixels=2_000_000)
+    assert config.checkpoint == str(tmp_path.resolve())
 
 
 # ---------------------------------------------------------------------- keyboards

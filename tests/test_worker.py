@@ -85,15 +85,12 @@ def reference(tiny_checkpoint: Path) -> Iterator[Captioner]:
 # --- configuration (no worker) ---------------------------------------------------------------
 
 
-def test_config_from_env_and_factory(tiny_checkpoint: Path) -> None:
-    config = ServiceConfig.from_env({"CAPTIONBOT_BATCH_SIZE": "8", "CAPTIONBOT_BATCH_WAIT_MS": "25",
-                                     "CAPTIONBOT_MAX_FILE_MB": "5", "CAPTIONBOT_MODEL": "",
-                                     "CAPTIONBOT_REQUEST_TIMEOUT": "30", "CAPTIONBOT_WORKER_THREADS": "2"})
-    assert (config.max_batch_size, config.max_wait_ms) == (8, 25.0)
-    assert (config.request_timeout, config.threads) == (30.0, 2)
-    assert config.image_limits.max_bytes == 5 * 1024 * 1024 and config.checkpoint is None
-    with pytest.raises(ValueError, match="CAPTIONBOT_QUEUE_CAPACITY"):
-        ServiceConfig.from_env({"CAPTIONBOT_QUEUE_CAPACITY": "many"})
+def test_config_validation_and_factory(tiny_checkpoint: Path) -> None:
+    # Reading the environment is the bot's job (tests/test_settings.py, tests/test_bot_units.py).
+    for bad in ({"queue_capacity": 0}, {"max_wait_ms": -1}, {"request_timeout": 0}, {"threads": 0},
+                {"default_beam_size": 11}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ServiceConfig(**bad)
     with pytest.raises(ValueError):
         ServiceConfig(max_batch_size=0)
     service = create_service(tiny_checkpoint, device="cpu", queue_capacity=3)

@@ -6,17 +6,17 @@ import asyncio
 import logging
 from html import escape
 
-from telegram import CallbackQuery, ForceReply, Message, Update, User
+from telegram import CallbackQuery, ForceReply, Message, ReplyParameters, Update, User
 from telegram.constants import ChatAction, ChatType
 from telegram.error import BadRequest
 
 from bot import keyboards, texts
 from bot.handlers.common import Context, quietly, replying_to, send_chat_action
 from bot.handlers.photos import error_text
-from bot.runtime import Runtime, get_runtime
+from bot.runtime import Runtime
 from captioner.images import ImageError
 from captioner.serving.base import ServiceError
-from storage import NotFound
+from storage import CaptionRecord, NotFound
 
 log = logging.getLogger("bot.buttons")
 
@@ -26,7 +26,7 @@ async def on_button(update: Update, context: Context) -> None:
     if query is None:
         return
     action = keyboards.parse(query.data)
-    runtime = get_runtime(context)
+    runtime = context.bot_data.runtime
     user = query.from_user
     if action is None:
         log.info("unknown button %r from user %d", query.data, user.id)
@@ -87,19 +87,33 @@ def _is_private(query: CallbackQuery) -> bool:
     return message is None or message.chat.type == ChatType.PRIVATE
 
 
-async def _correct(query: CallbackQuery, context: Context, runtime: Runtime, caption_id: int) -> None:
-    user = query.from_user
+async def _caption_or_gone(query: CallbackQuery, runtime: Runtime, caption_id: int) -> CaptionRecord | None:
+    """The caption under the button, or None after telling the person it is no longer stored."""
     caption = await runtime.storage.get_caption(caption_id)
     if caption is None:
         await _gone(query)
-        return
+    return caption
+
+
+def _answer_place(query: CallbackQuery) -> tuple[int, ReplyParameters | None]:
+    """Where to answer a button: quoting the message it is under, else in the person's own chat."""
     message = _message(query)
-    chat_id = message.chat.id if message is not None else user.id
+    if message is None:
+        return query.from_user.id, None
+    return message.chat.id, replying_to(message.message_id)
+
+
+async def _correct(query: CallbackQuery, context: Context, runtime: Runtime, caption_id: int) -> None:
+    caption = await _caption_or_gone(query, runtime, caption_id)
+    if caption is None:
+        return
+    user = query.from_user
+    chat_id, reply_parameters = _answer_place(query)
     await _answer(query, texts.CORRECTION_CALLBACK)
     prompt = await context.bot.send_message(
         chat_id,
-        _mention(user, message) + texts.correction_prompt(caption.text),
-        reply_parameters=replying_to(message.message_id) if message is not None else None,
+        _mention(user, _message(query)) + texts.correction_prompt(caption.text),
+        reply_parameters=reply_parameters,
         reply_markup=ForceReply(selective=True, input_field_placeholder=texts.CORRECTION_PROMPT_PLACEHOLDER),
     )
     try:
@@ -119,11 +133,10 @@ def _mention(user: User, message: Message | None) -> str:
 
 
 async def _attention(query: CallbackQuery, context: Context, runtime: Runtime, caption_id: int) -> None:
-    user = query.from_user
-    caption = await runtime.storage.get_caption(caption_id)
+    caption = await _caption_or_gone(query, runtime, caption_id)
     if caption is None:
-        await _gone(query)
         return
+    user = query.from_user
     try:
         path = runtime.storage.resolve_photo_path(caption)
         data = await asyncio.to_thread(path.read_bytes)
@@ -135,9 +148,7 @@ async def _attention(query: CallbackQuery, context: Context, runtime: Runtime, c
         await _answer(query, texts.rate_limited(runtime.limiter.limit, retry_after), show_alert=True)
         return
     await _answer(query, texts.ATTENTION_CALLBACK)
-    message = _message(query)
-    chat_id = message.chat.id if message is not None else user.id
-    reply_parameters = replying_to(message.message_id) if message is not None else None
+    chat_id, reply_parameters = _answer_place(query)
     send_chat_action(context, runtime, chat_id, ChatAction.UPLOAD_PHOTO)
     try:
         result = await runtime.service.caption(

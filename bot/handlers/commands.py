@@ -10,8 +10,7 @@ from telegram import Update
 
 from bot import keyboards, texts
 from bot.handlers.common import Context, is_private, reply
-from bot.models import reload_promoted
-from bot.runtime import get_runtime
+from bot.model_updates import reload_promoted
 
 log = logging.getLogger("bot.commands")
 
@@ -20,7 +19,7 @@ async def on_start(update: Update, context: Context) -> None:
     message, user = update.effective_message, update.effective_user
     if message is None or user is None:
         return
-    await get_runtime(context).storage.upsert_person(user.id, user.language_code)
+    await context.bot_data.runtime.storage.upsert_person(user.id, user.language_code)
     await reply(context, message, texts.start(user.first_name))
 
 
@@ -49,7 +48,7 @@ async def _refuse_unless_admin(update: Update, context: Context, command: str) -
     """True if the sender may run an operator command; otherwise answer politely and return False."""
     user = update.effective_user
     message = update.effective_message
-    if user is not None and get_runtime(context).settings.is_admin(user.id):
+    if user is not None and context.bot_data.runtime.settings.is_admin(user.id):
         return False
     if message is not None:
         log.info("refused /%s for user %s", command, user.id if user else "?")
@@ -61,7 +60,7 @@ async def on_stats(update: Update, context: Context) -> None:
     message = update.effective_message
     if message is None or await _refuse_unless_admin(update, context, "stats"):
         return
-    runtime = get_runtime(context)
+    runtime = context.bot_data.runtime
     stats = await runtime.storage.stats(days=1)
     queue = runtime.service.status()
     today = datetime.now(UTC).date()
@@ -83,7 +82,7 @@ async def on_reload(update: Update, context: Context) -> None:
     message = update.effective_message
     if message is None or await _refuse_unless_admin(update, context, "reload"):
         return
-    runtime = get_runtime(context)
+    runtime = context.bot_data.runtime
     outcome = await reload_promoted(runtime)
     serving = runtime.service.model_version
     if outcome.status == "none":

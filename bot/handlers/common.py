@@ -10,12 +10,10 @@ from typing import Any
 from telegram import InlineKeyboardMarkup, Message, ReplyParameters
 from telegram.constants import ChatAction, ChatType
 from telegram.error import BadRequest, TelegramError
-from telegram.ext import ContextTypes
 
-from bot.runtime import Runtime
+from bot.runtime import Context, Runtime
 
 log = logging.getLogger("bot")
-Context = ContextTypes.DEFAULT_TYPE
 
 
 def replying_to(message_id: int) -> ReplyParameters:

@@ -9,7 +9,6 @@ from telegram import Message, Update
 
 from bot import texts
 from bot.handlers.common import Context, is_private, reply
-from bot.runtime import get_runtime
 from storage import CorrectionRejected, PendingCorrection
 
 log = logging.getLogger("bot.corrections")
@@ -24,7 +23,7 @@ async def on_text(update: Update, context: Context) -> None:
     user = update.effective_user
     if message is None or user is None or message.text is None:
         return
-    runtime = get_runtime(context)
+    runtime = context.bot_data.runtime
     storage = runtime.storage
     replied = message.reply_to_message
     to_bot = replied is not None and replied.from_user is not None and replied.from_user.id == context.bot.id
@@ -79,5 +78,5 @@ async def on_cancel(update: Update, context: Context) -> None:
     user = update.effective_user
     if message is None or user is None:
         return
-    cancelled = await get_runtime(context).storage.cancel_correction(user.id)
+    cancelled = await context.bot_data.runtime.storage.cancel_correction(user.id)
     await reply(context, message, texts.CANCELLED if cancelled else texts.NOTHING_TO_CANCEL)

@@ -12,9 +12,8 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, NetworkError, TelegramError
 
 from bot import keyboards, texts
-from bot.config import BOT_API_DOWNLOAD_LIMIT
 from bot.handlers.common import Context, edit_or_reply, reply, send_chat_action
-from bot.runtime import Runtime, get_runtime
+from bot.runtime import Runtime
 from captioner.images import ImageError
 from captioner.serving.base import (
     CaptionResult,
@@ -24,6 +23,7 @@ from captioner.serving.base import (
     ServiceError,
     WorkerCrashedError,
 )
+from common.settings import BOT_API_DOWNLOAD_LIMIT
 
 log = logging.getLogger("bot.photos")
 
@@ -91,7 +91,7 @@ async def on_image(update: Update, context: Context) -> None:
     image = incoming_image(message)
     if image is None:
         return
-    runtime = get_runtime(context)
+    runtime = context.bot_data.runtime
     started = time.monotonic()
     ids = f"update={update.update_id} chat={message.chat.id} user={user.id} msg={message.message_id}"
 

@@ -1,6 +1,6 @@
 """Serving the captioner to many callers: a batching worker behind an async interface.
 
-Build the service from settings (or ``ServiceConfig.from_env()``), start it, await captions::
+Build the service from a :class:`ServiceConfig`, start it, await captions::
 
     service = create_service("runs/best", device="auto", max_batch_size=16)
     await service.start()
@@ -25,7 +25,7 @@ from .base import (
     ServiceError,
     WorkerCrashedError,
 )
-from .config import ENV_VARIABLES, ServiceConfig
+from .config import ServiceConfig
 from .process import ProcessCaptionService, ServiceStats
 
 
@@ -45,7 +45,6 @@ def create_service(checkpoint: str | Path | None = None, device: str | None = No
 
 
 __all__ = [
-    "ENV_VARIABLES",
     "CaptionResult",
     "CaptionService",
     "ModelLoadError",

@@ -1,28 +1,12 @@
-"""Settings of the caption service, buildable from keyword arguments or environment variables."""
+"""How the caption service runs: a plain config object, built by its caller (the bot maps its
+settings onto it; tools and tests construct it directly or with ``dataclasses.replace``)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..images import ImageLimits
-
-# Environment variable -> ServiceConfig field (the bot's names; see .env.example).
-ENV_VARIABLES: dict[str, str] = {
-    "CAPTIONBOT_MODEL": "checkpoint",
-    "CAPTIONBOT_DEVICE": "device",
-    "CAPTIONBOT_WORKER_THREADS": "threads",
-    "CAPTIONBOT_BATCH_SIZE": "max_batch_size",
-    "CAPTIONBOT_BATCH_WAIT_MS": "max_wait_ms",
-    "CAPTIONBOT_QUEUE_CAPACITY": "queue_capacity",
-    "CAPTIONBOT_REQUEST_TIMEOUT": "request_timeout",
-    "CAPTIONBOT_BEAM_SIZE": "default_beam_size",
-    "CAPTIONBOT_MAX_FILE_MB": "image_limits.max_bytes",
-    "CAPTIONBOT_MAX_MEGAPIXELS": "image_limits.max_pixels",
-}
 
 
 @dataclass(frozen=True)
@@ -65,35 +49,3 @@ class ServiceConfig:
             raise ValueError(f"default_beam_size must be in 1..{self.max_beam_size}")
         if self.checkpoint is not None:
             object.__setattr__(self, "checkpoint", str(Path(self.checkpoint).expanduser().resolve()))
-
-    def with_overrides(self, **overrides: Any) -> ServiceConfig:
-        return replace(self, **overrides)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServiceConfig:
-        """Read the ``CAPTIONBOT_*`` variables of :data:`ENV_VARIABLES`; empty values mean default."""
-        env = os.environ if environ is None else environ
-        types = {f.name: f.type for f in fields(cls)}
-        values: dict[str, Any] = {}
-        limits: dict[str, int] = {}
-        for variable, name in ENV_VARIABLES.items():
-            raw = env.get(variable, "").strip()
-            if not raw:
-                continue
-            try:
-                if name == "image_limits.max_bytes":
-                    limits["max_bytes"] = int(float(raw) * 1024 * 1024)
-                elif name == "image_limits.max_pixels":
-                    limits["max_pixels"] = int(float(raw) * 1_000_000)
-                elif "int" in str(types[name]):
-                    values[name] = int(raw)
-                elif "float" in str(types[name]):
-                    values[name] = float(raw)
-                else:
-                    values[name] = raw
-            except ValueError:
-                raise ValueError(f"{variable}={raw!r} is not a valid number") from None
-        if limits:
-            values["image_limits"] = replace(ImageLimits(), **limits)
-        values.update(overrides)
-        return cls(**values)

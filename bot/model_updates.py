@@ -1,4 +1,4 @@
-"""Serving the promoted model: the background poll and the admin's /reload."""
+"""Switching to a newly promoted model: the background poll and the operators' /reload."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from bot.runtime import Runtime
 from captioner.serving.base import ModelLoadError, ServiceError
 from storage import ModelVersionRecord
 
-log = logging.getLogger("bot.models")
+log = logging.getLogger("bot.model_updates")
 
 
 @dataclass(frozen=True)

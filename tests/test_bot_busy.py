@@ -1,0 +1,106 @@
+"""A full caption queue, end to end: the real bot and worker against the fake Bot API.
+
+The queue can only fill when the bot handles more updates at once than the queue holds
+(CAPTIONBOT_CONCURRENT_UPDATES > CAPTIONBOT_QUEUE_CAPACITY): each handler submits one photo, and
+python-telegram-bot holds further updates until a handler finishes. Both sides are tested: with
+more handlers than places the overflow is told "busy", with fewer nobody is, everyone just waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot import texts
+from bot.app import CaptionBot
+from bot.service import service_config
+from captioner.serving.base import CaptionService
+from captioner.serving.process import ProcessCaptionService
+from common.settings import Settings
+from tests.bot_support import TOKEN, fast_checkpoint
+from tests.fake_telegram import FakeTelegram
+from tests.helpers import photo_bytes
+
+pytestmark = [
+    pytest.mark.asyncio,
+    pytest.mark.timeout(300),
+    pytest.mark.filterwarnings("ignore:.*retry_after.*"),  # PTB's AIORateLimiter reads a deprecated field
+]
+
+QUEUE_CAPACITY = 2
+BATCH_DELAY = 0.5  # seconds every batch of one photo takes: the queue stays full while photos arrive
+
+
+def slow_worker(settings: Settings, checkpoint: str | None) -> CaptionService:
+    """The bot's own worker, built from its settings, with batches slowed down."""
+    return ProcessCaptionService(replace(service_config(settings, checkpoint), debug_batch_delay=BATCH_DELAY))
+
+
+@asynccontextmanager
+async def running_bot(tmp: Path, concurrent_updates: int) -> AsyncIterator[FakeTelegram]:
+    fake = FakeTelegram(TOKEN)
+    await fake.start()
+    settings = Settings(
+        token=TOKEN, base_url=fake.base_url, base_file_url=fake.base_file_url, data_dir=tmp / "data",
+        model=str(fast_checkpoint(tmp / "model")), device="cpu", worker_threads=1, photos_per_minute=0,
+        queue_capacity=QUEUE_CAPACITY, batch_size=1, batch_wait_ms=0, concurrent_updates=concurrent_updates,
+        queue_notice_at=0, model_poll_seconds=0, request_timeout=120,
+    )
+    bot = CaptionBot(settings, slow_worker)
+    await bot.start()
+    try:
+        yield fake
+    finally:
+        await bot.stop()
+        await fake.close()
+
+
+async def send_at_once(fake: FakeTelegram, count: int) -> list[dict[str, Any]]:
+    """One photo from each of ``count`` people, all before the bot answers any."""
+    people = [fake.person(500 + i, f"P{i}") for i in range(count)]
+    return list(await asyncio.gather(*(p.photo(photo_bytes(300 + i)) for i, p in enumerate(people))))
+
+
+async def the_answers(fake: FakeTelegram, photos: list[dict[str, Any]]) -> list[str]:
+    """The one reply each photo got, in its sender's chat."""
+    for photo in photos:
+        await fake.wait_reply(photo, timeout=120)
+    await asyncio.sleep(0.5)  # would a second answer follow?
+    answers = []
+    for photo in photos:
+        [reply] = fake.replies_to(photo["chat"]["id"], photo["message_id"])
+        assert reply["chat"]["id"] == photo["from"]["id"]  # told in their own chat, quoting their photo
+        answers.append(reply["text"])
+    return answers
+
+
+async def test_a_full_queue_tells_people_it_is_busy_and_they_can_try_again(tmp_path: Path) -> None:
+    async with running_bot(tmp_path, concurrent_updates=12) as fake:
+        photos = await send_at_once(fake, 12)
+        answers = await the_answers(fake, photos)
+        busy = [i for i, text in enumerate(answers) if text == texts.BUSY]
+        captioned = [i for i, text in enumerate(answers) if text.startswith("📷")]
+        print(f"\n{len(photos)} photos at once, queue of {QUEUE_CAPACITY}: {len(captioned)} captioned, "
+              f"{len(busy)} told busy")
+        assert busy, answers  # more photos in hand than places: the overflow must hear "busy"
+        assert len(captioned) >= QUEUE_CAPACITY, answers
+        assert len(busy) + len(captioned) == len(photos), answers
+        # "Try again in a minute": once the queue has room, the same person gets a caption.
+        retried = photos[busy[0]]
+        person = fake.person(retried["from"]["id"], retried["from"]["first_name"])
+        again = await person.photo(photo_bytes(399))
+        [answer] = await fake.wait_reply(again, timeout=120)
+        assert answer["text"].startswith("📷"), answer["text"]
+
+
+async def test_with_no_more_handlers_than_places_nobody_is_told_busy(tmp_path: Path) -> None:
+    async with running_bot(tmp_path, concurrent_updates=QUEUE_CAPACITY) as fake:
+        photos = await send_at_once(fake, 3 * QUEUE_CAPACITY)
+        answers = await the_answers(fake, photos)
+        assert all(text.startswith("📷") for text in answers), answers
