@@ -157,6 +157,6 @@ def percentile(values: list[float], q: float) -> float:
 
 def latency_summary_ms(seconds: list[float]) -> dict[str, float]:
     """p50/p90/p95, min and max of latencies given in seconds, in milliseconds."""
-    return {"p50_ms": round(percentile(seconds, 50) * 1000, 1), "p90_ms": round(percentile(seconds, 90) * 1000, 1),
-            "p95_ms": round(percentile(seconds, 95) * 1000, 1), "min_ms": round(min(seconds) * 1000, 1),
-            "max_ms": round(max(seconds) * 1000, 1), "samples": len(seconds)}
+    return {"p50_ms": round(percentile(seconds, 50) * 1000, 3), "p90_ms": round(percentile(seconds, 90) * 1000, 3),
+            "p95_ms": round(percentile(seconds, 95) * 1000, 3), "min_ms": round(min(seconds) * 1000, 3),
+            "max_ms": round(max(seconds) * 1000, 3), "samples": len(seconds)}
