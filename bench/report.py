@@ -30,9 +30,16 @@ RESULTS = ROOT / "bench" / "results"
 _ABSOLUTE_PATH = re.compile(r"(?:^|[\s=:,'\"(\[])/[^\s/]+/[^\s/]+")
 
 
+OUTSIDE = "<outside the checkout>"
+
+
 def relative(path: str | Path) -> str:
-    """``path`` relative to the repository root (``../shared/...`` for a sibling folder)."""
-    return os.path.relpath(Path(path).resolve(), ROOT)
+    """``path`` relative to the repository root (``../shared/...`` for a sibling folder); of a path
+    elsewhere (a scratch folder) only its name, so that no report describes the machine's folders."""
+    absolute = Path(os.path.abspath(path))  # not resolve(): ../shared may be a symbolic link
+    if absolute.is_relative_to(ROOT.parent):
+        return os.path.relpath(absolute, ROOT)
+    return f"{OUTSIDE}/{absolute.name}"
 
 
 def command_line(argv: list[str] | None = None) -> str:
