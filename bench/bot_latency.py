@@ -120,6 +120,7 @@ async def measure(args: argparse.Namespace, run: Run) -> dict[str, object]:
         "model": version,
         "photo": f"{width}x{height} JPEG",
         "beam_size": args.beam if args.beam is not None else "the model's",
+        "worker_threads": args.threads if args.threads is not None else "torch's default",
         "start_seconds": round(start_seconds, 1),
         "through_bot": bot_summary,
         "caption_service_directly": direct_summary,
