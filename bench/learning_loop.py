@@ -18,21 +18,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import json
 import logging
 import random
 import sys
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
+from bench.report import RESULTS, relative, start_run, write_result  # noqa: E402
 from captioner import checkpoint  # noqa: E402
-from captioner.inference import Captioner  # noqa: E402
+from captioner.inference import Captioner, resolve_device  # noqa: E402
 from captioner.vocab import tokenize  # noqa: E402
 from storage import Storage  # noqa: E402
 from train.data import ImageRecord, load_dataset  # noqa: E402
@@ -115,14 +114,14 @@ def main() -> None:
     parser.add_argument("--ft-lr", type=float, default=2e-4)
     parser.add_argument("--replay-ratio", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learning_loop.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "learning_loop.json")
     args = parser.parse_args()
+    run = start_run()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not (FLICKR8K / "captions.txt").is_file():
         sys.exit(f"needs the Flickr8k data at {FLICKR8K}")
-    started = time.time()
     full = load_dataset(f"flickr:{FLICKR8K}", ("train", "val"))
     train, val = full.split("train"), full.split("val")
     concept_train = [r for r in train if any(mentions(c) for c in r.captions)]
@@ -171,23 +170,20 @@ def main() -> None:
             "heldout_corrections_after": report["candidate"]["corrections"],
             "examples": dict(list(samples.items())[:5]), "seconds": report["seconds"],
         }
-        vb, va = results[label]["val_cider_before"], results[label]["val_cider_after"]
+        vb, va = report["base"]["validation"]["CIDEr"], report["candidate"]["validation"]["CIDEr"]
         print(f"[{label}] {'PROMOTED' if report['promoted'] else 'REJECTED'}: {report['reason']}")
         print(f"[{label}] concept recall on {len(concept_val)} val photos: {recall_before:.0%} -> {recall_after:.0%};"
-              f" val CIDEr {vb} -> {va} ({100 * (float(va) / float(vb) - 1):+.1f}%)")
+              f" val CIDEr {vb:.4f} -> {va:.4f} ({100 * (va / vb - 1):+.1f}%)")
 
     document = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "python bench/learning_loop.py " + " ".join(sys.argv[1:]),
+        "context": run.context(str(resolve_device("auto"))),
         "concept_words": sorted(CONCEPT), "held_back_train_photos": len(concept_train),
         "concept_val_photos": len(concept_val), "corrected_photos": len(photos),
-        "base": {"checkpoint": base_path, "epochs": args.base_epochs, "dim": args.base_dim,
+        "base": {"checkpoint": relative(base_path), "epochs": args.base_epochs, "dim": args.base_dim,
                  "vocabulary": len(base.vocab)},
-        "results": results, "seconds": round(time.time() - started, 1),
+        "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(document, indent=1) + "\n")
-    print(f"written {args.out}")
+    write_result(args.out, document)
 
 
 if __name__ == "__main__":

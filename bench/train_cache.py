@@ -12,29 +12,27 @@ Reported: seconds per epoch of each (``train_seconds`` from fit's history, valid
 their ratio, and the part of each epoch spent getting features (the decoder's share is the same).
 
 Run: python bench/train_cache.py [--images 200] [--threads 2] [--json bench/results/train_cache.json]
+Smoke: python bench/train_cache.py --tiny --images 4 --cached-epochs 1 --json <a scratch file>
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
+from bench.report import RESULTS, start_run, write_result  # noqa: E402
 from captioner.checkpoint import CaptionModel  # noqa: E402
-from captioner.model import ModelConfig  # noqa: E402
 from captioner.vocab import Vocabulary  # noqa: E402
 from train import fit as fit_module  # noqa: E402
 from train import metrics  # noqa: E402
@@ -96,64 +94,72 @@ class FeatureTimer:
         fit_module.FeatureSource.__call__ = self.original  # type: ignore[method-assign]
 
 
-def run(cfg: TrainConfig) -> tuple[list[float], float]:
+def train_epochs(cfg: TrainConfig) -> tuple[list[float], float]:
     with FeatureTimer() as timer:
         history = fit_module.fit(cfg)
     return [e["train_seconds"] for e in history["epochs"]], timer.seconds
 
 
-def main() -> int:
+def model_overrides(tiny: bool) -> tuple[dict[str, Any], str]:
+    """TrainConfig.model overrides and a description: the default model, or the tests' tiny one."""
+    if not tiny:
+        return {}, "default ModelConfig: EfficientNet-Lite0 (frozen, 224 px, 7x7x1280) + 512-d attention LSTM decoder"
+    from tests.helpers import tiny_config
+
+    return tiny_config().to_json(), "the tests' tiny model (tests/helpers.tiny_config: tiny encoder, 64 px)"
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=200, help="training images (5 captions each)")
     parser.add_argument("--cached-epochs", type=int, default=2, help="epochs from the cache (the fastest counts)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "train_cache.json"))
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="the tests' tiny model (a smoke test of the script)")
+    parser.add_argument("--json", type=Path, default=RESULTS / "train_cache.json")
+    args = parser.parse_args(argv)
+    run = start_run(None if argv is None else ["bench/train_cache.py", *argv])
     torch.set_num_threads(args.threads)
     metrics.java_available = lambda: False  # validation (not timed) without a JVM start
 
-    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="train-cache-bench-") as tmp:
         work = Path(tmp)
         data, source = make_subset(work / "data", args.images, n_val=4)
+        overrides, model_note = model_overrides(args.tiny)
         common: dict[str, Any] = dict(data=data, cache=str(work / "cache"), batch_size=64, min_freq=1, val_beam=1,
-                      val_max_len=12, threads=args.threads, device="cpu", progress=False, patience=100)
+                                      val_max_len=12, threads=args.threads, device="cpu", progress=False,
+                                      patience=100, model=overrides)
 
         # The one-off cost: features of every image, once, into the cache.
         dataset = load_dataset(data)
         records = [*dataset.split("train"), *dataset.split("val")]
-        model = CaptionModel.create(ModelConfig(), Vocabulary())
+        model = CaptionModel.create(TrainConfig(**common).model_config(), Vocabulary())
         cache = open_cache(model, work / "cache")
         start = time.perf_counter()
         fill_cache(cache, model, [r.path for r in records], torch.device("cpu"), progress=False)
         fill_seconds = time.perf_counter() - start
 
-        cached_epochs, cached_feature_s = run(TrainConfig(out=str(work / "cached"), epochs=args.cached_epochs,
-                                                          **common))
-        raw_epochs, raw_feature_s = run(TrainConfig(out=str(work / "raw"), epochs=1, raw_images=True, **common))
+        cached_epochs, cached_feature_s = train_epochs(
+            TrainConfig(out=str(work / "cached"), epochs=args.cached_epochs, **common))
+        raw_epochs, raw_feature_s = train_epochs(
+            TrainConfig(out=str(work / "raw"), epochs=1, raw_images=True, **common))
         n_captions = sum(len(r.captions) for r in dataset.split("train"))
         vocab_size = len(Vocabulary.build((c for r in dataset.split("train") for c in r.captions), min_freq=1))
 
     cached, raw = min(cached_epochs), raw_epochs[0]
     cached_feature_s /= args.cached_epochs
     result = {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": args.threads, "device": "cpu",
-            "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-            "note": "run under nice while a training job at higher priority used the same CPU",
-        },
+        "context": run.context("cpu"),
         "data": source,
         "train": {"images": args.images, "captions": n_captions, "batch_size": 64, "vocabulary": vocab_size},
-        "model": "default ModelConfig: EfficientNet-Lite0 (frozen, 224 px, 7x7x1280) + 512-d attention LSTM decoder",
+        "model": model_note,
         "cache_fill_seconds": round(fill_seconds, 2),
         "epoch_seconds": {"cache": round(cached, 2), "raw": round(raw, 2), "cache_all_epochs": cached_epochs},
         "feature_seconds_per_epoch": {"cache": round(cached_feature_s, 3), "raw": round(raw_feature_s, 2)},
         "ratio_raw_over_cache": round(raw / cached, 2),
         "feature_ratio_raw_over_cache": round(raw_feature_s / max(cached_feature_s, 1e-9), 1),
         "target_ratio": 10.0,
-        "break_even_epochs": round(fill_seconds / max(raw - cached, 1e-9), 2),
+        # Epochs after which filling the cache has paid for itself (None: the cache was not faster).
+        "break_even_epochs": round(fill_seconds / (raw - cached), 2) if raw > cached else None,
     }
     print(f"{n_captions} captions of {args.images} images, batch 64, {args.threads} threads ({source})")
     print(f"cache fill (once): {fill_seconds:.1f} s")
@@ -161,8 +167,7 @@ def main() -> int:
     print(f"epoch from raw images: {raw:.1f} s (features {raw_feature_s:.1f} s of it)")
     print(f"ratio raw/cache: {raw / cached:.1f}x per epoch (target >= 10x); "
           f"feature access alone: {result['feature_ratio_raw_over_cache']}x")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.json, result)
     return 0
 
 

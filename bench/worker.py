@@ -1,12 +1,17 @@
 """The caption worker against one photo at a time: throughput, latency, identical captions.
 
     python bench/worker.py [--device auto] [--requests 64] [--callers 32] [--beam 3] [--single 8]
-                           [--threads 1]
+                           [--threads 1] [--checkpoint DIR] [--out bench/results/worker.json]
 
 * worker: ``--requests`` photos captioned by ``--callers`` concurrent callers through
-  ProcessCaptionService (dynamic batching in a worker process, default settings);
-* baseline: the same photos one at a time in this process, as a tutorial caption script does:
-  decode + preprocess + encode + beam search per photo, in a loop;
+  ProcessCaptionService (dynamic batching in a worker process, default settings). A caller told
+  the queue is full (QueueFullError, the bot's "busy" answer) waits the service's estimated wait
+  (at least 50 ms) and sends the photo again; busy answers are counted and reported;
+* baseline: the same photos one at a time in this process, as a tutorial caption script does
+  (decode + preprocess + encode + beam search per photo, in a loop), with the encoder the worker
+  serves (``Captioner.freeze_encoder``: TorchScript-frozen on CPU), so the ratio is batching alone;
+* freezing: the same one-photo-at-a-time loop with the eager encoder, interleaved photo by photo
+  with the frozen one: what freezing alone gives at batch 1;
 * single request: one photo through the idle worker vs a bare in-process call (interleaved);
 * identical captions: the worker's caption of each photo equals the baseline's.
 
@@ -14,50 +19,51 @@ Photos come from ../shared/data/flickr8k/images when present (generated otherwis
 captioner/default_model when present; otherwise a model with the default configuration
 (EfficientNet-Lite0 with its ImageNet weights, 512-d decoder, ~2,500-word vocabulary) and a
 random decoder, which is as slow as a trained one or slower (its captions never end early).
-Both sides use the same torch thread count (``--threads``, default 1). On a 2-core machine shared
-with a higher-priority training job, two OpenMP threads per process stall at every barrier when
-the other thread is preempted, which makes a one-photo-at-a-time loop several times slower; the
-baseline is therefore also sampled with torch's default thread count, and the ratio is taken
-against the faster of the two baselines. Results go to bench/results/worker.json as well.
+Both sides use the same torch thread count (``--threads``, default 1). The baseline is also
+sampled with torch's default thread count (``--single`` photos), and the ratio is taken against
+the faster of the two baselines. A tiny smoke run: ``--requests 8 --callers 4 --single 2
+--checkpoint <a tiny checkpoint>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import resource
 import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.report import RESULTS, Run, percentile, relative, start_run, write_result  # noqa: E402
 from captioner import checkpoint  # noqa: E402
+from captioner.beam import BeamConfig  # noqa: E402
 from captioner.checkpoint import DEFAULT_MODEL_DIR, META_FILE, CaptionModel  # noqa: E402
 from captioner.inference import Captioner  # noqa: E402
 from captioner.model import ModelConfig  # noqa: E402
-from captioner.serving import CaptionResult, ProcessCaptionService, ServiceConfig  # noqa: E402
+from captioner.serving import CaptionResult, ProcessCaptionService, QueueFullError, ServiceConfig  # noqa: E402
 from captioner.vocab import SPECIAL_TOKENS, Vocabulary  # noqa: E402
 from tests.helpers import SHARED_FLICKR8K, photo_bytes  # noqa: E402
 
 VOCAB_SIZE = 2500
+MIN_BACKOFF_SECONDS = 0.05
+MAX_BACKOFF_SECONDS = 2.0
 
 
 def prepare_model(workdir: Path, explicit: str | None) -> tuple[str | None, str]:
     """(checkpoint path or None for the bundled model, description)."""
     if explicit:
-        return explicit, f"checkpoint {explicit}"
+        return explicit, f"checkpoint {relative(explicit)}"
     if (DEFAULT_MODEL_DIR / META_FILE).is_file():
         return None, "the bundled default model (captioner/default_model)"
     captions_file = SHARED_FLICKR8K / "captions.txt"
@@ -82,43 +88,115 @@ def load_photos(count: int) -> tuple[list[bytes], str]:
     names = sorted(folder.glob("*.jpg")) if folder.is_dir() else []
     if len(names) >= count:
         step = len(names) // count
-        return [names[i * step].read_bytes() for i in range(count)], f"Flickr8k photos from {folder}"
+        return [names[i * step].read_bytes() for i in range(count)], f"Flickr8k photos from {relative(folder)}"
     return [photo_bytes(seed, size=(500, 375)) for seed in range(count)], "generated 500x375 JPEGs"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def through_worker(service: ProcessCaptionService, photos: list[bytes], callers: int,
-                         beam: int) -> tuple[list[CaptionResult], list[float], float]:
+@dataclass
+class Caller:
+    """Sends photos to the service as the bot does, and counts the service's busy answers."""
+
+    service: ProcessCaptionService
+    beam: int
+    busy_answers: int = 0
+
+    async def caption(self, photo: bytes) -> CaptionResult:
+        while True:
+            try:
+                return await self.service.caption(photo, beam_size=self.beam)
+            except QueueFullError:
+                # The bot answers "busy" and the person sends the photo again: here after a short wait.
+                self.busy_answers += 1
+                wait = self.service.status().estimated_wait_seconds
+                await asyncio.sleep(min(MAX_BACKOFF_SECONDS, max(MIN_BACKOFF_SECONDS, wait)))
+
+
+async def through_worker(caller: Caller, photos: list[bytes],
+                         callers: int) -> tuple[list[CaptionResult], list[float], float]:
+    """Each photo's result and latency (busy answers and retries included), and the wall time."""
     work: asyncio.Queue[int] = asyncio.Queue()
     for index in range(len(photos)):
         work.put_nowait(index)
     results: list[CaptionResult | None] = [None] * len(photos)
     latencies: list[float] = [0.0] * len(photos)
 
-    async def caller() -> None:
+    async def one_caller() -> None:
         while not work.empty():
             index = work.get_nowait()
             started = time.perf_counter()
-            results[index] = await service.caption(photos[index], beam_size=beam)
+            results[index] = await caller.caption(photos[index])
             latencies[index] = time.perf_counter() - started
 
     started = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(callers)))
+    await asyncio.gather(*(one_caller() for _ in range(callers)))
     wall = time.perf_counter() - started
     return [r for r in results if r is not None], latencies, wall
 
 
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    load_before = os.getloadavg()
+def timed_caption(captioner: Captioner, photo: bytes, beam: BeamConfig) -> tuple[Any, float]:
+    """The in-process caption (``Captioner.caption_bytes``'s result) and its seconds."""
+    started = time.perf_counter()
+    caption = captioner.caption_bytes(photo, beam, attention=False)
+    return caption, time.perf_counter() - started
+
+
+def loop_summary(times: list[float]) -> dict[str, float]:
+    """A one-photo-at-a-time loop's rate and per-photo latency."""
+    return {"photos_per_second": round(len(times) / sum(times), 3), "wall_seconds": round(sum(times), 2),
+            "per_photo_p50_ms": round(percentile(times, 50) * 1000, 1),
+            "per_photo_p95_ms": round(percentile(times, 95) * 1000, 1)}
+
+
+def frozen_and_eager_loops(frozen: Captioner, eager: Captioner, photos: list[bytes],
+                           beam: BeamConfig) -> tuple[list[Any], list[float], list[Any], list[float]]:
+    """Both loops photo by photo, alternating, so that drifting load hits them alike."""
+    frozen_caps, frozen_times, eager_caps, eager_times = [], [], [], []
+    for photo in photos:
+        caption, seconds = timed_caption(frozen, photo, beam)
+        frozen_caps.append(caption)
+        frozen_times.append(seconds)
+        caption, seconds = timed_caption(eager, photo, beam)
+        eager_caps.append(caption)
+        eager_times.append(seconds)
+    return frozen_caps, frozen_times, eager_caps, eager_times
+
+
+def default_threads_rate(captioner: Captioner, sample: list[bytes], beam: BeamConfig, threads: int,
+                         default_threads: int) -> float:
+    torch.set_num_threads(default_threads)
+    try:
+        captioner.caption_bytes(sample[0], beam, attention=False)  # warm-up at this thread count
+        times = [timed_caption(captioner, photo, beam)[1] for photo in sample]
+    finally:
+        torch.set_num_threads(threads)
+    return len(times) / sum(times)
+
+
+async def single_requests(caller: Caller, captioner: Captioner, sample: list[bytes],
+                          beam: BeamConfig) -> dict[str, Any]:
+    """One photo at a time through the idle worker vs in this process, interleaved."""
+    through, bare = [], []
+    for photo in sample:
+        started = time.perf_counter()
+        await caller.caption(photo)
+        through.append(time.perf_counter() - started)
+        bare.append(timed_caption(captioner, photo, beam)[1])
+    worker_ms, bare_ms = statistics.median(through) * 1000, statistics.median(bare) * 1000
+    print(f"single request: worker {worker_ms:.0f} ms vs in-process {bare_ms:.0f} ms "
+          f"(median of {len(through)}): {worker_ms / bare_ms:.2f}x")
+    return {"worker_ms": round(worker_ms, 1), "in_process_ms": round(bare_ms, 1),
+            "ratio": round(worker_ms / bare_ms, 3), "samples": len(through)}
+
+
+def mismatches(first: list[str], second: list[str]) -> int:
+    return sum(a != b for a, b in zip(first, second, strict=True))
+
+
+async def bench(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     default_threads = torch.get_num_threads()
     threads = args.threads or default_threads
     torch.set_num_threads(threads)
@@ -127,90 +205,66 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         photos, photo_note = load_photos(args.requests)
         print(f"model:  {model_note}")
         print(f"photos: {len(photos)} {photo_note}; beam {args.beam}; {args.callers} concurrent callers; "
-              f"torch threads {threads}; load average {load_before[0]:.1f}")
+              f"torch threads {threads}; load average {run.load_average_before[0]:.1f}")
 
         config = ServiceConfig(checkpoint=model_path, device=args.device, threads=threads,
-                               request_timeout=3600)
+                               request_timeout=3600, queue_capacity=args.queue_capacity)
         service = ProcessCaptionService(config)
         started = time.perf_counter()
         await service.start()
         start_seconds = time.perf_counter() - started
         stats = service.stats()
+        run.started(f"caption worker process (ProcessCaptionService, pid {stats.worker_pid})")
         print(f"worker: pid {stats.worker_pid} on {stats.device}, started in {start_seconds:.1f} s")
 
+        # The baseline serves the encoder the worker serves (the worker calls freeze_encoder too).
         captioner = Captioner.load(model_path, args.device)
+        encoder_frozen = captioner.freeze_encoder()
+        eager = Captioner.load(model_path, args.device)
         beam = replace(captioner.beam, beam_size=args.beam)
+        caller = Caller(service, args.beam)
         try:
             # Warm both paths up (first calls pay for kernel selection and allocation).
-            await asyncio.gather(*(service.caption(p, beam_size=args.beam) for p in photos[:16]))
+            await asyncio.gather(*(caller.caption(p) for p in photos[: args.warmup]))
             for photo in photos[:2]:
                 captioner.caption_bytes(photo, beam, attention=False)
+                eager.caption_bytes(photo, beam, attention=False)
+            warmup_busy, caller.busy_answers = caller.busy_answers, 0
 
-            results, latencies, worker_wall = await through_worker(service, photos, args.callers, args.beam)
+            results, latencies, worker_wall = await through_worker(caller, photos, args.callers)
             worker_rate = len(photos) / worker_wall
             sizes = Counter(r.batch_size for r in results)
             print(f"worker:   {worker_rate:6.2f} photos/s ({worker_wall:.1f} s), latency p50 "
                   f"{percentile(latencies, 50) * 1000:.0f} ms p95 {percentile(latencies, 95) * 1000:.0f} ms, "
-                  f"batch sizes {dict(sorted(sizes.items()))}")
+                  f"batch sizes {dict(sorted(sizes.items()))}, busy answers {caller.busy_answers}")
 
-            baseline_times: list[float] = []
-            baseline = []
-            started = time.perf_counter()
-            for photo in photos:
-                t0 = time.perf_counter()
-                baseline.append(captioner.caption_bytes(photo, beam, attention=False))
-                baseline_times.append(time.perf_counter() - t0)
-            baseline_wall = time.perf_counter() - started
-            baseline_rate = len(photos) / baseline_wall
-            print(f"baseline: {baseline_rate:6.2f} photos/s ({baseline_wall:.1f} s), per photo p50 "
-                  f"{percentile(baseline_times, 50) * 1000:.0f} ms p95 "
-                  f"{percentile(baseline_times, 95) * 1000:.0f} ms")
-            sample = photos[: args.single]
-            torch.set_num_threads(default_threads)
-            captioner.caption_bytes(sample[0], beam, attention=False)
-            started = time.perf_counter()
-            for photo in sample:
-                captioner.caption_bytes(photo, beam, attention=False)
-            default_rate = len(sample) / (time.perf_counter() - started)
-            torch.set_num_threads(threads)
-            print(f"baseline with torch's default {default_threads} threads: {default_rate:6.2f} photos/s "
-                  f"({len(sample)} photos)")
+            baseline, baseline_times, eager_caps, eager_times = frozen_and_eager_loops(captioner, eager, photos,
+                                                                                        beam)
+            baseline_rate = len(photos) / sum(baseline_times)
+            eager_rate = len(photos) / sum(eager_times)
+            print(f"baseline: {baseline_rate:6.2f} photos/s, encoder frozen: {encoder_frozen}; eager encoder "
+                  f"{eager_rate:6.2f} photos/s: freezing alone {baseline_rate / eager_rate:.2f}x at batch 1")
+            default_rate = default_threads_rate(captioner, photos[: args.single], beam, threads, default_threads)
+            print(f"baseline with torch's default {default_threads} threads: {default_rate:6.2f} photos/s")
             best_baseline = max(baseline_rate, default_rate)
             print(f"ratio:    {worker_rate / best_baseline:.2f}x the best baseline's photos/s "
                   f"({worker_rate / baseline_rate:.2f}x the same-threads baseline)")
 
-            single_worker, single_bare = [], []
-            for photo in photos[: args.single]:
-                t0 = time.perf_counter()
-                await service.caption(photo, beam_size=args.beam)
-                single_worker.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                captioner.caption_bytes(photo, beam, attention=False)
-                single_bare.append(time.perf_counter() - t0)
-            worker_single = statistics.median(single_worker)
-            bare_single = statistics.median(single_bare)
-            print(f"single request: worker {worker_single * 1000:.0f} ms vs in-process "
-                  f"{bare_single * 1000:.0f} ms (median of {len(single_worker)}): "
-                  f"{worker_single / bare_single:.2f}x")
-
-            pairs = list(zip(results, baseline, strict=True))
-            mismatches = [i for i, (r, b) in enumerate(pairs) if r.caption != b.text]
-            score_diff = max(abs(r.score - b.score) for r, b in pairs)
-            print(f"identical captions: {not mismatches} ({len(photos) - len(mismatches)}/{len(photos)}), "
+            single = await single_requests(caller, captioner, photos[: args.single], beam)
+            worker_texts = [r.caption for r in results]
+            mismatched = mismatches(worker_texts, [b.text for b in baseline])
+            score_diff = max(abs(r.score - b.score) for r, b in zip(results, baseline, strict=True))
+            print(f"identical captions: {not mismatched} ({len(photos) - mismatched}/{len(photos)}), "
                   f"max score difference {score_diff:.2e}")
             print(f"example caption: {results[0].caption!r}")
         finally:
             stats = service.stats()
             await service.close()
     worker_peak = stats.worker_peak_rss_bytes / 2**20
-    print(f"peak RSS: worker process {worker_peak:.0f} MB; this process (baseline model + torch) "
+    print(f"peak RSS: worker process {worker_peak:.0f} MB; this process (two baseline models + torch) "
           f"{peak_rss_mb():.0f} MB")
-    load_after = os.getloadavg()
     return {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "torch_threads": threads, "device": stats.device or args.device,
-                    "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-                    "note": "other jobs (model training at higher priority) shared the CPU; run under nice"},
+        "context": run.context(stats.device or args.device),
         "model": model_note,
         "photos": photo_note,
         "requests": len(photos), "callers": args.callers, "beam_size": args.beam,
@@ -218,26 +272,27 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                    "latency_p50_ms": round(percentile(latencies, 50) * 1000, 1),
                    "latency_p95_ms": round(percentile(latencies, 95) * 1000, 1),
                    "batch_sizes": {str(k): v for k, v in sorted(sizes.items())},
+                   "busy_answers": caller.busy_answers, "busy_answers_during_warmup": warmup_busy,
                    "max_batch_size": config.max_batch_size, "max_wait_ms": config.max_wait_ms,
-                   "start_seconds": round(start_seconds, 2)},
-        "baseline": {"photos_per_second": round(baseline_rate, 3), "wall_seconds": round(baseline_wall, 2),
-                     "per_photo_p50_ms": round(percentile(baseline_times, 50) * 1000, 1),
-                     "per_photo_p95_ms": round(percentile(baseline_times, 95) * 1000, 1)},
-        "baseline_default_threads": {"threads": default_threads, "photos": args.single,
+                   "queue_capacity": config.queue_capacity, "start_seconds": round(start_seconds, 2)},
+        "baseline": {"encoder_frozen": encoder_frozen, **loop_summary(baseline_times)},
+        "baseline_default_threads": {"threads": default_threads, "photos": len(photos[: args.single]),
                                      "photos_per_second": round(default_rate, 3)},
         "throughput_ratio": round(worker_rate / best_baseline, 3),
         "throughput_ratio_same_threads": round(worker_rate / baseline_rate, 3),
-        "single_request": {"worker_ms": round(worker_single * 1000, 1),
-                           "in_process_ms": round(bare_single * 1000, 1),
-                           "ratio": round(worker_single / bare_single, 3), "samples": len(single_worker)},
-        "identical_captions": not mismatches, "caption_mismatches": len(mismatches),
+        "freezing_at_batch_1": {"eager": loop_summary(eager_times),
+                                "ratio_frozen_over_eager": round(baseline_rate / eager_rate, 3),
+                                "caption_mismatches": mismatches([b.text for b in baseline],
+                                                                 [e.text for e in eager_caps])},
+        "single_request": single,
+        "identical_captions": not mismatched, "caption_mismatches": mismatched,
         "max_score_difference": score_diff,
         "worker_peak_rss_mb": round(worker_peak, 1),
         "bench_process_peak_rss_mb": round(peak_rss_mb(), 1),
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -245,15 +300,16 @@ def main() -> None:
     parser.add_argument("--callers", type=int, default=32)
     parser.add_argument("--beam", type=int, default=3)
     parser.add_argument("--single", type=int, default=8, help="photos for the single-request latency")
+    parser.add_argument("--warmup", type=int, default=16, help="photos sent through the worker before timing")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for the worker and the baseline (0 = torch's default)")
+    parser.add_argument("--queue-capacity", type=int, default=ServiceConfig().queue_capacity,
+                        help="the worker's queue bound (fewer than --callers makes it answer busy)")
     parser.add_argument("--checkpoint", default=None, help="use this checkpoint instead")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "worker.json")
-    args = parser.parse_args()
-    report = asyncio.run(bench(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    parser.add_argument("--out", type=Path, default=RESULTS / "worker.json")
+    args = parser.parse_args(argv)
+    run = start_run(None if argv is None else ["bench/worker.py", *argv])
+    write_result(args.out, asyncio.run(bench(args, run)))
 
 
 if __name__ == "__main__":

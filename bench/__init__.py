@@ -1,0 +1,1 @@
+"""Benchmarks of captionbot; each writes a result with its run's context to bench/results/."""

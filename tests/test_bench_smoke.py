@@ -1,0 +1,127 @@
+"""The benchmarks run end to end at a tiny size and write reports that state their own run.
+
+Each script runs as documented (``python bench/<script>.py``) on the tests' tiny model into a
+temporary results folder; the report must carry the run's context (measured at run time) and no
+absolute path of this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.report import ROOT, absolute_paths, command_line, relative
+from tests.bot_support import fast_checkpoint
+
+CONTEXT_FIELDS = {
+    "command", "git", "started_utc", "duration_seconds", "python", "torch", "platform", "cpus",
+    "torch_threads", "device", "device_name", "load_average_before", "load_average_after",
+    "started_by_this_run",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fast_checkpoint(tmp_path_factory.mktemp("bench-model") / "tiny")
+
+
+def run_bench(script: str, out: Path, *args: str) -> dict[str, Any]:
+    """Run ``python bench/<script>`` from the repository root; its JSON report."""
+    completed = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True,
+                               text=True, timeout=280)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    document: dict[str, Any] = json.loads(out.read_text())
+    return document
+
+
+def assert_reports_its_run(document: dict[str, Any], script: str, tmp_path: Path) -> dict[str, Any]:
+    context: dict[str, Any] = document["context"]
+    assert set(context) >= CONTEXT_FIELDS, CONTEXT_FIELDS - set(context)
+    assert context["command"].startswith(f"python bench/{script} ")
+    assert len(context["load_average_before"]) == len(context["load_average_after"]) == 3
+    assert context["duration_seconds"] > 0 and context["cpus"] >= 1 and context["torch_threads"] >= 1
+    assert context["device_name"]
+    text = json.dumps(document)
+    for machine_path in (str(ROOT), str(tmp_path), str(Path.home())):
+        assert machine_path not in text
+    assert absolute_paths(document) == []
+    assert "shared the CPU" not in text and "under nice" not in text  # no fixed sentences about the machine
+    return context
+
+
+@pytest.mark.slow
+def test_worker_bench_counts_busy_answers_and_compares_like_with_like(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "worker.json"
+    # A queue of 2 and 6 callers: the service must answer busy, and the benchmark must carry on.
+    document = run_bench("worker.py", out, "--device", "cpu", "--requests", "8", "--callers", "6",
+                         "--queue-capacity", "2", "--single", "2", "--warmup", "2",
+                         "--checkpoint", str(tiny_model), "--out", str(out))
+    context = assert_reports_its_run(document, "worker.py", tmp_path)
+    assert any("caption worker process" in p for p in context["started_by_this_run"])
+    assert document["worker"]["busy_answers"] > 0
+    assert document["requests"] == 8 and document["identical_captions"] is True
+    assert isinstance(document["baseline"]["encoder_frozen"], bool)
+    assert document["freezing_at_batch_1"]["ratio_frozen_over_eager"] > 0
+
+
+def test_storage_bench_measures_a_bare_insert_baseline(tmp_path: Path) -> None:
+    out = tmp_path / "storage.json"
+    document = run_bench("storage_throughput.py", out, "--rows", "20", "--tasks", "2", "--out", str(out))
+    assert_reports_its_run(document, "storage_throughput.py", tmp_path)
+    for side in ("storage", "bare_insert"):
+        assert document[side]["sequential_rows_per_second"] > 0
+        assert document[side]["concurrent_rows_per_second"] > 0
+        assert document[side]["sequential_latency"]["samples"] == 20
+    assert document["slowdown_sequential"] > 0
+
+
+@pytest.mark.slow
+def test_bot_latency_bench_measures_the_direct_caption_baseline(tmp_path: Path) -> None:
+    out = tmp_path / "bot.json"
+    document = run_bench("bot_latency.py", out, "--tiny", "--photos", "2", "--warmup", "1", "--size", "160x120",
+                         "--out", str(out))
+    context = assert_reports_its_run(document, "bot_latency.py", tmp_path)
+    assert any("fake Bot API" in p for p in context["started_by_this_run"])
+    assert document["through_bot"]["samples"] == document["caption_service_directly"]["samples"] == 2
+    assert document["overhead_ratio_p50"] > 0
+    assert document["example_caption"]
+
+
+@pytest.mark.slow
+def test_decode_bench_counts_encoder_flops(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "decode.json"
+    document = run_bench("decode.py", out, "--checkpoint", str(tiny_model), "--images", "2", "--batches", "1",
+                         "--seconds", "0.01", "--matmul-size", "32", "--json", str(out))
+    assert_reports_its_run(document, "decode.py", tmp_path)
+    assert document["decoder"]["identical_captions"] is True
+    assert document["encoder_gflop_per_image"] > 0 and document["matmul_gflop_per_s"] > 0
+    assert "1" in document["freezing_gain_frozen_over_channels_last"]
+
+
+@pytest.mark.slow
+def test_train_cache_bench_runs_on_the_tiny_model(tmp_path: Path) -> None:
+    out = tmp_path / "train_cache.json"
+    document = run_bench("train_cache.py", out, "--tiny", "--images", "3", "--cached-epochs", "1",
+                         "--json", str(out))
+    assert_reports_its_run(document, "train_cache.py", tmp_path)
+    assert document["train"]["images"] == 3 and document["epoch_seconds"]["raw"] > 0
+
+
+def test_report_paths_are_relative_to_the_repository() -> None:
+    assert relative(ROOT / "bench" / "results") == "bench/results"
+    assert relative(ROOT.parent / "shared" / "x") == "../shared/x"
+    assert relative("/elsewhere/scratch/out.json") == "<outside the checkout>/out.json"
+    command = command_line([str(ROOT / "bench" / "worker.py"), "--out", str(ROOT / "r.json"),
+                            f"--checkpoint={ROOT / 'm'}", "--requests", "8"])
+    assert command == "python bench/worker.py --out r.json --checkpoint=m --requests 8"
+
+
+def test_absolute_paths_are_found_anywhere_in_a_report() -> None:
+    assert absolute_paths({"a": ["photos from /work/shared/images"], "b": {"/srv/x/y": 1}}) == [
+        "photos from /work/shared/images", "/srv/x/y"]
+    assert absolute_paths({"a": "../shared/data/flickr8k/images", "b": "1/2 of ms/photo", "c": 3}) == []
