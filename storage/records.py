@@ -8,10 +8,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
+__all__ = [
+    "CaptionRecord",
+    "CorrectionRecord",
+    "DayCount",
+    "ExportReport",
+    "ForgetReport",
+    "ModelStatus",
+    "ModelVersionRecord",
+    "PendingCorrection",
+    "PersonInfo",
+    "PhotoRecord",
+    "Stats",
+    "TrainingExample",
+    "TrainingKind",
+    "VoteRecord",
+]
+
 TrainingKind = Literal["correction", "upvoted"]
+
+
+class ModelStatus(StrEnum):
+    """Where a model version stands; the database's CHECK constraint is built from this list."""
+
+    CANDIDATE = "candidate"  # trained, not yet judged
+    ACTIVE = "active"  # the one the bot serves (at most one)
+    REJECTED = "rejected"  # judged worse than its parent; never promoted
+    RETIRED = "retired"  # was active, replaced by a newer one
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +86,8 @@ class CaptionRecord:
 
 @dataclass(frozen=True, slots=True)
 class VoteRecord:
+    """A person's vote on a caption, with the caption's totals after it."""
+
     caption_id: int
     telegram_id: int
     up: bool
@@ -90,6 +119,8 @@ class CorrectionRecord:
 
 @dataclass(frozen=True, slots=True)
 class ForgetReport:
+    """What forgetting a person deleted (rows per table, photo files)."""
+
     telegram_id: int
     found: bool
     votes: int = 0
@@ -126,14 +157,14 @@ class ModelVersionRecord:
     checkpoint_path: str
     parent: str | None
     metrics: dict[str, Any] = field(hash=False, compare=True)
-    status: str = "candidate"
+    status: ModelStatus = ModelStatus.CANDIDATE
     reason: str | None = None
     created_at: datetime | None = None
     promoted_at: datetime | None = None
 
     @property
     def is_active(self) -> bool:
-        return self.status == "active"
+        return self.status == ModelStatus.ACTIVE
 
 
 @dataclass(frozen=True, slots=True)
