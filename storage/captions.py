@@ -11,44 +11,26 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from storage.models import Caption, Person, Photo, PhotoSender, Vote, utcnow
 from storage.people import ensure_person
 from storage.photos import PhotoStore
-from storage.records import CaptionRecord, PhotoRecord, VoteRecord
+from storage.records import CaptionRecord, PhotoRecord, VoteRecord, record_from
 from storage.transactions import found, get_or_raise
 
 
 def photo_record(photo: Photo, created: bool) -> PhotoRecord:
-    return PhotoRecord(
-        id=photo.id,
-        sha256=photo.sha256,
-        rel_path=photo.rel_path,
-        size_bytes=photo.size_bytes,
-        width=photo.width,
-        height=photo.height,
-        telegram_file_unique_id=photo.telegram_file_unique_id,
-        created_at=photo.created_at,
-        created=created,
-    )
+    return record_from(PhotoRecord, photo, created=created)
 
 
 def caption_record(
     caption: Caption, photo_sha256: str, photo_rel_path: str, requester_telegram_id: int, votes: tuple[int, int]
 ) -> CaptionRecord:
-    ups, downs = votes
-    return CaptionRecord(
-        id=caption.id,
-        photo_id=caption.photo_id,
+    """The record of a caption, given what lives in other tables: its photo, requester and (up, down) votes."""
+    return record_from(
+        CaptionRecord,
+        caption,
         photo_sha256=photo_sha256,
         photo_rel_path=photo_rel_path,
-        model_version=caption.model_version,
-        text=caption.text,
-        score=caption.score,
-        beam_size=caption.beam_size,
-        latency_ms=caption.latency_ms,
         requester_telegram_id=requester_telegram_id,
-        chat_id=caption.chat_id,
-        message_id=caption.message_id,
-        created_at=caption.created_at,
-        votes_up=ups,
-        votes_down=downs,
+        votes_up=votes[0],
+        votes_down=votes[1],
     )
 
 

@@ -13,7 +13,7 @@ from storage.errors import CorrectionRejected
 from storage.models import Caption, Correction, PendingCorrectionRow, Person, Photo, Vote, utcnow
 from storage.people import ensure_person
 from storage.photos import PhotoStore
-from storage.records import CorrectionRecord, PendingCorrection, TrainingExample, TrainingKind
+from storage.records import CorrectionRecord, PendingCorrection, TrainingExample, TrainingKind, record_from
 from storage.transactions import chunks, get_or_raise, rowcount
 from storage.validation import validate_correction
 
@@ -22,21 +22,11 @@ ExampleRow = Row[int, int, int, str, str, str, datetime, str | None]
 
 
 def correction_record(row: Correction, telegram_id: int) -> CorrectionRecord:
-    return CorrectionRecord(
-        id=row.id,
-        caption_id=row.caption_id,
-        telegram_id=telegram_id,
-        text=row.text,
-        text_raw=row.text_raw,
-        created_at=row.created_at,
-        trained_model_version=row.trained_model_version,
-    )
+    return record_from(CorrectionRecord, row, telegram_id=telegram_id)
 
 
 def pending_correction(row: PendingCorrectionRow, telegram_id: int, caption_text: str) -> PendingCorrection:
-    return PendingCorrection(
-        telegram_id, row.caption_id, caption_text, row.prompt_chat_id, row.prompt_message_id, row.started_at
-    )
+    return record_from(PendingCorrection, row, telegram_id=telegram_id, caption_text=caption_text)
 
 
 # ---------------------------------------------------------------------- pending

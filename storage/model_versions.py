@@ -12,22 +12,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.errors import ModelVersionError
 from storage.models import MODEL_STATUSES, ModelVersion, utcnow
-from storage.records import ModelStatus, ModelVersionRecord
+from storage.records import ModelStatus, ModelVersionRecord, record_from
 from storage.transactions import found
 
 
 def model_record(row: ModelVersion) -> ModelVersionRecord:
-    return ModelVersionRecord(
-        id=row.id,
-        name=row.name,
-        checkpoint_path=row.checkpoint_path,
-        parent=row.parent,
-        metrics=dict(row.metrics or {}),
-        status=ModelStatus(row.status),
-        reason=row.reason,
-        created_at=row.created_at,
-        promoted_at=row.promoted_at,
-    )
+    return record_from(ModelVersionRecord, row, metrics=dict(row.metrics or {}), status=ModelStatus(row.status))
 
 
 def clean_json(value: Any) -> Any:
@@ -43,7 +33,7 @@ def clean_json(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def check_status(status: str) -> ModelStatus:
+def _checked(status: str) -> ModelStatus:
     """``status`` as a ``ModelStatus``, or ``ModelVersionError`` if it is none of them."""
     if status not in MODEL_STATUSES:
         raise ModelVersionError(f"unknown status {status!r}; expected one of {MODEL_STATUSES}")
@@ -76,10 +66,11 @@ async def register_model_version(
     checkpoint_path: str | Path,
     parent: str | None,
     metrics: dict[str, Any],
-    status: ModelStatus = ModelStatus.CANDIDATE,
+    status: str = ModelStatus.CANDIDATE,
     reason: str | None = None,
 ) -> ModelVersionRecord:
-    """Record a trained checkpoint; ``status`` ACTIVE registers and promotes it at once."""
+    """Record a trained checkpoint; ``status='active'`` registers and promotes it at once."""
+    status = _checked(status)
     if await session.scalar(select(exists().where(ModelVersion.name == name))):
         raise ModelVersionError(f"model version {name!r} already exists")
     row = ModelVersion(

@@ -8,22 +8,14 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.models import Person, utcnow
-from storage.records import PersonInfo
+from storage.records import PersonInfo, record_from
 
 LANGUAGE_CODE_MAX = 16
 LAST_SEEN_PRECISION = timedelta(minutes=1)
 
 
 def person_info(person: Person, created: bool) -> PersonInfo:
-    return PersonInfo(
-        id=person.id,
-        telegram_id=person.telegram_id,
-        language_code=person.language_code,
-        first_seen_at=person.first_seen_at,
-        last_seen_at=person.last_seen_at,
-        is_forgotten=person.is_forgotten,
-        created=created,
-    )
+    return record_from(PersonInfo, person, created=created)
 
 
 async def person_by_telegram_id(session: AsyncSession, telegram_id: int) -> Person | None:

@@ -6,11 +6,14 @@ session closes, to pass between tasks, and to log.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import date, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 __all__ = [
     "CaptionRecord",
@@ -30,6 +33,20 @@ __all__ = [
 ]
 
 TrainingKind = Literal["correction", "upvoted"]
+RecordT = TypeVar("RecordT", bound="DataclassInstance")
+
+
+def record_from(record_type: type[RecordT], row: object, **given: Any) -> RecordT:
+    """A ``record_type`` whose fields are ``given``, or else read from the same-named attributes of ``row``.
+
+    The one way an ORM row becomes a record: a field is added in one place (the record) and
+    filled from the column of the same name, or named in ``given`` by the aggregate's mapper.
+    """
+    names = [f.name for f in fields(record_type)]
+    unknown = given.keys() - set(names)
+    if unknown:
+        raise TypeError(f"{record_type.__name__} has no fields {sorted(unknown)}")
+    return record_type(**{name: given[name] if name in given else getattr(row, name) for name in names})
 
 
 class ModelStatus(StrEnum):
@@ -43,6 +60,8 @@ class ModelStatus(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class PersonInfo:
+    """Someone who talked to the bot."""
+
     id: int
     telegram_id: int
     language_code: str | None
@@ -54,6 +73,8 @@ class PersonInfo:
 
 @dataclass(frozen=True, slots=True)
 class PhotoRecord:
+    """A stored photo (its bytes live in the photo folder under ``rel_path``)."""
+
     id: int
     sha256: str
     rel_path: str
@@ -67,6 +88,8 @@ class PhotoRecord:
 
 @dataclass(frozen=True, slots=True)
 class CaptionRecord:
+    """A caption the model gave a photo, where it was posted, and its votes."""
+
     id: int
     photo_id: int
     photo_sha256: str
@@ -98,6 +121,8 @@ class VoteRecord:
 
 @dataclass(frozen=True, slots=True)
 class PendingCorrection:
+    """The caption a person is correcting now, and the prompt message that asked them."""
+
     telegram_id: int
     caption_id: int
     caption_text: str
@@ -108,6 +133,8 @@ class PendingCorrection:
 
 @dataclass(frozen=True, slots=True)
 class CorrectionRecord:
+    """A stored correction: the cleaned ``text`` and what the person typed (``text_raw``)."""
+
     id: int
     caption_id: int
     telegram_id: int
@@ -118,27 +145,17 @@ class CorrectionRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class ForgetReport:
-    """What forgetting a person deleted (rows per table, photo files)."""
-
-    telegram_id: int
-    found: bool
-    votes: int = 0
-    corrections: int = 0
-    captions: int = 0
-    photos: int = 0
-    files_deleted: int = 0
-    pending: int = 0
-
-
-@dataclass(frozen=True, slots=True)
 class DayCount:
+    """Captions made on one UTC day."""
+
     day: date
     captions: int
 
 
 @dataclass(frozen=True, slots=True)
 class Stats:
+    """Counts for the operator."""
+
     captions_per_day: tuple[DayCount, ...]  # oldest first, UTC days, zero days included
     captions: int
     photos: int
@@ -152,6 +169,8 @@ class Stats:
 
 @dataclass(frozen=True, slots=True)
 class ModelVersionRecord:
+    """A trained checkpoint, its parent, its metrics and its status."""
+
     id: int
     name: str
     checkpoint_path: str
@@ -169,6 +188,8 @@ class ModelVersionRecord:
 
 @dataclass(frozen=True, slots=True)
 class TrainingExample:
+    """One (photo, caption) pair to train on: a correction, or a caption voted up."""
+
     kind: TrainingKind
     source_id: int  # correction id for "correction", caption id for "upvoted"
     caption_id: int
@@ -183,9 +204,25 @@ class TrainingExample:
 
 @dataclass(frozen=True, slots=True)
 class ExportReport:
+    """What ``storage export`` wrote."""
+
     out_dir: Path
     images: int
     captions: int
     train: int
     val: int
     missing_files: int
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetReport:
+    """What forgetting a person deleted (rows per table, photo files)."""
+
+    telegram_id: int
+    found: bool
+    votes: int = 0
+    corrections: int = 0
+    captions: int = 0
+    photos: int = 0
+    files_deleted: int = 0
+    pending: int = 0

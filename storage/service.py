@@ -1,44 +1,65 @@
 """``Storage``: the one object the bot and the trainer talk to.
 
-It opens and closes the engine, and runs each call of the aggregate modules
-(``people``, ``captions``, ``corrections``, ``model_versions``, ``forget``,
-``stats``) in one short transaction of ``storage.transactions``. Every call
-returns plain values (``storage.records``), never ORM objects, so callers cannot
-trigger lazy loads after the session is gone.
+A thin front: it opens and closes the engine and runs each function of the
+aggregate modules (``people``, ``captions``, ``corrections``, ``model_versions``,
+``forget``, ``stats``) in one short transaction of ``storage.transactions``.
+Most methods are those functions, bound with ``_reading`` / ``_writing``: same
+parameters (less the session), same docstring. Every call returns plain values
+(``storage.records``), never ORM objects, so callers cannot trigger lazy loads
+after the session is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from storage import captions, config, corrections, forget, model_versions, people
 from storage import migrate as migrations
 from storage import stats as statistics
 from storage.engine import create_engine, sqlite_file
 from storage.photos import PhotoStore, sha256_hex
-from storage.records import (
-    CaptionRecord,
-    CorrectionRecord,
-    ForgetReport,
-    ModelStatus,
-    ModelVersionRecord,
-    PendingCorrection,
-    PersonInfo,
-    PhotoRecord,
-    Stats,
-    TrainingExample,
-    VoteRecord,
-)
+from storage.records import CaptionRecord, ForgetReport, PhotoRecord, TrainingExample
 from storage.transactions import Transactions
 
+P = ParamSpec("P")
+T = TypeVar("T")
+SessionFunction = Callable[Concatenate[AsyncSession, P], Awaitable[T]]
+Method = Callable[Concatenate["Storage", P], Coroutine[Any, Any, T]]
 PhotoRef = PhotoRecord | CaptionRecord | TrainingExample | str | Path
+
+
+def _reading(function: SessionFunction[P, T]) -> Method[P, T]:
+    """A ``Storage`` method that runs ``function`` in a read transaction."""
+
+    async def method(self: Storage, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._tx.read(lambda session: function(session, *args, **kwargs))
+
+    return _named_after(method, function)
+
+
+def _writing(function: SessionFunction[P, T], retry_integrity: bool = False) -> Method[P, T]:
+    """A ``Storage`` method that runs ``function`` in a write transaction.
+
+    ``retry_integrity`` for functions that create rows another writer may create at the same moment.
+    """
+
+    async def method(self: Storage, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self._tx.write(lambda session: function(session, *args, **kwargs), retry_integrity)
+
+    return _named_after(method, function)
+
+
+def _named_after(method: Method[P, T], function: Callable[..., Any]) -> Method[P, T]:
+    method.__name__ = method.__qualname__ = function.__name__
+    method.__doc__ = function.__doc__
+    return method
 
 
 class Storage:
@@ -90,16 +111,10 @@ class Storage:
 
     # ------------------------------------------------------------------ people
 
-    async def upsert_person(self, telegram_id: int, language_code: str | None) -> PersonInfo:
-        """Create or refresh a person; a None language keeps the one already known."""
-        return await self._tx.write(
-            lambda s: people.upsert_person(s, telegram_id, language_code), retry_integrity=True
-        )
+    upsert_person = _writing(people.upsert_person, retry_integrity=True)
+    get_person = _reading(people.get_person)
 
-    async def get_person(self, telegram_id: int) -> PersonInfo | None:
-        return await self._tx.read(lambda s: people.get_person(s, telegram_id))
-
-    # ------------------------------------------------------------------ photos
+    # ------------------------------------------------------------------ photos, captions, votes
 
     async def record_photo(
         self,
@@ -121,8 +136,8 @@ class Storage:
         sha = await asyncio.to_thread(sha256_hex, data)
         await asyncio.to_thread(self.photos.ensure, sha, data)
         return await self._tx.write(
-            lambda s: captions.record_photo(
-                s,
+            lambda session: captions.record_photo(
+                session,
                 self.photos,
                 data,
                 sha,
@@ -134,8 +149,7 @@ class Storage:
             retry_integrity=True,
         )
 
-    async def get_photo(self, photo_id: int) -> PhotoRecord | None:
-        return await self._tx.read(lambda s: captions.get_photo(s, photo_id))
+    get_photo = _reading(captions.get_photo)
 
     def resolve_photo_path(self, photo: PhotoRef) -> Path:
         """Absolute path of a photo (record, caption, training example or relative path); no I/O."""
@@ -147,85 +161,18 @@ class Storage:
             rel = Path(photo).as_posix()
         return self.photos.path(rel)
 
-    # ------------------------------------------------------------------ captions and votes
-
-    async def record_caption(
-        self,
-        photo_id: int,
-        *,
-        model_version: str,
-        text: str,
-        score: float,
-        beam_size: int,
-        latency_ms: float,
-        requester_telegram_id: int,
-        chat_id: int | None = None,
-        message_id: int | None = None,
-    ) -> CaptionRecord:
-        """Remember a caption the model produced for a stored photo."""
-        return await self._tx.write(
-            lambda s: captions.record_caption(
-                s,
-                photo_id,
-                model_version=model_version,
-                text=text,
-                score=score,
-                beam_size=beam_size,
-                latency_ms=latency_ms,
-                requester_telegram_id=requester_telegram_id,
-                chat_id=chat_id,
-                message_id=message_id,
-            ),
-            retry_integrity=True,
-        )
-
-    async def set_caption_message(self, caption_id: int, chat_id: int, message_id: int) -> CaptionRecord:
-        """Remember which Telegram message shows the caption, so replies map back to it."""
-        return await self._tx.write(lambda s: captions.set_caption_message(s, caption_id, chat_id, message_id))
-
-    async def get_caption(self, caption_id: int) -> CaptionRecord | None:
-        return await self._tx.read(lambda s: captions.get_caption(s, caption_id))
-
-    async def find_caption_by_message(self, chat_id: int, message_id: int) -> CaptionRecord | None:
-        """The caption shown in a given message (the latest, should a message be reused)."""
-        return await self._tx.read(lambda s: captions.find_caption_by_message(s, chat_id, message_id))
-
-    async def record_vote(self, caption_id: int, telegram_id: int, up: bool) -> VoteRecord:
-        """One vote per person per caption: a new vote replaces the old one."""
-        return await self._tx.write(
-            lambda s: captions.record_vote(s, caption_id, telegram_id, up), retry_integrity=True
-        )
+    record_caption = _writing(captions.record_caption, retry_integrity=True)
+    set_caption_message = _writing(captions.set_caption_message)
+    get_caption = _reading(captions.get_caption)
+    find_caption_by_message = _reading(captions.find_caption_by_message)
+    record_vote = _writing(captions.record_vote, retry_integrity=True)
 
     # ------------------------------------------------------------------ corrections
 
-    async def start_correction(
-        self,
-        telegram_id: int,
-        caption_id: int,
-        prompt_chat_id: int | None = None,
-        prompt_message_id: int | None = None,
-    ) -> PendingCorrection:
-        """Remember that this person is now correcting this caption (replacing any earlier one)."""
-        return await self._tx.write(
-            lambda s: corrections.start_correction(s, telegram_id, caption_id, prompt_chat_id, prompt_message_id),
-            retry_integrity=True,
-        )
-
-    async def get_pending_correction(self, telegram_id: int) -> PendingCorrection | None:
-        return await self._tx.read(lambda s: corrections.get_pending_correction(s, telegram_id))
-
-    async def cancel_correction(self, telegram_id: int) -> bool:
-        """Drop the person's pending correction; True if there was one."""
-        return await self._tx.write(lambda s: corrections.cancel_correction(s, telegram_id))
-
-    async def record_correction(self, caption_id: int, telegram_id: int, text: str) -> CorrectionRecord:
-        """Validate and store a correction; raises ``CorrectionRejected`` with a message for the person.
-
-        Sending the same correction twice (a double tap) returns the first one.
-        """
-        return await self._tx.write(
-            lambda s: corrections.record_correction(s, caption_id, telegram_id, text), retry_integrity=True
-        )
+    start_correction = _writing(corrections.start_correction, retry_integrity=True)
+    get_pending_correction = _reading(corrections.get_pending_correction)
+    cancel_correction = _writing(corrections.cancel_correction)
+    record_correction = _writing(corrections.record_correction, retry_integrity=True)
 
     async def corrections_for_training(
         self, since: datetime | None = None, include_upvoted: bool = False, untrained_only: bool = False
@@ -236,15 +183,17 @@ class Storage:
         model has trained on yet; it does not apply to up-voted captions.
         """
         return await self._tx.read(
-            lambda s: corrections.corrections_for_training(s, self.photos, since, include_upvoted, untrained_only)
+            lambda session: corrections.corrections_for_training(
+                session, self.photos, since, include_upvoted, untrained_only
+            )
         )
 
     async def mark_corrections_trained(self, correction_ids: Iterable[int], model_version: str) -> int:
         """Record which model version trained on these corrections; returns rows updated."""
         ids = sorted(set(correction_ids))
         if not ids:
-            return 0
-        return await self._tx.write(lambda s: corrections.mark_corrections_trained(s, ids, model_version))
+            return 0  # no write transaction (and no SQLite write lock) for nothing
+        return await self._tx.write(lambda session: corrections.mark_corrections_trained(session, ids, model_version))
 
     # ------------------------------------------------------------------ forgetting
 
@@ -254,7 +203,7 @@ class Storage:
 
         The person row stays, marked forgotten, so that a later visit is a fresh start.
         """
-        report, rel_paths = await self._tx.write(lambda s: forget.forget_person(s, telegram_id))
+        report, rel_paths = await self._tx.write(lambda session: forget.forget_person(session, telegram_id))
         files = await self._delete_unreferenced_files(rel_paths)
         return dataclasses.replace(report, files_deleted=files)
 
@@ -278,47 +227,17 @@ class Storage:
     async def _delete_unreferenced_files(self, rel_paths: list[str]) -> int:
         if not rel_paths:
             return 0
-        return await self._tx.write(lambda s: forget.delete_unreferenced_files(s, self.photos, rel_paths))
+        return await self._tx.write(lambda session: forget.delete_unreferenced_files(session, self.photos, rel_paths))
 
-    # ------------------------------------------------------------------ statistics
+    # ------------------------------------------------------------------ statistics and model versions
 
-    async def stats(self, days: int = 7) -> Stats:
-        """Counts for the operator: captions per UTC day (oldest first), totals, active model."""
-        return await self._tx.read(lambda s: statistics.stats(s, days))
-
-    # ------------------------------------------------------------------ model versions
-
-    async def register_model_version(
-        self,
-        name: str,
-        checkpoint_path: str | Path,
-        parent: str | None,
-        metrics: dict[str, Any],
-        status: str = ModelStatus.CANDIDATE,
-        reason: str | None = None,
-    ) -> ModelVersionRecord:
-        """Record a trained checkpoint; ``status='active'`` registers and promotes it at once."""
-        checked = model_versions.check_status(status)
-        return await self._tx.write(
-            lambda s: model_versions.register_model_version(s, name, checkpoint_path, parent, metrics, checked, reason)
-        )
-
-    async def promote_model_version(self, name: str) -> ModelVersionRecord:
-        """Make this version the one the bot serves; the previous active one becomes 'retired'."""
-        return await self._tx.write(lambda s: model_versions.promote_model_version(s, name))
-
-    async def reject_model_version(self, name: str, reason: str) -> ModelVersionRecord:
-        """Mark a candidate as not good enough, with the reason (e.g. the failed metric)."""
-        return await self._tx.write(lambda s: model_versions.reject_model_version(s, name, reason))
-
-    async def active_model_version(self) -> ModelVersionRecord | None:
-        return await self._tx.read(model_versions.active_model_version)
-
-    async def get_model_version(self, name: str) -> ModelVersionRecord | None:
-        return await self._tx.read(lambda s: model_versions.get_model_version(s, name))
-
-    async def list_model_versions(self) -> list[ModelVersionRecord]:
-        return await self._tx.read(model_versions.list_model_versions)
+    stats = _reading(statistics.stats)
+    register_model_version = _writing(model_versions.register_model_version)
+    promote_model_version = _writing(model_versions.promote_model_version)
+    reject_model_version = _writing(model_versions.reject_model_version)
+    active_model_version = _reading(model_versions.active_model_version)
+    get_model_version = _reading(model_versions.get_model_version)
+    list_model_versions = _reading(model_versions.list_model_versions)
 
 
 def _prepare_folders(directory: Path, db_file: Path | None) -> None:
