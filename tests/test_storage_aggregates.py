@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import CheckConstraint, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage import captions, corrections, forget, model_versions, people, stats
 from storage.engine import create_engine
+from storage.migrate import MIGRATIONS_DIR
 from storage.errors import CorrectionRejected, ModelVersionError, NotFound
 from storage.models import Base, Caption, ModelVersion, Person, Photo
 from storage.photos import PhotoStore, sha256_hex
@@ -242,9 +243,10 @@ async def test_model_version_lifecycle(session: AsyncSession) -> None:
 
 def test_status_check_constraint_is_built_from_the_enum() -> None:
     """The generated SQL must stay what migration 0001 created, so no migration is needed."""
-    table = ModelVersion.__table__
-    checks = [str(c.sqltext) for c in table.constraints if c.name == "ck_model_versions_status_valid"]
+    table = Base.metadata.tables[ModelVersion.__tablename__]
+    checks = [str(c.sqltext) for c in table.constraints if isinstance(c, CheckConstraint)]
     assert checks == ["status IN ('candidate', 'active', 'rejected', 'retired')"]
+    assert f'"{checks[0]}"' in (MIGRATIONS_DIR / "versions" / "0001_initial.py").read_text()
     assert [s.value for s in ModelStatus] == ["candidate", "active", "rejected", "retired"]
 
 
