@@ -14,8 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage import captions, corrections, forget, model_versions, people, stats
 from storage.engine import create_engine
-from storage.migrate import MIGRATIONS_DIR
 from storage.errors import CorrectionRejected, ModelVersionError, NotFound
+from storage.migrate import MIGRATIONS_DIR
 from storage.models import Base, Caption, ModelVersion, Person, Photo
 from storage.photos import PhotoStore, sha256_hex
 from storage.records import CaptionRecord, ModelStatus, PersonInfo, PhotoRecord, record_from
