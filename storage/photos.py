@@ -49,9 +49,6 @@ class PhotoStore:
             atomic_write_bytes(target, data, mode=PHOTO_MODE)
         return rel
 
-    def exists(self, rel_path: str) -> bool:
-        return self.path(rel_path).is_file()
-
     def delete(self, rel_path: str) -> bool:
         """Remove a photo file; True if it was there."""
         try:
