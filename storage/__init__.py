@@ -7,41 +7,22 @@ Plain values in and out; no torch, no Telegram. Start with::
                                        telegram_file_unique_id=uid, sender_telegram_id=user_id)
     ...
     await storage.close()
+
+``Storage`` (``storage.service``) is a thin front: the work is done by one module per
+aggregate (``people``, ``captions``, ``corrections``, ``model_versions``, ``forget``,
+``stats``), plain ``async def f(session, ...)`` functions run by ``storage.transactions``.
 """
 
+from storage import records
 from storage.errors import CorrectionRejected, ModelVersionError, NotFound, StorageError
-from storage.records import (
-    CaptionRecord,
-    CorrectionRecord,
-    DayCount,
-    ExportReport,
-    ForgetReport,
-    ModelVersionRecord,
-    PendingCorrection,
-    PersonInfo,
-    PhotoRecord,
-    Stats,
-    TrainingExample,
-    VoteRecord,
-)
+from storage.records import *  # noqa: F403 - every record type is public; records.__all__ lists them once
 from storage.service import Storage
 
 __all__ = [
-    "CaptionRecord",
-    "CorrectionRecord",
+    *records.__all__,
     "CorrectionRejected",
-    "DayCount",
-    "ExportReport",
-    "ForgetReport",
     "ModelVersionError",
-    "ModelVersionRecord",
     "NotFound",
-    "PendingCorrection",
-    "PersonInfo",
-    "PhotoRecord",
-    "Stats",
     "Storage",
     "StorageError",
-    "TrainingExample",
-    "VoteRecord",
 ]

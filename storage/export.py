@@ -3,28 +3,27 @@
 The trainer reads ``../shared/data/flickr8k`` with one reader; writing the same
 layout (``images/``, ``captions.txt`` as an ``image,caption`` CSV, and
 ``train.txt`` / ``val.txt``) lets it train on corrections with no new code.
-The split is decided by the photo hash, so a photo stays on the same side
-across exports and never leaks from train into val.
+The validation split is the held-out fifth of ``storage.holdout``, decided by the
+photo hash: a photo stays on the same side across exports and never leaks from
+train into val, and ``train finetune --db`` holds out the very same photos.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import csv
 import io
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+from common.atomic import atomic_write, atomic_write_text
+from storage.holdout import is_held_out
 from storage.records import ExportReport, TrainingExample
 from storage.service import Storage
 
-VAL_MODULUS = 10  # about 1 photo in 10 goes to validation
 IMAGE_NAME = re.compile(r"^[0-9a-f]{64}\.jpg$")
 
 
@@ -32,21 +31,9 @@ def image_name(sha256: str) -> str:
     return f"{sha256}.jpg"
 
 
-def is_validation(sha256: str) -> bool:
-    """Deterministic split: the same photo always lands on the same side."""
-    return int(sha256[:8], 16) % VAL_MODULUS == 0
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+def _sha256_of(name: str) -> str:
+    """The photo hash an image name (``image_name``) was made from."""
+    return name.removesuffix(".jpg")
 
 
 def _captions_csv(rows: Sequence[tuple[str, str]]) -> str:
@@ -93,15 +80,11 @@ def _already_copied(source: Path, target: Path) -> bool:
 
 def _copy_atomically(source: Path, target: Path) -> None:
     """Copy via a temp name so an interrupted export never leaves a truncated image."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-    os.close(fd)
-    try:
+
+    def copy(tmp: Path) -> None:
         shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(target, copy)
 
 
 def _remove_stale_images(images_dir: Path, keep: set[str]) -> None:
@@ -120,11 +103,11 @@ def write_export(examples: Sequence[TrainingExample], out_dir: Path) -> ExportRe
     rows = _unique_rows(kept)
     names = sorted({name for name, _ in rows})
     _remove_stale_images(images_dir, set(names))
-    val = [name for name in names if is_validation(name[:64])]
-    train = [name for name in names if not is_validation(name[:64])]
-    _write_text_atomically(out_dir / "captions.txt", _captions_csv(rows))
-    _write_text_atomically(out_dir / "train.txt", "".join(f"{name}\n" for name in train))
-    _write_text_atomically(out_dir / "val.txt", "".join(f"{name}\n" for name in val))
+    val = [name for name in names if is_held_out(_sha256_of(name))]
+    train = [name for name in names if not is_held_out(_sha256_of(name))]
+    atomic_write_text(out_dir / "captions.txt", _captions_csv(rows))
+    atomic_write_text(out_dir / "train.txt", "".join(f"{name}\n" for name in train))
+    atomic_write_text(out_dir / "val.txt", "".join(f"{name}\n" for name in val))
     return ExportReport(out_dir, len(names), len(rows), len(train), len(val), len(missing))
 
 

@@ -30,6 +30,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from storage.records import ModelStatus
+
 # Deterministic constraint names so migrations can refer to (and drop) them by name.
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -39,7 +41,7 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-MODEL_STATUSES = ("candidate", "active", "rejected", "retired")
+MODEL_STATUSES = tuple(status.value for status in ModelStatus)
 MODEL_NAME_LEN = 128
 CORRECTION_MAX_LEN = 300
 
@@ -179,19 +181,27 @@ class PendingCorrectionRow(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+def _sql_list(values: tuple[str, ...]) -> str:
+    """``'a', 'b'``: plain identifiers quoted as SQL string literals."""
+    return ", ".join(f"'{value}'" for value in values)
+
+
+_ONLY_ACTIVE = f"status = '{ModelStatus.ACTIVE.value}'"
+
+
 class ModelVersion(Base):
     """A trained checkpoint and its lineage; at most one row has status 'active'."""
 
     __tablename__ = "model_versions"
     __table_args__ = (
-        CheckConstraint("status IN ('candidate', 'active', 'rejected', 'retired')", name="status_valid"),
+        CheckConstraint(f"status IN ({_sql_list(MODEL_STATUSES)})", name="status_valid"),
         # A partial unique index: the database itself refuses two active models.
         Index(
             "uq_model_versions_one_active",
             "status",
             unique=True,
-            sqlite_where=text("status = 'active'"),
-            postgresql_where=text("status = 'active'"),
+            sqlite_where=text(_ONLY_ACTIVE),
+            postgresql_where=text(_ONLY_ACTIVE),
         ),
     )
 
@@ -200,7 +210,7 @@ class ModelVersion(Base):
     checkpoint_path: Mapped[str] = mapped_column(String(1024))
     parent: Mapped[str | None] = mapped_column(String(MODEL_NAME_LEN))
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    status: Mapped[str] = mapped_column(String(16), default="candidate")
+    status: Mapped[str] = mapped_column(String(16), default=ModelStatus.CANDIDATE.value)
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -1,22 +1,21 @@
 """Content-addressed photo folder: ``photos/ab/abcdef....jpg``.
 
-A file appears at its final name only complete: bytes go to a temporary file in
-the same folder, are fsynced, and are renamed over the final name (atomic on
-POSIX), then the folder is fsynced so the rename itself survives a crash. A
-killed writer can leave a ``.tmp-*`` file behind, never a half-written photo.
+A file appears at its final name only complete (``common.atomic``): a killed
+writer can leave a ``.tmp-*`` file behind, never a half-written photo, and
+``remove_stale_temp_files`` sweeps those.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-TMP_PREFIX = ".tmp-"
+from common.atomic import TMP_PREFIX, atomic_write_bytes
+
+PHOTO_MODE = 0o644  # readable by the trainer, which may run as another user
 PHOTO_SUFFIX = ".jpg"
 
 
@@ -47,11 +46,8 @@ class PhotoStore:
         rel = relative_path(sha256)
         target = self.path(rel)
         if not self._is_complete(target, len(data)):
-            self._write_atomically(target, data)
+            atomic_write_bytes(target, data, mode=PHOTO_MODE)
         return rel
-
-    def exists(self, rel_path: str) -> bool:
-        return self.path(rel_path).is_file()
 
     def delete(self, rel_path: str) -> bool:
         """Remove a photo file; True if it was there."""
@@ -84,29 +80,3 @@ class PhotoStore:
             return target.stat().st_size == size
         except FileNotFoundError:
             return False
-
-    @staticmethod
-    def _write_atomically(target: Path, data: bytes) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                os.fchmod(handle.fileno(), 0o644)  # mkstemp makes 0600; the trainer may be another user
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_name)
-            raise
-        _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename: the directory entry must reach the disk too."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

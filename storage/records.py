@@ -6,16 +6,62 @@ session closes, to pass between tasks, and to log.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import date, datetime
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+__all__ = [
+    "CaptionRecord",
+    "CorrectionRecord",
+    "DayCount",
+    "ExportReport",
+    "ForgetReport",
+    "ModelStatus",
+    "ModelVersionRecord",
+    "PendingCorrection",
+    "PersonInfo",
+    "PhotoRecord",
+    "Stats",
+    "TrainingExample",
+    "TrainingKind",
+    "VoteRecord",
+]
 
 TrainingKind = Literal["correction", "upvoted"]
+RecordT = TypeVar("RecordT", bound="DataclassInstance")
+
+
+def record_from(record_type: type[RecordT], row: object, **given: Any) -> RecordT:
+    """A ``record_type`` whose fields are ``given``, or else read from the same-named attributes of ``row``.
+
+    The one way an ORM row becomes a record: a field is added in one place (the record) and
+    filled from the column of the same name, or named in ``given`` by the aggregate's mapper.
+    """
+    names = [f.name for f in fields(record_type)]
+    unknown = given.keys() - set(names)
+    if unknown:
+        raise TypeError(f"{record_type.__name__} has no fields {sorted(unknown)}")
+    return record_type(**{name: given[name] if name in given else getattr(row, name) for name in names})
+
+
+class ModelStatus(StrEnum):
+    """Where a model version stands; the database's CHECK constraint is built from this list."""
+
+    CANDIDATE = "candidate"  # trained, not yet judged
+    ACTIVE = "active"  # the one the bot serves (at most one)
+    REJECTED = "rejected"  # judged worse than its parent; never promoted
+    RETIRED = "retired"  # was active, replaced by a newer one
 
 
 @dataclass(frozen=True, slots=True)
 class PersonInfo:
+    """Someone who talked to the bot."""
+
     id: int
     telegram_id: int
     language_code: str | None
@@ -27,6 +73,8 @@ class PersonInfo:
 
 @dataclass(frozen=True, slots=True)
 class PhotoRecord:
+    """A stored photo (its bytes live in the photo folder under ``rel_path``)."""
+
     id: int
     sha256: str
     rel_path: str
@@ -40,6 +88,8 @@ class PhotoRecord:
 
 @dataclass(frozen=True, slots=True)
 class CaptionRecord:
+    """A caption the model gave a photo, where it was posted, and its votes."""
+
     id: int
     photo_id: int
     photo_sha256: str
@@ -59,6 +109,8 @@ class CaptionRecord:
 
 @dataclass(frozen=True, slots=True)
 class VoteRecord:
+    """A person's vote on a caption, with the caption's totals after it."""
+
     caption_id: int
     telegram_id: int
     up: bool
@@ -69,6 +121,8 @@ class VoteRecord:
 
 @dataclass(frozen=True, slots=True)
 class PendingCorrection:
+    """The caption a person is correcting now, and the prompt message that asked them."""
+
     telegram_id: int
     caption_id: int
     caption_text: str
@@ -79,6 +133,8 @@ class PendingCorrection:
 
 @dataclass(frozen=True, slots=True)
 class CorrectionRecord:
+    """A stored correction: the cleaned ``text`` and what the person typed (``text_raw``)."""
+
     id: int
     caption_id: int
     telegram_id: int
@@ -89,25 +145,17 @@ class CorrectionRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class ForgetReport:
-    telegram_id: int
-    found: bool
-    votes: int = 0
-    corrections: int = 0
-    captions: int = 0
-    photos: int = 0
-    files_deleted: int = 0
-    pending: int = 0
-
-
-@dataclass(frozen=True, slots=True)
 class DayCount:
+    """Captions made on one UTC day."""
+
     day: date
     captions: int
 
 
 @dataclass(frozen=True, slots=True)
 class Stats:
+    """Counts for the operator."""
+
     captions_per_day: tuple[DayCount, ...]  # oldest first, UTC days, zero days included
     captions: int
     photos: int
@@ -121,23 +169,27 @@ class Stats:
 
 @dataclass(frozen=True, slots=True)
 class ModelVersionRecord:
+    """A trained checkpoint, its parent, its metrics and its status."""
+
     id: int
     name: str
     checkpoint_path: str
     parent: str | None
     metrics: dict[str, Any] = field(hash=False, compare=True)
-    status: str = "candidate"
+    status: ModelStatus = ModelStatus.CANDIDATE
     reason: str | None = None
     created_at: datetime | None = None
     promoted_at: datetime | None = None
 
     @property
     def is_active(self) -> bool:
-        return self.status == "active"
+        return self.status == ModelStatus.ACTIVE
 
 
 @dataclass(frozen=True, slots=True)
 class TrainingExample:
+    """One (photo, caption) pair to train on: a correction, or a caption voted up."""
+
     kind: TrainingKind
     source_id: int  # correction id for "correction", caption id for "upvoted"
     caption_id: int
@@ -152,9 +204,25 @@ class TrainingExample:
 
 @dataclass(frozen=True, slots=True)
 class ExportReport:
+    """What ``storage export`` wrote."""
+
     out_dir: Path
     images: int
     captions: int
     train: int
     val: int
     missing_files: int
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetReport:
+    """What forgetting a person deleted (rows per table, photo files)."""
+
+    telegram_id: int
+    found: bool
+    votes: int = 0
+    corrections: int = 0
+    captions: int = 0
+    photos: int = 0
+    files_deleted: int = 0
+    pending: int = 0

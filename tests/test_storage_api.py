@@ -134,7 +134,7 @@ async def test_record_photo_stores_file_once(store: Storage) -> None:
     sha = hashlib.sha256(data).hexdigest()
     assert first.created and first.sha256 == sha and first.size_bytes == 5000
     assert first.rel_path == f"{sha[:2]}/{sha}.jpg"
-    path = await store.photo_path(first)
+    path = store.resolve_photo_path(first)
     assert path == store.data_dir / "photos" / first.rel_path
     assert path.read_bytes() == data
     again = await store.record_photo(
@@ -165,9 +165,9 @@ async def test_photo_path_accepts_every_reference(store: Storage) -> None:
     photo = await add_photo(store)
     caption = await add_caption(store, photo)
     expected = store.data_dir / "photos" / photo.rel_path
-    assert await store.photo_path(photo.rel_path) == expected
-    assert await store.photo_path(Path(photo.rel_path)) == expected
-    assert await store.photo_path(caption) == expected
+    assert store.resolve_photo_path(photo.rel_path) == expected
+    assert store.resolve_photo_path(Path(photo.rel_path)) == expected
+    assert store.resolve_photo_path(caption) == expected
     assert store.resolve_photo_path(photo) == expected
     with pytest.raises(ValueError, match="escapes"):
         store.resolve_photo_path("../captionbot.db")

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from storage import CaptionRecord, PhotoRecord, Storage
+from storage import CaptionRecord, PhotoRecord, Storage, TrainingExample
 from storage.__main__ import parse_since
-from storage.export import export_training_data, is_validation
+from storage.export import export_training_data, write_export
+from storage.holdout import is_held_out
 from storage.models import Correction
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,12 +39,12 @@ async def store(tmp_path: Path) -> AsyncIterator[Storage]:
 
 
 def photo_bytes(tag: str, validation: bool | None = None) -> bytes:
-    """Distinct photo bytes; optionally ones whose hash falls in the validation split."""
+    """Distinct photo bytes; optionally ones whose hash is held out (the validation split) or not."""
     for n in itertools.count():
         data = f"{tag}-{n}".encode() * 40
         if validation is None:
             return data
-        if is_validation(hashlib.sha256(data).hexdigest()) == validation:
+        if is_held_out(hashlib.sha256(data).hexdigest()) == validation:
             return data
     raise AssertionError("unreachable")
 
@@ -216,6 +217,31 @@ async def test_export_skips_missing_photo_files(store: Storage, tmp_path: Path) 
     report = await export_training_data(store, tmp_path / "out")
     rows, _, val = _read_export(tmp_path / "out")
     assert report.missing_files == 1 and val == [] and len(rows) == 3
+
+
+def test_export_validation_split_is_the_held_out_fifth(tmp_path: Path) -> None:
+    """val.txt lists exactly the photos ``storage.holdout.is_held_out`` picks, the rule fine-tuning uses."""
+    examples = []
+    for n in range(40):
+        data = f"split photo {n}".encode() * 30
+        sha = hashlib.sha256(data).hexdigest()
+        source = tmp_path / "photos" / f"{sha}.jpg"
+        source.parent.mkdir(exist_ok=True)
+        source.write_bytes(data)
+        created = datetime(2024, 1, 1, tzinfo=UTC)
+        examples.append(TrainingExample("correction", n, n, n, sha, source.name, source, f"photo {n}", created))
+    held_out = {f"{ex.sha256}.jpg" for ex in examples if is_held_out(ex.sha256)}
+    assert 0 < len(held_out) < len(examples), "the sample must have photos on both sides"
+
+    report = write_export(examples, tmp_path / "out")
+    _, train, val = _read_export(tmp_path / "out")
+
+    assert set(val) == held_out and len(val) == len(held_out)
+    assert set(train) == {f"{ex.sha256}.jpg" for ex in examples} - held_out
+    assert (report.train, report.val) == (len(examples) - len(held_out), len(held_out))
+    for name in ("captions.txt", "train.txt", "val.txt", f"images/{val[0]}"):
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
+    assert not list((tmp_path / "out").rglob(".tmp-*")), "no temp files left behind"
 
 
 def test_parse_since() -> None:
