@@ -1,7 +1,7 @@
 """Command line: ``python -m storage {upgrade,export,stats,sweep}``.
 
 Every command takes ``--database-url`` and ``--data-dir``; without them the
-``DATABASE_URL`` and ``CAPTIONBOT_DATA_DIR`` environment variables apply.
+``DATABASE_URL`` and ``CAPTIONBOT_DATA_DIR`` settings apply (environment or ``.env``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from common.settings import ConfigError, load_settings
 from storage import config
 from storage import migrate as migrations
 from storage.engine import create_engine, sqlite_file
@@ -92,6 +93,13 @@ COMMANDS = {"upgrade": _upgrade, "export": _export, "stats": _stats, "sweep": _s
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.database_url = args.database_url or settings.database_url
+    args.data_dir = args.data_dir or settings.data_dir
     asyncio.run(COMMANDS[args.command](args))
     return 0
 

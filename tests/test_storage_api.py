@@ -40,8 +40,8 @@ async def store(tmp_path: Path) -> AsyncIterator[Storage]:
 @pytest.fixture(autouse=True)
 def _no_env_database(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests must not pick up a developer's DATABASE_URL."""
-    monkeypatch.delenv(storage_config.DATABASE_URL_ENV, raising=False)
-    monkeypatch.delenv(storage_config.DATA_DIR_ENV, raising=False)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("CAPTIONBOT_DATA_DIR", raising=False)
 
 
 async def add_photo(store: Storage, payload: bytes = b"photo-bytes", sender: int = ALICE) -> PhotoRecord:
@@ -67,14 +67,14 @@ async def add_caption(
 # ---------------------------------------------------------------- config and opening
 
 
-def test_config_defaults_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_uses_only_what_the_caller_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    # The environment is the caller's business (common.settings): storage itself ignores it.
+    monkeypatch.setenv("DATABASE_URL", "postgresql+asyncpg://u@h/db")
+    monkeypatch.setenv("CAPTIONBOT_DATA_DIR", str(tmp_path / "ignored"))
     assert storage_config.data_dir() == tmp_path / "data"
     assert storage_config.database_url() == f"sqlite+aiosqlite:///{tmp_path}/data/captionbot.db"
-    monkeypatch.setenv(storage_config.DATA_DIR_ENV, str(tmp_path / "elsewhere"))
-    assert storage_config.database_url().endswith("/elsewhere/captionbot.db")
-    monkeypatch.setenv(storage_config.DATABASE_URL_ENV, "postgresql+asyncpg://u@h/db")
-    assert storage_config.database_url() == "postgresql+asyncpg://u@h/db"
+    assert storage_config.database_url(directory=tmp_path / "elsewhere").endswith("/elsewhere/captionbot.db")
     assert storage_config.database_url("sqlite+aiosqlite:///x.db") == "sqlite+aiosqlite:///x.db"
 
 

@@ -13,6 +13,7 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
+from common.settings import load_settings
 from storage.config import database_url
 from storage.engine import create_engine, is_sqlite, write_engine
 from storage.models import Base
@@ -34,7 +35,9 @@ def _configure_and_run(connection: Connection) -> None:
 
 
 def _url() -> str:
-    return config.get_main_option("sqlalchemy.url") or database_url()
+    # Run by hand (`alembic upgrade head`): the same settings the bot reads.
+    settings = load_settings()
+    return config.get_main_option("sqlalchemy.url") or database_url(settings.database_url, settings.data_dir)
 
 
 async def _run_async() -> None:
