@@ -47,7 +47,9 @@ from captioner import checkpoint  # noqa: E402
 from captioner.checkpoint import DEFAULT_MODEL_DIR, META_FILE, CaptionModel  # noqa: E402
 from captioner.inference import Captioner  # noqa: E402
 from captioner.model import ModelConfig  # noqa: E402
-from captioner.serving import CaptionResult, ProcessCaptionService, ServiceConfig  # noqa: E402
+from captioner.result import CaptionResult  # noqa: E402
+from captioner.serving.config import ServiceConfig  # noqa: E402
+from captioner.serving.process import ProcessCaptionService  # noqa: E402
 from captioner.vocab import SPECIAL_TOKENS, Vocabulary  # noqa: E402
 from tests.helpers import SHARED_FLICKR8K, photo_bytes  # noqa: E402
 
@@ -194,7 +196,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                   f"{worker_single / bare_single:.2f}x")
 
             pairs = list(zip(results, baseline, strict=True))
-            mismatches = [i for i, (r, b) in enumerate(pairs) if r.caption != b.text]
+            mismatches = [i for i, (r, b) in enumerate(pairs) if r.caption != b.caption]
             score_diff = max(abs(r.score - b.score) for r, b in pairs)
             print(f"identical captions: {not mismatches} ({len(photos) - len(mismatches)}/{len(photos)}), "
                   f"max score difference {score_diff:.2e}")

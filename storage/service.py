@@ -29,7 +29,7 @@ from sqlalchemy.sql.dml import Delete, Update
 from storage import config
 from storage import migrate as migrations
 from storage.engine import create_engine, is_sqlite, sqlite_file, write_engine
-from storage.errors import CorrectionRejected, ModelVersionError, NotFound
+from storage.errors import CorrectionRejected, ModelVersionError, NotFound, Rejection
 from storage.models import (
     MODEL_STATUSES,
     Caption,
@@ -584,7 +584,7 @@ class Storage:
         return await self._write(op)
 
     async def record_correction(self, caption_id: int, telegram_id: int, text: str) -> CorrectionRecord:
-        """Validate and store a correction; raises ``CorrectionRejected`` with a message for the person.
+        """Validate and store a correction; raises ``CorrectionRejected`` with the reason.
 
         Sending the same correction twice (a double tap) returns the first one.
         The person's pending correction of this caption is cleared; a rejected
@@ -594,9 +594,7 @@ class Storage:
         async def op(session: AsyncSession) -> CorrectionRecord:
             caption = await session.get(Caption, caption_id)
             if caption is None:
-                raise CorrectionRejected(
-                    "I can't find that caption any more, so I can't take the correction.", "no_caption"
-                )
+                raise CorrectionRejected(Rejection.NO_CAPTION)
             normalized = validate_correction(text, caption.text)
             person, _ = await self._ensure_person(session, telegram_id)
             await session.execute(

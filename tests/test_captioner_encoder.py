@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from captioner.encoder import Encoder, EncoderWeightsError
-from captioner.images import to_model_input
+from captioner.inference import to_model_input
 
 EGYPTIAN_CAT = 285
 

@@ -20,24 +20,28 @@ import torch
 
 from captioner.images import ImageError, NotAnImageError, TruncatedImageError, load_image
 from captioner.inference import Captioner
-from captioner.serving import (
-    CaptionResult,
+from captioner.result import CaptionResult
+from captioner.serving.base import (
     ModelLoadError,
-    ProcessCaptionService,
     QueueFullError,
     RequestTimeoutError,
     ServiceClosedError,
-    ServiceConfig,
     WorkerCrashedError,
-    create_service,
 )
+from captioner.serving.config import ServiceConfig
+from captioner.serving.process import ProcessCaptionService
 from tests.helpers import make_checkpoint, photo_bytes
 
 BASE: dict[str, Any] = dict(device="cpu", threads=1, request_timeout=60.0)
 
 
+def _service(checkpoint: Path, **overrides: object) -> ProcessCaptionService:
+    """A service (not started) on ``checkpoint`` with single-threaded CPU workers."""
+    return ProcessCaptionService(ServiceConfig(checkpoint=str(checkpoint), **{**BASE, **overrides}))
+
+
 def _start(checkpoint: Path, **overrides: object) -> ProcessCaptionService:
-    service = ProcessCaptionService(ServiceConfig(checkpoint=str(checkpoint), **{**BASE, **overrides}))
+    service = _service(checkpoint, **overrides)
     asyncio.run(service.start())
     return service
 
@@ -85,7 +89,7 @@ def reference(tiny_checkpoint: Path) -> Iterator[Captioner]:
 # --- configuration (no worker) ---------------------------------------------------------------
 
 
-def test_config_from_env_and_factory(tiny_checkpoint: Path) -> None:
+def test_config_from_env() -> None:
     config = ServiceConfig.from_env({"CAPTIONBOT_BATCH_SIZE": "8", "CAPTIONBOT_BATCH_WAIT_MS": "25",
                                      "CAPTIONBOT_MAX_FILE_MB": "5", "CAPTIONBOT_MODEL": "",
                                      "CAPTIONBOT_REQUEST_TIMEOUT": "30", "CAPTIONBOT_WORKER_THREADS": "2"})
@@ -94,21 +98,24 @@ def test_config_from_env_and_factory(tiny_checkpoint: Path) -> None:
     assert config.image_limits.max_bytes == 5 * 1024 * 1024 and config.checkpoint is None
     with pytest.raises(ValueError, match="CAPTIONBOT_QUEUE_CAPACITY"):
         ServiceConfig.from_env({"CAPTIONBOT_QUEUE_CAPACITY": "many"})
+
+
+def test_config_checks_and_resolves_the_checkpoint(tiny_checkpoint: Path) -> None:
     with pytest.raises(ValueError):
         ServiceConfig(max_batch_size=0)
-    service = create_service(tiny_checkpoint, device="cpu", queue_capacity=3)
+    service = _service(tiny_checkpoint, queue_capacity=3)
     assert service.config.queue_capacity == 3 and service.config.checkpoint == str(tiny_checkpoint.resolve())
 
 
 async def test_not_started_service_refuses_requests(tiny_checkpoint: Path) -> None:
-    service = create_service(tiny_checkpoint, device="cpu")
+    service = _service(tiny_checkpoint)
     with pytest.raises(ServiceClosedError):
         await service.caption(photo_bytes(0))
     await service.close()
 
 
 async def test_start_with_a_broken_checkpoint_raises(tmp_path: Path) -> None:
-    service = create_service(tmp_path / "no-such-model", device="cpu", threads=1)
+    service = _service(tmp_path / "no-such-model")
     with pytest.raises(ModelLoadError, match="not found"):
         await service.start()
 
@@ -123,8 +130,8 @@ async def test_concurrent_requests_are_batched_and_match_single_image(
     assert max(r.batch_size for r in results) > 1
     for photo, result in zip(photos, results, strict=True):
         alone = reference.caption_bytes(photo, replace(reference.beam, beam_size=3), attention=False)
-        assert result.caption == alone.text
-        assert result.words == tuple(alone.words)
+        assert result.caption == alone.caption
+        assert result.words == alone.words
         assert result.score == pytest.approx(alone.score, abs=1e-4)
         assert result.model_version == "test-v1" and result.beam_size == 3
         assert (result.width, result.height) == (96, 80)
@@ -139,7 +146,7 @@ async def test_mixed_beam_sizes_in_one_batch(service: ProcessCaptionService, ref
     assert max(r.batch_size for r in results) > 1
     for photo, beam, result in zip(photos, beams, results, strict=True):
         alone = reference.caption_bytes(photo, replace(reference.beam, beam_size=beam), attention=False)
-        assert (result.caption, result.beam_size) == (alone.text, beam)
+        assert (result.caption, result.beam_size) == (alone.caption, beam)
         assert result.score == pytest.approx(alone.score, abs=1e-4)
     png = results[0].attention_png
     assert png is not None and png.startswith(b"\x89PNG")
@@ -160,6 +167,8 @@ async def test_bad_image_bytes_fail_only_their_request(service: ProcessCaptionSe
         with pytest.raises(ImageError) as expected:
             load_image(bad)
         assert type(outcome) is type(expected.value) and str(outcome) == str(expected.value)
+        assert isinstance(outcome, ImageError)
+        assert (outcome.code, outcome.details) == (expected.value.code, expected.value.details)
     assert isinstance(outcomes[3], NotAnImageError) and isinstance(outcomes[4], TruncatedImageError)
     assert isinstance(outcomes[5], ImageError)
     assert all(isinstance(o, CaptionResult) for o in outcomes[:3] + outcomes[6:])

@@ -60,7 +60,7 @@ def is_image_document(mime_type: str | None, file_name: str | None) -> bool:
 def error_text(err: Exception) -> str:
     """What to tell a person when their photo could not be captioned."""
     if isinstance(err, ImageError):
-        return texts.bad_image(str(err))
+        return texts.bad_image(err)
     if isinstance(err, QueueFullError):
         return texts.BUSY
     if isinstance(err, RequestTimeoutError):
