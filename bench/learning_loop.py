@@ -81,7 +81,7 @@ async def simulate_corrections(url: str, data_dir: Path, captioner: Captioner, p
             photo = await store.record_photo(data, width=width, height=height, telegram_file_unique_id=f"f{n}",
                                              sender_telegram_id=person)
             caption = await store.record_caption(photo.id, model_version=captioner.version,
-                                                 text=image_caption.caption, score=image_caption.score, beam_size=3,
+                                                 text=image_caption.text, score=image_caption.score, beam_size=3,
                                                  latency_ms=0.0, requester_telegram_id=person, chat_id=person,
                                                  message_id=n + 1)
             await store.start_correction(person, caption.id, person, n + 10_000)

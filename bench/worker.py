@@ -196,11 +196,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                   f"{worker_single / bare_single:.2f}x")
 
             pairs = list(zip(results, baseline, strict=True))
-            mismatches = [i for i, (r, b) in enumerate(pairs) if r.caption != b.caption]
+            mismatches = [i for i, (r, b) in enumerate(pairs) if r.text != b.text]
             score_diff = max(abs(r.score - b.score) for r, b in pairs)
             print(f"identical captions: {not mismatches} ({len(photos) - len(mismatches)}/{len(photos)}), "
                   f"max score difference {score_diff:.2e}")
-            print(f"example caption: {results[0].caption!r}")
+            print(f"example caption: {results[0].text!r}")
         finally:
             stats = service.stats()
             await service.close()

@@ -55,9 +55,9 @@ def caption_command(args: argparse.Namespace) -> int:
             continue
         result = captioner.caption_images([image], beam, attention=args.attention is not None)[0]
         if args.json:
-            print(json.dumps({"image": str(path), "caption": result.caption, "score": round(result.score, 4)}))
+            print(json.dumps({"image": str(path), "caption": result.text, "score": round(result.score, 4)}))
         else:
-            print(f"{path}: {result.caption}")
+            print(f"{path}: {result.text}")
         if args.attention is not None and result.attention is not None:
             out = _attention_path(args.attention, index, len(args.photos))
             out.write_bytes(render_attention(image, result.words, result.attention))

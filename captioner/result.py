@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class CaptionResult:
-    caption: str
+    text: str
     words: tuple[str, ...]
     score: float  # length-normalised log-probability of the caption (what beam search ranked by)
     log_prob: float  # summed log-probability, <end> included when emitted

@@ -17,7 +17,7 @@ TMP_PREFIX = ".tmp-"
 DEFAULT_MODE = 0o644
 
 
-def atomic_write(target: str | Path, write: Callable[[Path], None], mode: int = DEFAULT_MODE) -> None:
+def atomic_write(target: str | Path, write: Callable[[Path], object], mode: int = DEFAULT_MODE) -> None:
     """Call ``write(tmp_path)`` to produce the file, then move it over ``target`` atomically.
 
     ``write`` gets a path rather than a handle because some writers (safetensors, numpy) only take

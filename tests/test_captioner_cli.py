@@ -70,7 +70,7 @@ def test_attention_picture_is_a_png_of_the_expected_size(n_words: int) -> None:
 def test_captioner_facade_gives_words_scores_and_attention(tiny_checkpoint: Path) -> None:
     captioner = Captioner.load(tiny_checkpoint, "cpu")
     caption = captioner.caption_bytes(photo_bytes(5))
-    assert caption.caption == " ".join(caption.words) and caption.words
+    assert caption.text == " ".join(caption.words) and caption.words
     assert (caption.width, caption.height, caption.model_version) == (96, 80, "test-v1")
     assert caption.attention is not None and caption.attention.shape[0] == len(caption.words)
     assert caption.attention.sum(axis=(1, 2)) == pytest.approx(1.0, abs=1e-4)
