@@ -56,9 +56,6 @@ class CaptionModel:
     def version(self) -> str:
         return str(self.meta.get("version", "unversioned"))
 
-    def modules(self) -> dict[str, nn.Module]:
-        return {"encoder": self.encoder, "decoder": self.decoder}
-
     def to(self, device: torch.device | str) -> CaptionModel:
         self.encoder.to(device)
         self.decoder.to(device)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..result import CaptionResult
+from . import protocol as wire
 from .base import (
     CaptionService,
     ModelLoadError,
@@ -36,20 +37,6 @@ from .base import (
 )
 from .calls import PendingReload, PendingRequest, fail_all, mark_sent, resolve, take_from_dead_worker
 from .config import ServiceConfig
-from .protocol import (
-    BatchDone,
-    BatchStarted,
-    Cancel,
-    Captioned,
-    Expired,
-    Reload,
-    ReloadDone,
-    ReloadFailed,
-    Request,
-    RequestFailed,
-    Shutdown,
-    WorkerSettings,
-)
 from .spawn import POLL, WorkerHandle, restart_delay, spawn_worker, stop_process
 from .stats import Counters, ServiceStats
 
@@ -133,7 +120,7 @@ class ProcessCaptionService(CaptionService):
                 raise QueueFullError(f"{len(self._pending)} photos are queued (the limit is "
                                      f"{self.config.queue_capacity}); try again shortly")
             now = time.monotonic()
-            request = Request(next(self._ids), data, beam, bool(attention), now + limit, now)
+            request = wire.Request(next(self._ids), data, beam, bool(attention), now + limit, now)
             pending = PendingRequest(request, loop.create_future(), loop)
             self._pending[request.id] = pending
         self._outbox.put(request)
@@ -166,7 +153,7 @@ class ProcessCaptionService(CaptionService):
         with self._lock:
             if self._state != _RUNNING:
                 raise ServiceClosedError("the caption service is not running")
-            pending = PendingReload(Reload(next(self._ids), path), loop.create_future(), loop)
+            pending = PendingReload(wire.Reload(next(self._ids), path), loop.create_future(), loop)
             self._reloads[pending.message.id] = pending
         self._outbox.put(pending.message)
         try:
@@ -217,7 +204,7 @@ class ProcessCaptionService(CaptionService):
     def _spawn(self) -> WorkerHandle:
         """Start a worker and wait until its model is loaded (blocking; raises ModelLoadError)."""
         self._last_start = time.monotonic()
-        settings = WorkerSettings.of(self.config, self._checkpoint)
+        settings = wire.WorkerSettings.of(self.config, self._checkpoint)
         child = spawn_worker(settings, self.config.start_timeout, self._stopping)
         with self._lock:
             self._generation += 1
@@ -242,7 +229,7 @@ class ProcessCaptionService(CaptionService):
             if message is _STOP:
                 return
             while True:
-                if self._stopping.is_set() and not isinstance(message, Shutdown):
+                if self._stopping.is_set() and not isinstance(message, wire.Shutdown):
                     break
                 if not self._child_ready.wait(POLL):
                     if self._stopping.is_set():
@@ -263,7 +250,7 @@ class ProcessCaptionService(CaptionService):
             pending = self._pending.pop(request_id, None)
             tell = pending is not None and pending.sent_to is not None and pending.sent_to == self._generation
         if tell:
-            self._outbox.put(Cancel((request_id,)))
+            self._outbox.put(wire.Cancel((request_id,)))
 
     # --- the monitor thread ---------------------------------------------------------------
 
@@ -310,32 +297,32 @@ class ProcessCaptionService(CaptionService):
             child.process.kill()
 
     def _dispatch(self, child: WorkerHandle, message: object) -> None:
-        if isinstance(message, BatchStarted):
+        if isinstance(message, wire.BatchStarted):
             with self._lock:
                 self._batch_started = time.monotonic()
                 for request_id in message.ids:
                     pending = self._pending.get(request_id)
                     if pending is not None and pending.sent_to == child.generation:
                         pending.running = True
-        elif isinstance(message, BatchDone):
+        elif isinstance(message, wire.BatchDone):
             with self._lock:
                 self._batch_started = None
                 self._counts.batch_done(message)
             for answer in message.results:
                 self._answer(answer.id, value=answer.result)
-        elif isinstance(message, Captioned):
+        elif isinstance(message, wire.Captioned):
             self._answer(message.id, value=message.result)
-        elif isinstance(message, RequestFailed):
+        elif isinstance(message, wire.RequestFailed):
             self._answer(message.id, error=message.error())
-        elif isinstance(message, Expired):
+        elif isinstance(message, wire.Expired):
             with self._lock:
                 self._counts.expired += len(message.ids)
             for request_id in message.ids:
                 self._answer(request_id, error=RequestTimeoutError(
                     "the request's deadline passed before the worker reached it"))
-        elif isinstance(message, ReloadDone):
+        elif isinstance(message, wire.ReloadDone):
             self._reload_done(message)
-        elif isinstance(message, ReloadFailed):
+        elif isinstance(message, wire.ReloadFailed):
             self._settle_reload(message.id, error=ModelLoadError(message.message))
 
     def _answer(self, request_id: int, value: Any = None, error: BaseException | None = None) -> None:
@@ -344,7 +331,7 @@ class ProcessCaptionService(CaptionService):
         if pending is not None:
             resolve(pending.loop, pending.future, value, error)
 
-    def _reload_done(self, message: ReloadDone) -> None:
+    def _reload_done(self, message: wire.ReloadDone) -> None:
         with self._lock:
             self._version, self._checkpoint = message.version, message.checkpoint
         log.info("caption worker now serves model %s (%s)", message.version, message.checkpoint)
@@ -429,7 +416,7 @@ class ProcessCaptionService(CaptionService):
             child = self._child
         fail_all(leftovers, ServiceClosedError, "the service shut down before this photo was captioned")
         fail_all(reloads, ServiceClosedError, "the service shut down")
-        self._outbox.put(Shutdown())
+        self._outbox.put(wire.Shutdown())
         self._outbox.put(_STOP)
         if child is not None:
             stop_process(child.process, grace=self.config.shutdown_grace)

@@ -60,7 +60,7 @@ ATTENTION_TILE = 224  # render_attention draws the photo at this size
 EXIT_FATAL = 70  # the worker exits with this code after a CUDA error or running out of memory
 # A batch waits this long past its window for photos that arrived in the window but are still
 # being decoded (decoding is faster than compute, so a short wait fills the batch).
-MAX_DECODE_WAIT = 0.25
+MAX_IMAGE_DECODE_WAIT = 0.25
 _STOP = object()
 
 
@@ -213,13 +213,13 @@ class Worker:
         with self._lock:
             received = self._undecoded[0] if self._undecoded else time.monotonic()
         try:
-            self._decode(request, received)
+            self._decode_image(request, received)
         finally:
             with self._lock:
                 if self._undecoded:
                     self._undecoded.popleft()
 
-    def _decode(self, request: Request, received: float) -> None:
+    def _decode_image(self, request: Request, received: float) -> None:
         if self._dropped(request, time.monotonic()):  # no decoding for nobody; the batcher answers
             self._inbox.put(_Prepared(request, received, torch.empty(0), (), 0, 0, None, 0.0))
             return
@@ -263,7 +263,7 @@ class Worker:
                 now = time.monotonic()
                 if now < until:
                     timeout = until - now
-                elif now < until + MAX_DECODE_WAIT and self._decoding_arrived_before(until):
+                elif now < until + MAX_IMAGE_DECODE_WAIT and self._image_decoding_arrived_before(until):
                     timeout = 0.005  # re-check: a photo that fails to decode never shows up here
                 else:
                     timeout = 0.0
@@ -289,7 +289,7 @@ class Worker:
             pool.shutdown(wait=False, cancel_futures=True)
         return 0
 
-    def _decoding_arrived_before(self, moment: float) -> bool:
+    def _image_decoding_arrived_before(self, moment: float) -> bool:
         with self._lock:
             return bool(self._undecoded) and self._undecoded[0] <= moment
 
