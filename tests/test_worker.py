@@ -103,7 +103,11 @@ def test_config_from_env() -> None:
         ServiceConfig.from_env({"CAPTIONBOT_QUEUE_CAPACITY": "many"})
 
 
-def test_config_checks_and_resolves_the_checkpoint(tiny_checkpoint: Path) -> None:
+def test_config_validation_and_factory(tiny_checkpoint: Path) -> None:
+    for bad in ({"queue_capacity": 0}, {"max_wait_ms": -1}, {"request_timeout": 0}, {"threads": 0},
+                {"default_beam_size": 11}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ServiceConfig(**bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         ServiceConfig(max_batch_size=0)
     service = _service(tiny_checkpoint, queue_capacity=3)
