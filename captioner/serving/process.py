@@ -9,6 +9,8 @@ The parent keeps one future per request, keyed by request id, and two threads:
   :class:`WorkerCrashedError`. Every request has a deadline, so no caller waits forever.
 
 Nothing here runs on the caller's event loop but bookkeeping: photos are decoded in the worker.
+Helpers: ``spawn`` starts and stops worker processes, ``calls`` keeps the calls waiting for an
+answer, ``stats`` counts; ``protocol`` (imported as ``wire``) has the messages.
 """
 
 from __future__ import annotations

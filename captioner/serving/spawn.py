@@ -46,7 +46,7 @@ def spawn_worker(settings: WorkerSettings, timeout: float, stopping: threading.E
     request_out.close()  # the child has its own copies: the parent sees EOF when it dies
     result_in.close()
     try:
-        ready = _wait_until_loaded(process, result_out, time.monotonic() + timeout, timeout, stopping)
+        ready = _wait_until_loaded(process, result_out, timeout, stopping)
     except BaseException:
         stop_process(process)
         request_in.close()
@@ -55,8 +55,9 @@ def spawn_worker(settings: WorkerSettings, timeout: float, stopping: threading.E
     return WorkerHandle(process, request_in, result_out, ready)
 
 
-def _wait_until_loaded(process: BaseProcess, answers: Connection, deadline: float, timeout: float,
+def _wait_until_loaded(process: BaseProcess, answers: Connection, timeout: float,
                        stopping: threading.Event) -> Ready:
+    deadline = time.monotonic() + timeout
     while True:
         if stopping.is_set():
             raise ModelLoadError("the service is shutting down")
