@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 from bench.report import RESULTS, Run, latency_summary_ms, start_run, write_result  # noqa: E402
 from bot.app import CaptionBot  # noqa: E402
 from captioner.checkpoint import DEFAULT_MODEL_DIR  # noqa: E402
-from captioner.serving import CaptionService  # noqa: E402
+from captioner.serving.base import CaptionService  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from tests.fake_telegram import FakeTelegram  # noqa: E402
 from tests.helpers import photo_bytes  # noqa: E402

@@ -51,7 +51,10 @@ from captioner.beam import BeamConfig  # noqa: E402
 from captioner.checkpoint import DEFAULT_MODEL_DIR, META_FILE, CaptionModel  # noqa: E402
 from captioner.inference import Captioner  # noqa: E402
 from captioner.model import ModelConfig  # noqa: E402
-from captioner.serving import CaptionResult, ProcessCaptionService, QueueFullError, ServiceConfig  # noqa: E402
+from captioner.result import CaptionResult  # noqa: E402
+from captioner.serving.base import QueueFullError  # noqa: E402
+from captioner.serving.config import ServiceConfig  # noqa: E402
+from captioner.serving.process import ProcessCaptionService  # noqa: E402
 from captioner.vocab import SPECIAL_TOKENS, Vocabulary  # noqa: E402
 from tests.helpers import SHARED_FLICKR8K, photo_bytes  # noqa: E402
 
@@ -251,12 +254,12 @@ async def bench(args: argparse.Namespace, run: Run) -> dict[str, Any]:
                   f"({worker_rate / baseline_rate:.2f}x the same-threads baseline)")
 
             single = await single_requests(caller, captioner, photos[: args.single], beam)
-            worker_texts = [r.caption for r in results]
+            worker_texts = [r.text for r in results]
             mismatched = mismatches(worker_texts, [b.text for b in baseline])
             score_diff = max(abs(r.score - b.score) for r, b in zip(results, baseline, strict=True))
             print(f"identical captions: {not mismatched} ({len(photos) - mismatched}/{len(photos)}), "
                   f"max score difference {score_diff:.2e}")
-            print(f"example caption: {results[0].caption!r}")
+            print(f"example caption: {results[0].text!r}")
         finally:
             stats = service.stats()
             await service.close()

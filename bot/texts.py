@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from html import escape
 
 from telegram import BotCommand
+
+from captioner.images import ImageError, ImageProblem
+from storage.errors import CorrectionRejected, Rejection
 
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("start", "What this bot does"),
@@ -128,7 +132,19 @@ def correction_saved(text: str) -> str:
     return f"✅ Thanks, your caption is saved: “{escape(text)}”. It helps train the next model."
 
 
-def correction_rejected(reason: str) -> str:
+# What each rejection code means to the person (``details`` hold the numbers).
+CORRECTION_REJECTIONS: dict[Rejection, Callable[[Mapping[str, int]], str]] = {
+    Rejection.NO_CAPTION: lambda _: "I can't find that caption any more, so I can't take the correction.",
+    Rejection.TOO_SHORT: lambda _: "Your correction is empty. Please send a short description of the photo.",
+    Rejection.TOO_LONG: lambda d: (f"Your correction is too long ({d['length']} characters). "
+                                   f"Please keep it under {d['limit']}."),
+    Rejection.TOO_FEW_WORDS: lambda _: 'Please use at least two words, for example "a dog running on the beach".',
+    Rejection.UNCHANGED: lambda _: "That is the same as my caption. Please send a different description.",
+}
+
+
+def correction_rejected(err: CorrectionRejected) -> str:
+    reason = CORRECTION_REJECTIONS[err.code](err.details)
     return f"🤔 {escape(reason)}\nReply again with a new caption, or /cancel."
 
 
@@ -174,8 +190,24 @@ def _mb(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MB"
 
 
-def bad_image(reason: str) -> str:
-    return f"😕 I can't caption this one. {escape(reason)}"
+# What each image problem means to the person (``details`` hold the numbers, in bytes and pixels).
+IMAGE_PROBLEMS: dict[ImageProblem, Callable[[Mapping[str, int | str]], str]] = {
+    ImageProblem.TOO_MANY_BYTES: lambda d: (f"The file is {int(d['size']) / 1e6:.1f} MB; "
+                                            f"the limit is {int(d['limit']) / 1e6:.0f} MB."),
+    ImageProblem.TOO_MANY_PIXELS: lambda d: (
+        f"The image has too many pixels (the limit is {int(d['limit']) / 1e6:.0f} megapixels)."),
+    ImageProblem.EMPTY: lambda _: "The file is empty.",
+    ImageProblem.NOT_AN_IMAGE: lambda _: "This file is not an image I can read (try a JPEG or PNG photo).",
+    ImageProblem.NO_PIXELS: lambda _: "The image has no pixels.",
+    ImageProblem.DAMAGED: lambda _: "This image is damaged and cannot be decoded.",
+    ImageProblem.TRUNCATED: lambda _: "The image file is incomplete (it was cut short); please resend it.",
+    ImageProblem.UNSUPPORTED_FORMAT: lambda d: (
+        f"{d['format']} images are not supported; please send a JPEG, PNG, WebP or GIF."),
+}
+
+
+def bad_image(err: ImageError) -> str:
+    return f"😕 I can't caption this one. {escape(IMAGE_PROBLEMS[err.code](err.details))}"
 
 
 def rate_limited(limit: int, retry_after: float) -> str:

@@ -53,14 +53,14 @@ def caption_command(args: argparse.Namespace) -> int:
             failures += 1
             _report_error(args.json, path, err)
             continue
-        caption = captioner.caption_images([image], beam, attention=args.attention is not None)[0]
+        result = captioner.caption_images([image], beam, attention=args.attention is not None)[0]
         if args.json:
-            print(json.dumps({"image": str(path), "caption": caption.text, "score": round(caption.score, 4)}))
+            print(json.dumps({"image": str(path), "caption": result.text, "score": round(result.score, 4)}))
         else:
-            print(f"{path}: {caption.text}")
-        if args.attention is not None and caption.attention is not None:
+            print(f"{path}: {result.text}")
+        if args.attention is not None and result.attention is not None:
             out = _attention_path(args.attention, index, len(args.photos))
-            out.write_bytes(render_attention(image, caption.words, caption.attention))
+            out.write_bytes(render_attention(image, result.words, result.attention))
         sys.stdout.flush()
     return 1 if failures else 0
 

@@ -7,8 +7,6 @@ or written, so loading a checkpoint from anyone cannot run code.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from common.atomic import atomic_write, atomic_write_text
 
 from .encoder import Encoder
 from .model import Decoder, ModelConfig
@@ -55,9 +55,6 @@ class CaptionModel:
     @property
     def version(self) -> str:
         return str(self.meta.get("version", "unversioned"))
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"encoder": self.encoder, "decoder": self.decoder}
 
     def to(self, device: torch.device | str) -> CaptionModel:
         self.encoder.to(device)
@@ -106,9 +103,10 @@ def save(model: CaptionModel, directory: str | Path, dtype: torch.dtype = torch.
         "dtype": str(dtype).removeprefix("torch."),
         "stores_encoder": _stores_encoder(model),
     }
-    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
-    _atomic_write(directory / META_FILE,
-                  lambda p: p.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n"))
+    # 0644: checkpoints are meant to be shared and packaged.
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)), mode=0o644)
+    atomic_write_text(directory / META_FILE, json.dumps(document, indent=1, ensure_ascii=False) + "\n",
+                      mode=0o644)
     return directory
 
 
@@ -124,21 +122,6 @@ def _state_tensors(model: CaptionModel, dtype: torch.dtype) -> dict[str, torch.T
                 value = value.to(dtype)
             tensors[f"{prefix}.{name}"] = value.contiguous()
     return tensors
-
-
-def _atomic_write(target: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints are meant to be shared and packaged
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # the writer may have replaced the file we made
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_document(path: str | Path | None) -> dict[str, Any]:

@@ -210,8 +210,8 @@ class Encoder(nn.Module):
         self.name = name
         self.spec = backbone_spec(name)
         self.backbone = self.spec.build(weights, pretrained and self.spec.pretrained)
-        # Channels-last lets oneDNN run the depthwise convolutions without layout conversions:
-        # measured 1.8x more images/s for EfficientNet-Lite0 on a 2-core CPU (bench/decode.py).
+        # Channels-last lets oneDNN run the depthwise convolutions without layout conversions;
+        # bench/results/decode.json has the images/s of both layouts per batch size.
         self.backbone.to(memory_format=torch.channels_last)
         self.set_trainable_blocks(fine_tune_blocks)
 

@@ -1,7 +1,11 @@
-"""Turning untrusted image bytes into an RGB picture and a model input tensor.
+"""Turning untrusted image bytes into an upright RGB picture (Pillow only, no torch).
 
-Every photo the project sees, in training and in serving, goes through :func:`load_image` and
-:func:`to_model_input`, so inference preprocessing is exactly training preprocessing.
+Every photo the project sees, in training and in serving, goes through :func:`load_image` (and
+then :func:`captioner.inference.to_model_input`), so inference preprocessing is exactly training
+preprocessing. The bot imports this module for the limits and errors, so it must stay torch-free.
+
+Errors carry a code and the numbers behind it, never a sentence: what a person reads is the
+bot's business (``bot/texts.py``).
 """
 
 from __future__ import annotations
@@ -9,18 +13,43 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO"})
 
+Details = dict[str, int | str]
+
+
+class ImageProblem(StrEnum):
+    """Why a photo cannot be captioned; ``details`` of the error say what is in brackets."""
+
+    TOO_MANY_BYTES = "too_many_bytes"  # (size, limit) in bytes
+    TOO_MANY_PIXELS = "too_many_pixels"  # (limit) in pixels
+    EMPTY = "empty"
+    NOT_AN_IMAGE = "not_an_image"  # Pillow cannot identify the format
+    NO_PIXELS = "no_pixels"
+    DAMAGED = "damaged"  # identified, but the decoder fails
+    TRUNCATED = "truncated"  # the file was cut short
+    UNSUPPORTED_FORMAT = "unsupported_format"  # (format)
+
 
 class ImageError(ValueError):
-    """An image that cannot be captioned; ``str(err)`` is fit to show to a person."""
+    """An image that cannot be captioned: ``code`` (an :class:`ImageProblem`) and ``details`` say why.
+
+    Build one with :func:`image_error`, which picks the subclass that matches the code.
+    ``str(err)`` is for logs (the code and details), not for people.
+    """
+
+    def __init__(self, code: ImageProblem, **details: int | str) -> None:
+        self.code = ImageProblem(code)
+        self.details: Details = dict(details)
+        shown = ", ".join(f"{key}={value}" for key, value in sorted(self.details.items()))
+        super().__init__(f"{self.code.value} ({shown})" if shown else self.code.value)
 
 
 class NotAnImageError(ImageError):
@@ -39,6 +68,25 @@ class UnsupportedImageError(ImageError):
     pass
 
 
+# Each problem is raised as exactly one exception class (callers may catch the subclasses).
+ERROR_CLASSES: dict[ImageProblem, type[ImageError]] = {
+    ImageProblem.TOO_MANY_BYTES: ImageTooLargeError,
+    ImageProblem.TOO_MANY_PIXELS: ImageTooLargeError,
+    ImageProblem.EMPTY: NotAnImageError,
+    ImageProblem.NOT_AN_IMAGE: NotAnImageError,
+    ImageProblem.NO_PIXELS: NotAnImageError,
+    ImageProblem.DAMAGED: NotAnImageError,
+    ImageProblem.TRUNCATED: TruncatedImageError,
+    ImageProblem.UNSUPPORTED_FORMAT: UnsupportedImageError,
+}
+
+
+def image_error(code: ImageProblem, **details: int | str) -> ImageError:
+    """The error for ``code``, of the class :data:`ERROR_CLASSES` names."""
+    return ERROR_CLASSES[ImageProblem(code)](code, **details)
+
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int = DEFAULT_MAX_BYTES
@@ -49,14 +97,12 @@ def load_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
     """Decode ``data`` into an upright 8-bit RGB image, or raise an :class:`ImageError`."""
     limits = limits or ImageLimits()
     if len(data) > limits.max_bytes:
-        raise ImageTooLargeError(
-            f"The file is {len(data) / 1e6:.1f} MB; the limit is {limits.max_bytes / 1e6:.0f} MB."
-        )
+        raise image_error(ImageProblem.TOO_MANY_BYTES, size=len(data), limit=limits.max_bytes)
     if not data:
-        raise NotAnImageError("The file is empty.")
+        raise image_error(ImageProblem.EMPTY)
     image = _open(data, limits)
     _check_pixels(image.size, limits)
-    image = _decode_first_frame(image)
+    image = _decode_first_frame(image, limits)
     image = ImageOps.exif_transpose(image)
     return _to_rgb(image)
 
@@ -65,32 +111,26 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as err:
-        raise NotAnImageError("This file is not an image I can read (try a JPEG or PNG photo).") from err
+        raise image_error(ImageProblem.NOT_AN_IMAGE) from err
     except Image.DecompressionBombError as err:
-        raise ImageTooLargeError(_too_many_pixels_message(limits)) from err
+        raise image_error(ImageProblem.TOO_MANY_PIXELS, limit=limits.max_pixels) from err
     except (OSError, SyntaxError, ValueError) as err:
         # Pillow raises plain OSError for files cut inside their header ("Truncated File Read").
-        raise TruncatedImageError("The image file is incomplete (it was cut short); please resend it.") from err
+        raise image_error(ImageProblem.TRUNCATED) from err
     if image.format not in SUPPORTED_FORMATS:
-        raise UnsupportedImageError(
-            f"{image.format} images are not supported; please send a JPEG, PNG, WebP or GIF."
-        )
+        raise image_error(ImageProblem.UNSUPPORTED_FORMAT, format=str(image.format))
     return image
 
 
 def _check_pixels(size: tuple[int, int], limits: ImageLimits) -> None:
     width, height = size
     if width <= 0 or height <= 0:
-        raise NotAnImageError("The image has no pixels.")
+        raise image_error(ImageProblem.NO_PIXELS)
     if width * height > limits.max_pixels:
-        raise ImageTooLargeError(_too_many_pixels_message(limits))
+        raise image_error(ImageProblem.TOO_MANY_PIXELS, limit=limits.max_pixels)
 
 
-def _too_many_pixels_message(limits: ImageLimits) -> str:
-    return f"The image has too many pixels (the limit is {limits.max_pixels / 1e6:.0f} megapixels)."
-
-
-def _decode_first_frame(image: Image.Image) -> Image.Image:
+def _decode_first_frame(image: Image.Image, limits: ImageLimits) -> Image.Image:
     """Force the decode of the first frame, turning decoder failures into ImageErrors."""
     try:
         image.seek(0)
@@ -99,11 +139,11 @@ def _decode_first_frame(image: Image.Image) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
     except Image.DecompressionBombWarning as err:
-        raise ImageTooLargeError(str(err)) from err
+        raise image_error(ImageProblem.TOO_MANY_PIXELS, limit=limits.max_pixels) from err
     except (OSError, SyntaxError, ValueError) as err:
         if "truncated" in str(err).lower() or "broken data stream" in str(err).lower():
-            raise TruncatedImageError("The image file is incomplete (it was cut short); please resend it.") from err
-        raise NotAnImageError("This image is damaged and cannot be decoded.") from err
+            raise image_error(ImageProblem.TRUNCATED) from err
+        raise image_error(ImageProblem.DAMAGED) from err
     return image
 
 
@@ -122,14 +162,3 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background.paste(image, mask=image.getchannel("A"))
         return background
     return image.convert("RGB")
-
-
-def to_model_input(image: Image.Image, size: int, mean: tuple[float, float, float],
-                   std: tuple[float, float, float]) -> torch.Tensor:
-    """(3, size, size) float tensor: resized (squashed, as Flickr8k's copies are) and normalised."""
-    resized = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-    array = np.asarray(resized, dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array).permute(2, 0, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (tensor - mean_t) / std_t

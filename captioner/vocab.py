@@ -96,15 +96,6 @@ class Vocabulary:
             out.append(self.words[i])
         return out
 
-    def unknown_words(self, texts: Iterable[str]) -> list[str]:
-        """Words used in ``texts`` that this vocabulary lacks, in first-seen order."""
-        seen: dict[str, None] = {}
-        for text in texts:
-            for w in tokenize(text):
-                if w not in self._index:
-                    seen.setdefault(w, None)
-        return list(seen)
-
     def extend(self, new_words: Iterable[str]) -> list[int]:
         """Append words (existing ids never move); returns the ids of the words added."""
         added: list[int] = []

@@ -9,7 +9,7 @@ from sqlalchemy import Row, case, delete, func, null, select, type_coerce, updat
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from storage.errors import CorrectionRejected
+from storage.errors import CorrectionRejected, Rejection
 from storage.models import Caption, Correction, PendingCorrectionRow, Person, Photo, Vote, utcnow
 from storage.people import ensure_person
 from storage.photos import PhotoStore
@@ -84,9 +84,7 @@ async def record_correction(session: AsyncSession, caption_id: int, telegram_id:
     """
     caption = await session.get(Caption, caption_id)
     if caption is None:
-        raise CorrectionRejected(
-            "I can't find that caption any more, so I can't take the correction.", "no_caption"
-        )
+        raise CorrectionRejected(Rejection.NO_CAPTION)
     normalized = validate_correction(text, caption.text)
     person, _ = await ensure_person(session, telegram_id)
     await session.execute(

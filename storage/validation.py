@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from storage.errors import CorrectionRejected
+from storage.errors import CorrectionRejected, Rejection
 
 MIN_CHARS = 2
 MAX_CHARS = 300
@@ -42,23 +42,14 @@ def comparison_key(text: str) -> str:
 
 
 def validate_correction(raw: str, caption_text: str) -> str:
-    """The normalised correction, or ``CorrectionRejected`` with a message for the person."""
+    """The normalised correction, or ``CorrectionRejected`` with the rule it broke."""
     text = normalize_text(raw)
     if len(text) < MIN_CHARS:
-        raise CorrectionRejected(
-            "Your correction is empty. Please send a short description of the photo.", "too_short"
-        )
+        raise CorrectionRejected(Rejection.TOO_SHORT, limit=MIN_CHARS)
     if len(text) > MAX_CHARS:
-        raise CorrectionRejected(
-            f"Your correction is too long ({len(text)} characters). Please keep it under {MAX_CHARS}.",
-            "too_long",
-        )
+        raise CorrectionRejected(Rejection.TOO_LONG, length=len(text), limit=MAX_CHARS)
     if _word_count(text) < MIN_WORDS:
-        raise CorrectionRejected(
-            'Please use at least two words, for example "a dog running on the beach".', "too_few_words"
-        )
+        raise CorrectionRejected(Rejection.TOO_FEW_WORDS, limit=MIN_WORDS)
     if comparison_key(text) == comparison_key(caption_text):
-        raise CorrectionRejected(
-            "That is the same as my caption. Please send a different description.", "unchanged"
-        )
+        raise CorrectionRejected(Rejection.UNCHANGED)
     return text

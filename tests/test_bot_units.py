@@ -14,9 +14,10 @@ from bot import keyboards, texts
 from bot.logs import MASK, RedactingFormatter, configure_logging
 from bot.ratelimit import RateLimiter
 from bot.service import service_config
-from captioner.images import ImageLimits
+from captioner.images import ImageLimits, ImageProblem, image_error
 from captioner.serving.config import ServiceConfig
 from common.settings import BOT_API_DOWNLOAD_LIMIT, Settings
+from storage.errors import CorrectionRejected, Rejection
 from tests.fake_telegram import ApiError, check_reply_markup, parse_html
 
 TOKEN = "123456:AAE-secret-part-of-the-token_xyz"
@@ -108,13 +109,15 @@ def _all_texts() -> list[str]:
         if isinstance(value, str) and name.isupper():
             out.append(value.format(serving="v1", name="v2", old="v1", reason="x") if "{" in value else value)
         elif inspect.isfunction(value) and value.__module__ == texts.__name__ and name not in (
-                "bot_commands", "reload_message", "stats"):
+                "bot_commands", "reload_message", "stats", "bad_image", "correction_rejected"):
             params = inspect.signature(value).parameters
             out.append(value(**{p: samples[p] for p in params}))
     out.append(texts.stats(captions=1, photos=1, people=1, votes_up=1, votes_down=0, corrections=0,
                            corrections_untrained=0, captions_today=1, active_model=None, serving_model="m<1>",
                            waiting=0, in_flight=0, capacity=8, wait_seconds=0.1, uptime_seconds=4000,
                            captioned_since_start=1, median_latency_ms=None))
+    out += [texts.bad_image(image_error(code, size=25 * 1024 * 1024, limit=6, format="<x>")) for code in ImageProblem]
+    out += [texts.correction_rejected(CorrectionRejected(code, length=400, limit=300)) for code in Rejection]
     return out
 
 

@@ -27,7 +27,7 @@ def test_caption_cli_reports_bad_files_and_still_captions_the_rest(tiny_checkpoi
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["image"] for line in lines] == [str(good), str(bad), str(tmp_path / "missing.jpg")]
     assert lines[0]["caption"] and isinstance(lines[0]["score"], float)
-    assert "not an image" in lines[1]["error"]
+    assert "not_an_image" in lines[1]["error"]
     assert "No such file" in lines[2]["error"]
 
 
@@ -71,5 +71,6 @@ def test_captioner_facade_gives_words_scores_and_attention(tiny_checkpoint: Path
     captioner = Captioner.load(tiny_checkpoint, "cpu")
     caption = captioner.caption_bytes(photo_bytes(5))
     assert caption.text == " ".join(caption.words) and caption.words
+    assert (caption.width, caption.height, caption.model_version) == (96, 80, "test-v1")
     assert caption.attention is not None and caption.attention.shape[0] == len(caption.words)
     assert caption.attention.sum(axis=(1, 2)) == pytest.approx(1.0, abs=1e-4)

@@ -1,3 +1,4 @@
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -6,9 +7,10 @@ import torch
 import torchvision
 from PIL import Image
 from safetensors.torch import save_file
+from torch import Tensor, nn
 
 from captioner.encoder import Encoder, EncoderWeightsError
-from captioner.images import to_model_input
+from captioner.inference import Captioner, photo_like_images, preprocess, to_model_input
 
 EGYPTIAN_CAT = 285
 
@@ -81,3 +83,75 @@ def test_tiny_backbone_is_deterministic() -> None:
     a, b = Encoder("tiny"), Encoder("tiny")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert np.isfinite(a(torch.zeros(1, 3, 64, 64)).detach().numpy()).all()
+
+
+class _Drifted(nn.Module):
+    """A 'frozen' encoder that has drifted from the eager one (as a bad graph rewrite would)."""
+
+    def __init__(self, frozen: nn.Module) -> None:
+        super().__init__()
+        self.frozen = frozen
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.frozen(images) + 0.05
+
+
+def _serves_eager(captioner: Captioner) -> bool:
+    inputs = torch.stack([preprocess(captioner.model, p) for p in photo_like_images(2, seed=9)])
+    with torch.inference_mode():
+        return torch.equal(captioner.encode(inputs), captioner.model.encoder(inputs))
+
+
+class _Counting(nn.Module):
+    """The frozen encoder, counting the images it is asked to encode."""
+
+    def __init__(self, frozen: nn.Module) -> None:
+        super().__init__()
+        self.frozen = frozen
+        self.images = 0
+
+    def forward(self, images: Tensor) -> Tensor:
+        self.images += images.size(0)
+        return self.frozen(images)
+
+
+def test_frozen_encoder_is_served_when_it_matches(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[_Counting] = []
+    optimize = torch.jit.optimize_for_inference
+
+    def optimize_and_count(module: torch.jit.ScriptModule) -> _Counting:
+        made.append(_Counting(optimize(module)))
+        return made[-1]
+
+    monkeypatch.setattr(torch.jit, "optimize_for_inference", optimize_and_count)
+    captioner = Captioner.load(tiny_checkpoint, "cpu")
+    assert captioner.freeze_encoder()
+    checked = made[0].images  # the photo-like images it was compared on
+    inputs = torch.stack([preprocess(captioner.model, p) for p in photo_like_images(3, seed=9)])
+    with torch.inference_mode():
+        served, eager = captioner.encode(inputs), captioner.model.encoder(inputs)
+    assert made[0].images == checked + 3  # encode() really went through the frozen encoder
+    assert torch.allclose(served, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_drifted_frozen_encoder_is_refused_with_a_warning(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(torch.jit, "optimize_for_inference", _Drifted)
+    captioner = Captioner.load(tiny_checkpoint, "cpu")
+    with caplog.at_level(logging.WARNING, logger="captioner.inference"):
+        assert not captioner.freeze_encoder()
+    assert any("encoder not frozen" in r.getMessage() and "differ" in r.getMessage() for r in caplog.records)
+    assert _serves_eager(captioner)
+
+
+def test_tracing_failure_falls_back_with_a_warning(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("cannot trace this")
+
+    monkeypatch.setattr(torch.jit, "trace", fail)
+    captioner = Captioner.load(tiny_checkpoint, "cpu")
+    with caplog.at_level(logging.WARNING, logger="captioner.inference"):
+        assert not captioner.freeze_encoder()
+    assert any("cannot trace this" in r.getMessage() for r in caplog.records)
+    assert _serves_eager(captioner)

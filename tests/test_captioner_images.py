@@ -5,14 +5,18 @@ import pytest
 from PIL import Image
 
 from captioner.images import (
+    ERROR_CLASSES,
+    ImageError,
     ImageLimits,
+    ImageProblem,
     ImageTooLargeError,
     NotAnImageError,
     TruncatedImageError,
     UnsupportedImageError,
+    image_error,
     load_image,
-    to_model_input,
 )
+from captioner.inference import to_model_input
 from tests.helpers import photo_bytes
 
 
@@ -67,16 +71,19 @@ def test_animation_uses_first_frame(fmt: str) -> None:
 
 
 def test_not_an_image() -> None:
-    with pytest.raises(NotAnImageError, match="not an image"):
+    with pytest.raises(NotAnImageError) as info:
         load_image(b"%PDF-1.4 definitely not a photo")
-    with pytest.raises(NotAnImageError):
+    assert info.value.code is ImageProblem.NOT_AN_IMAGE
+    with pytest.raises(NotAnImageError) as info:
         load_image(b"")
+    assert info.value.code is ImageProblem.EMPTY
 
 
 def test_truncated_image() -> None:
     data = photo_bytes(2, (200, 200))
-    with pytest.raises(TruncatedImageError, match="incomplete"):
+    with pytest.raises(TruncatedImageError) as info:
         load_image(data[: len(data) // 2])
+    assert info.value.code is ImageProblem.TRUNCATED
 
 
 def test_image_cut_inside_its_header() -> None:
@@ -85,21 +92,38 @@ def test_image_cut_inside_its_header() -> None:
 
 
 def test_file_size_limit() -> None:
-    with pytest.raises(ImageTooLargeError, match="limit"):
-        load_image(photo_bytes(3), ImageLimits(max_bytes=100))
+    data = photo_bytes(3)
+    with pytest.raises(ImageTooLargeError) as info:
+        load_image(data, ImageLimits(max_bytes=100))
+    assert info.value.code is ImageProblem.TOO_MANY_BYTES
+    assert info.value.details == {"size": len(data), "limit": 100}
 
 
 def test_decompression_bomb() -> None:
     bomb = _encode(Image.new("L", (4000, 4000)), "PNG")  # tiny file, 16 megapixels
     assert len(bomb) < 100_000
-    with pytest.raises(ImageTooLargeError, match="megapixels"):
+    with pytest.raises(ImageTooLargeError) as info:
         load_image(bomb, ImageLimits(max_pixels=1_000_000))
+    assert info.value.code is ImageProblem.TOO_MANY_PIXELS and info.value.details == {"limit": 1_000_000}
 
 
 def test_unsupported_format() -> None:
     data = _encode(Image.new("RGB", (8, 8)), "PCX")
-    with pytest.raises(UnsupportedImageError, match="not supported"):
+    with pytest.raises(UnsupportedImageError) as info:
         load_image(data)
+    assert info.value.code is ImageProblem.UNSUPPORTED_FORMAT and info.value.details == {"format": "PCX"}
+
+
+@pytest.mark.parametrize("code", list(ImageProblem))
+def test_each_code_is_raised_as_its_class(code: ImageProblem) -> None:
+    err = image_error(code, limit=5)
+    assert type(err) is ERROR_CLASSES[code] and err.code is code and err.details == {"limit": 5}
+    assert code.value in str(err) and "limit=5" in str(err)
+
+
+def test_each_error_class_has_a_code() -> None:
+    """The other way round: no ImageError subclass is left without a code that raises it."""
+    assert set(ImageError.__subclasses__()) == set(ERROR_CLASSES.values())
 
 
 def test_model_input_shape_and_normalisation() -> None:

@@ -123,13 +123,33 @@ def test_grow_vocabulary_keeps_old_words_predictions() -> None:
     assert torch.allclose(decoder.embedding.weight[9], decoder.embedding.weight[[4, 5]].mean(0))
 
 
+def _weights(model: CaptionModel) -> dict[str, torch.Tensor]:
+    parts = {"decoder": model.decoder, "encoder": model.encoder.backbone}
+    return {f"{prefix}.{name}": tensor for prefix, module in parts.items()
+            for name, tensor in module.state_dict().items()}
+
+
 def test_checkpoint_round_trip_is_exact(tmp_path: Path) -> None:
-    path = make_checkpoint(tmp_path / "ck")
+    torch.manual_seed(3)
+    model = CaptionModel.create(tiny_config(), Vocabulary.build(["a dog runs"], min_freq=1), {"version": "test-v1"})
+    with torch.no_grad():  # the tiny encoder starts from fixed weights: move them so loading must show
+        for parameter in model.encoder.backbone.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    path = checkpoint.save(model, tmp_path / "ck")
     assert sorted(p.name for p in path.iterdir()) == ["model.json", "model.safetensors"]
+    assert all((path / name).stat().st_mode & 0o777 == 0o644 for name in ("model.json", "model.safetensors"))
+    torch.manual_seed(4)  # a model that only initialised itself would now differ from the saved one
     a, b = checkpoint.load(path), checkpoint.load(path)
+    saved, loaded = _weights(model), _weights(a)
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[name], loaded[name]) for name in saved)
+    torch.manual_seed(4)
+    fresh = _weights(CaptionModel.create(tiny_config(), model.vocab, pretrained_encoder=False))
+    assert not all(torch.equal(saved[name], fresh[name]) for name in saved)
+    assert not torch.equal(saved["encoder.stem.conv.weight"], fresh["encoder.stem.conv.weight"])
     images = torch.randn(2, 3, 64, 64)
     fa, fb = a.encoder(images), b.encoder(images)
-    assert torch.equal(fa, fb)
+    assert torch.equal(fa, fb) and torch.equal(fa, model.encoder.eval()(images))
     assert a.vocab.words == b.vocab.words and a.version == "test-v1"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import shutil
 import signal
 import time
@@ -18,26 +19,32 @@ from typing import Any
 import pytest
 import torch
 
-from captioner.images import ImageError, NotAnImageError, TruncatedImageError, load_image
+from captioner.images import ImageError, ImageProblem, NotAnImageError, TruncatedImageError, image_error, load_image
 from captioner.inference import Captioner
-from captioner.serving import (
-    CaptionResult,
+from captioner.result import CaptionResult
+from captioner.serving.base import (
     ModelLoadError,
-    ProcessCaptionService,
     QueueFullError,
     RequestTimeoutError,
     ServiceClosedError,
-    ServiceConfig,
+    ServiceError,
     WorkerCrashedError,
-    create_service,
 )
+from captioner.serving.config import ServiceConfig
+from captioner.serving.process import ProcessCaptionService
+from captioner.serving.protocol import RequestFailed
 from tests.helpers import make_checkpoint, photo_bytes
 
 BASE: dict[str, Any] = dict(device="cpu", threads=1, request_timeout=60.0)
 
 
+def _service(checkpoint: Path, **overrides: object) -> ProcessCaptionService:
+    """A service (not started) on ``checkpoint`` with single-threaded CPU workers."""
+    return ProcessCaptionService(ServiceConfig(checkpoint=str(checkpoint), **{**BASE, **overrides}))
+
+
 def _start(checkpoint: Path, **overrides: object) -> ProcessCaptionService:
-    service = ProcessCaptionService(ServiceConfig(checkpoint=str(checkpoint), **{**BASE, **overrides}))
+    service = _service(checkpoint, **overrides)
     asyncio.run(service.start())
     return service
 
@@ -93,19 +100,33 @@ def test_config_validation_and_factory(tiny_checkpoint: Path) -> None:
             ServiceConfig(**bad)
     with pytest.raises(ValueError):
         ServiceConfig(max_batch_size=0)
-    service = create_service(tiny_checkpoint, device="cpu", queue_capacity=3)
+    service = _service(tiny_checkpoint, queue_capacity=3)
     assert service.config.queue_capacity == 3 and service.config.checkpoint == str(tiny_checkpoint.resolve())
 
 
+@pytest.mark.parametrize("code", list(ImageProblem))
+def test_image_errors_cross_the_pipe_unchanged(code: ImageProblem) -> None:
+    sent = image_error(code, limit=7)
+    failure = pickle.loads(pickle.dumps(RequestFailed.bad_image(3, sent)))
+    received = failure.error()
+    assert type(received) is type(sent) and isinstance(received, ImageError)
+    assert (received.code, received.details, str(received)) == (code, {"limit": 7}, str(sent))
+
+
+def test_internal_failures_become_service_errors() -> None:
+    received = RequestFailed(4, "captioning failed: RuntimeError: boom").error()
+    assert type(received) is ServiceError and "boom" in str(received)
+
+
 async def test_not_started_service_refuses_requests(tiny_checkpoint: Path) -> None:
-    service = create_service(tiny_checkpoint, device="cpu")
+    service = _service(tiny_checkpoint)
     with pytest.raises(ServiceClosedError):
         await service.caption(photo_bytes(0))
     await service.close()
 
 
 async def test_start_with_a_broken_checkpoint_raises(tmp_path: Path) -> None:
-    service = create_service(tmp_path / "no-such-model", device="cpu", threads=1)
+    service = _service(tmp_path / "no-such-model")
     with pytest.raises(ModelLoadError, match="not found"):
         await service.start()
 
@@ -120,8 +141,8 @@ async def test_concurrent_requests_are_batched_and_match_single_image(
     assert max(r.batch_size for r in results) > 1
     for photo, result in zip(photos, results, strict=True):
         alone = reference.caption_bytes(photo, replace(reference.beam, beam_size=3), attention=False)
-        assert result.caption == alone.text
-        assert result.words == tuple(alone.words)
+        assert result.text == alone.text
+        assert result.words == alone.words
         assert result.score == pytest.approx(alone.score, abs=1e-4)
         assert result.model_version == "test-v1" and result.beam_size == 3
         assert (result.width, result.height) == (96, 80)
@@ -136,7 +157,7 @@ async def test_mixed_beam_sizes_in_one_batch(service: ProcessCaptionService, ref
     assert max(r.batch_size for r in results) > 1
     for photo, beam, result in zip(photos, beams, results, strict=True):
         alone = reference.caption_bytes(photo, replace(reference.beam, beam_size=beam), attention=False)
-        assert (result.caption, result.beam_size) == (alone.text, beam)
+        assert (result.text, result.beam_size) == (alone.text, beam)
         assert result.score == pytest.approx(alone.score, abs=1e-4)
     png = results[0].attention_png
     assert png is not None and png.startswith(b"\x89PNG")
@@ -157,6 +178,8 @@ async def test_bad_image_bytes_fail_only_their_request(service: ProcessCaptionSe
         with pytest.raises(ImageError) as expected:
             load_image(bad)
         assert type(outcome) is type(expected.value) and str(outcome) == str(expected.value)
+        assert isinstance(outcome, ImageError)
+        assert (outcome.code, outcome.details) == (expected.value.code, expected.value.details)
     assert isinstance(outcomes[3], NotAnImageError) and isinstance(outcomes[4], TruncatedImageError)
     assert isinstance(outcomes[5], ImageError)
     assert all(isinstance(o, CaptionResult) for o in outcomes[:3] + outcomes[6:])
@@ -200,7 +223,7 @@ async def test_timed_out_and_cancelled_requests_are_dropped_before_compute(
         await abandoned
     assert (await first).batch_size == 1
     later = await s.caption(photo_bytes(403))  # queued behind the dropped ones
-    assert later.caption
+    assert later.text
     assert s.stats().images - images_before == 2  # `first` and `later`: the other two were skipped
     assert s.status().waiting == s.status().in_flight == 0
 
@@ -216,7 +239,7 @@ async def test_worker_killed_mid_batch_every_request_is_answered(slow_service: P
     await _until(lambda: s.status().in_flight > 0)
     os.kill(pid, signal.SIGKILL)
     results = await asyncio.gather(*tasks)
-    assert all(r.caption for r in results)
+    assert all(r.text for r in results)
     stats = s.stats()
     assert stats.crashes >= 1 and stats.restarts >= 1 and s.worker_pid not in (None, pid)
     assert not _alive(pid)
@@ -236,7 +259,7 @@ async def test_request_with_two_dead_workers_gets_worker_crashed_error(
     os.kill(second, signal.SIGKILL)
     with pytest.raises(WorkerCrashedError):
         await victim
-    assert (await s.caption(photo_bytes(601))).caption  # a third worker serves again
+    assert (await s.caption(photo_bytes(601))).text  # a third worker serves again
 
 
 # --- hot reload ---------------------------------------------------------------------------

@@ -164,7 +164,7 @@ async def _attention(query: CallbackQuery, context: Context, runtime: Runtime, c
         await context.bot.send_message(chat_id, texts.WORKER_FAILED, reply_parameters=reply_parameters)
         return
     await context.bot.send_photo(
-        chat_id, result.attention_png, caption=texts.attention_caption(caption.text, result.caption),
+        chat_id, result.attention_png, caption=texts.attention_caption(caption.text, result.text),
         reply_parameters=reply_parameters,
     )
     log.info("attention sent caption=%d user=%d words=%d", caption_id, user.id, len(result.words))

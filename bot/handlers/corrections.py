@@ -55,8 +55,8 @@ async def on_text(update: Update, context: Context) -> None:
     try:
         correction = await storage.record_correction(caption_id, user.id, message.text)
     except CorrectionRejected as err:
-        log.info("correction rejected caption=%d user=%d reason=%s", caption_id, user.id, err.reason)
-        await reply(context, message, texts.correction_rejected(str(err)))
+        log.info("correction rejected caption=%d user=%d reason=%s", caption_id, user.id, err.code)
+        await reply(context, message, texts.correction_rejected(err))
         return
     log.info("correction saved caption=%d user=%d id=%d (%s)", caption_id, user.id, correction.id, how)
     await reply(context, message, texts.correction_saved(correction.text))

@@ -60,7 +60,7 @@ def is_image_document(mime_type: str | None, file_name: str | None) -> bool:
 def error_text(err: Exception) -> str:
     """What to tell a person when their photo could not be captioned."""
     if isinstance(err, ImageError):
-        return texts.bad_image(str(err))
+        return texts.bad_image(err)
     if isinstance(err, QueueFullError):
         return texts.BUSY
     if isinstance(err, RequestTimeoutError):
@@ -142,7 +142,7 @@ async def on_image(update: Update, context: Context) -> None:
         raise
     except Exception:  # storage trouble: still give the person their caption, without buttons
         log.exception("could not store the caption %s; sending it without buttons", ids)
-        await edit_or_reply(context, message, notice, texts.caption(result.caption))
+        await edit_or_reply(context, message, notice, texts.caption(result.text))
         return
     finished = time.monotonic()
     runtime.note_caption((finished - started) * 1000)
@@ -187,11 +187,11 @@ async def _answer(context: Context, runtime: Runtime, message: Message, notice: 
         telegram_file_unique_id=image.file_unique_id, sender_telegram_id=sender,
     )
     caption = await storage.record_caption(
-        photo.id, model_version=result.model_version, text=result.caption, score=result.score,
+        photo.id, model_version=result.model_version, text=result.text, score=result.score,
         beam_size=result.beam_size, latency_ms=latency_ms, requester_telegram_id=sender,
         chat_id=message.chat.id,
     )
-    sent = await edit_or_reply(context, message, notice, texts.caption(result.caption),
+    sent = await edit_or_reply(context, message, notice, texts.caption(result.text),
                                keyboards.caption_keyboard(caption.id))
     try:
         await storage.set_caption_message(caption.id, sent.chat.id, sent.message_id)

@@ -10,6 +10,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..result import CaptionResult
+
 
 class ServiceError(Exception):
     """Base of the service's errors; ``str(err)`` is safe to log, not meant for end users."""
@@ -36,21 +38,6 @@ class ServiceClosedError(ServiceError):
 
 
 @dataclass(frozen=True)
-class CaptionResult:
-    caption: str
-    words: tuple[str, ...]
-    score: float  # length-normalised log-probability of the caption
-    model_version: str
-    beam_size: int
-    width: int  # of the decoded photo, after EXIF orientation
-    height: int
-    queue_seconds: float  # from submission to the start of its batch
-    compute_seconds: float  # the batch's decode + encode + beam search time
-    batch_size: int  # how many requests shared the batch
-    attention_png: bytes | None = None  # the attention picture, when asked for
-
-
-@dataclass(frozen=True)
 class QueueStatus:
     waiting: int  # requests queued and not yet in a batch
     in_flight: int  # requests in the batch being computed
@@ -70,8 +57,8 @@ class CaptionService(ABC):
                       timeout: float | None = None) -> CaptionResult:
         """Caption untrusted image bytes.
 
-        Raises captioner.images.ImageError subclasses (same type and message as the captioner's)
-        for bad photos, QueueFullError at once when the queue is full, RequestTimeoutError,
+        Raises captioner.images.ImageError subclasses (same type, code and details as the
+        captioner's) for bad photos, QueueFullError at once when the queue is full, RequestTimeoutError,
         WorkerCrashedError, ServiceClosedError.
         """
 

@@ -9,6 +9,8 @@ The parent keeps one future per request, keyed by request id, and two threads:
   :class:`WorkerCrashedError`. Every request has a deadline, so no caller waits forever.
 
 Nothing here runs on the caller's event loop but bookkeeping: photos are decoded in the worker.
+Helpers: ``spawn`` starts and stops worker processes, ``calls`` keeps the calls waiting for an
+answer, ``stats`` counts; ``protocol`` (imported as ``wire``) has the messages.
 """
 
 from __future__ import annotations
@@ -17,131 +19,33 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import multiprocessing
 import queue
 import threading
 import time
-from dataclasses import dataclass, replace
-from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
+from ..result import CaptionResult
+from . import protocol as wire
 from .base import (
-    CaptionResult,
     CaptionService,
     ModelLoadError,
     QueueFullError,
     QueueStatus,
     RequestTimeoutError,
     ServiceClosedError,
-    ServiceError,
     WorkerCrashedError,
 )
+from .calls import PendingReload, PendingRequest, fail_all, mark_sent, resolve, take_from_dead_worker
 from .config import ServiceConfig
-from .protocol import (
-    BatchDone,
-    BatchStarted,
-    Cancel,
-    Expired,
-    LoadFailed,
-    Ready,
-    Reload,
-    ReloadDone,
-    ReloadFailed,
-    Request,
-    RequestFailed,
-    Result,
-    Shutdown,
-    WorkerSettings,
-)
-from .worker import worker_main
+from .spawn import POLL, WorkerHandle, restart_delay, spawn_worker, stop_process
+from .stats import Counters, ServiceStats
 
 log = logging.getLogger("captioner.serving")
 
 _NEW, _STARTING, _RUNNING, _CLOSING, _CLOSED = "new", "starting", "running", "closing", "closed"
 _STOP = object()
-_EMA_WEIGHT = 0.2  # of the newest batch in the moving average of per-image compute time
-_POLL = 0.25  # seconds between checks of the stop flag in blocking waits
-
-
-@dataclass
-class _Pending:
-    request: Request
-    future: asyncio.Future[CaptionResult]
-    loop: asyncio.AbstractEventLoop
-    attempts: int = 0  # workers that died while holding this request
-    sent_to: int | None = None  # generation of the worker it was sent to
-    running: bool = False  # in the batch being computed
-
-
-@dataclass
-class _PendingReload:
-    message: Reload
-    future: asyncio.Future[str]
-    loop: asyncio.AbstractEventLoop
-    sent_to: int | None = None
-
-
-@dataclass
-class _Child:
-    process: BaseProcess
-    send: Connection
-    receive: Connection
-    generation: int
-    ready: Ready
-
-
-@dataclass(frozen=True)
-class ServiceStats:
-    """Counters for logs, metrics and benchmarks (not part of the CaptionService interface)."""
-
-    worker_pid: int | None
-    device: str
-    threads: int
-    model_version: str
-    batches: int
-    images: int
-    largest_batch: int
-    expired: int
-    rejected: int
-    crashes: int
-    restarts: int
-    per_image_seconds: float  # moving average of batch compute time / batch size
-    worker_rss_bytes: int
-    worker_peak_rss_bytes: int  # the largest peak RSS reported by any worker process
-
-
-def _deliver(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)
-
-
-def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], value: Any = None,
-             error: BaseException | None = None) -> None:
-    """Thread-safe: settle ``future`` on its own loop (ignored if the loop is gone)."""
-    with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-        loop.call_soon_threadsafe(_deliver, future, value, error)
-
-
-def _image_error(name: str, message: str) -> Exception:
-    from .. import images
-
-    cls = getattr(images, name, None)
-    if isinstance(cls, type) and issubclass(cls, images.ImageError):
-        return cls(message)
-    return images.ImageError(message)
-
-
-def _to_result(r: Result) -> CaptionResult:
-    return CaptionResult(caption=r.caption, words=r.words, score=r.score, model_version=r.model_version,
-                         beam_size=r.beam_size, width=r.width, height=r.height, queue_seconds=r.queue_seconds,
-                         compute_seconds=r.compute_seconds, batch_size=r.batch_size,
-                         attention_png=r.attention_png)
 
 
 class ProcessCaptionService(CaptionService):
@@ -155,16 +59,15 @@ class ProcessCaptionService(CaptionService):
         await service.close()
     """
 
-    def __init__(self, config: ServiceConfig | None = None, **overrides: Any) -> None:
-        base = config or ServiceConfig()
-        self.config = replace(base, **overrides) if overrides else base
+    def __init__(self, config: ServiceConfig | None = None) -> None:
+        self.config = config or ServiceConfig()
         self._lock = threading.Lock()
         self._state = _NEW
-        self._pending: dict[int, _Pending] = {}
-        self._reloads: dict[int, _PendingReload] = {}
+        self._pending: dict[int, PendingRequest] = {}
+        self._reloads: dict[int, PendingReload] = {}
         self._ids = itertools.count(1)
         self._outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._child: _Child | None = None
+        self._child: WorkerHandle | None = None
         self._child_ready = threading.Event()
         self._stopping = threading.Event()
         self._closed = threading.Event()
@@ -175,10 +78,8 @@ class ProcessCaptionService(CaptionService):
         self._restart_delay = 0.0
         self._last_start = 0.0
         self._batch_started: float | None = None
-        self._per_image = 0.0
         self._threads: list[threading.Thread] = []
-        self._counts = dict(batches=0, images=0, largest_batch=0, expired=0, rejected=0, crashes=0,
-                            restarts=0, rss=0, peak_rss=0)
+        self._counts = Counters()
 
     # --- the CaptionService interface -----------------------------------------------------
 
@@ -217,12 +118,12 @@ class ProcessCaptionService(CaptionService):
             if self._broken is not None:
                 raise WorkerCrashedError(self._broken)
             if len(self._pending) >= self.config.queue_capacity:
-                self._counts["rejected"] += 1
+                self._counts.rejected += 1
                 raise QueueFullError(f"{len(self._pending)} photos are queued (the limit is "
                                      f"{self.config.queue_capacity}); try again shortly")
             now = time.monotonic()
-            request = Request(next(self._ids), data, beam, bool(attention), now + limit, now)
-            pending = _Pending(request, loop.create_future(), loop)
+            request = wire.Request(next(self._ids), data, beam, bool(attention), now + limit, now)
+            pending = PendingRequest(request, loop.create_future(), loop)
             self._pending[request.id] = pending
         self._outbox.put(request)
         try:
@@ -239,7 +140,7 @@ class ProcessCaptionService(CaptionService):
         with self._lock:
             in_flight = sum(1 for p in self._pending.values() if p.running)
             waiting = len(self._pending) - in_flight
-            per_image = self._per_image
+            per_image = self._counts.per_image_seconds
         ahead = waiting + in_flight
         estimate = per_image * (ahead + 1) + self.config.max_wait_ms / 1000.0
         return QueueStatus(waiting, in_flight, self.config.queue_capacity, estimate)
@@ -254,7 +155,7 @@ class ProcessCaptionService(CaptionService):
         with self._lock:
             if self._state != _RUNNING:
                 raise ServiceClosedError("the caption service is not running")
-            pending = _PendingReload(Reload(next(self._ids), path), loop.create_future(), loop)
+            pending = PendingReload(wire.Reload(next(self._ids), path), loop.create_future(), loop)
             self._reloads[pending.message.id] = pending
         self._outbox.put(pending.message)
         try:
@@ -298,87 +199,29 @@ class ProcessCaptionService(CaptionService):
     def stats(self) -> ServiceStats:
         with self._lock:
             child = self._child
-            counts = dict(self._counts)
-            per_image = self._per_image
-        return ServiceStats(
-            worker_pid=child.ready.pid if child else None, device=child.ready.device if child else "",
-            threads=child.ready.threads if child else 0, model_version=self._version,
-            batches=counts["batches"], images=counts["images"], largest_batch=counts["largest_batch"],
-            expired=counts["expired"], rejected=counts["rejected"], crashes=counts["crashes"],
-            restarts=counts["restarts"], per_image_seconds=per_image, worker_rss_bytes=counts["rss"],
-            worker_peak_rss_bytes=counts["peak_rss"])
+            return self._counts.snapshot(child.ready if child else None, self._version)
 
     # --- the worker process ---------------------------------------------------------------
 
-    def _settings(self) -> WorkerSettings:
-        c = self.config
-        return WorkerSettings(self._checkpoint, c.device, c.threads, c.max_batch_size, c.max_wait_ms,
-                              c.image_limits, c.encoder_batch_size, c.warmup, c.debug_batch_delay)
-
-    def _spawn(self) -> _Child:
+    def _spawn(self) -> WorkerHandle:
         """Start a worker and wait until its model is loaded (blocking; raises ModelLoadError)."""
-        context = multiprocessing.get_context("spawn")
-        request_out, request_in = context.Pipe(duplex=False)
-        result_out, result_in = context.Pipe(duplex=False)
-        process = context.Process(target=worker_main, args=(self._settings(), request_out, result_in),
-                                  name="caption-worker", daemon=True)
         self._last_start = time.monotonic()
-        process.start()
-        request_out.close()  # the child has its own copies: the parent sees EOF when it dies
-        result_in.close()
-        deadline = time.monotonic() + self.config.start_timeout
-        try:
-            while True:
-                if self._stopping.is_set():
-                    raise ModelLoadError("the service is shutting down")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ModelLoadError(
-                        f"the worker did not load the model within {self.config.start_timeout:g} s")
-                ready = wait([result_out, process.sentinel], timeout=min(left, _POLL))
-                if result_out in ready:
-                    try:
-                        message = result_out.recv()
-                    except (EOFError, OSError):
-                        process.join(5)
-                        raise ModelLoadError(
-                            f"the worker exited with code {process.exitcode} while loading") from None
-                    if isinstance(message, LoadFailed):
-                        raise ModelLoadError(message.message)
-                    if isinstance(message, Ready):
-                        with self._lock:
-                            self._generation += 1
-                            generation = self._generation
-                        return _Child(process, request_in, result_out, generation, message)
-                elif process.sentinel in ready:
-                    process.join(5)
-                    raise ModelLoadError(f"the worker exited with code {process.exitcode} while loading")
-        except BaseException:
-            self._stop_process(process)
-            request_in.close()
-            result_out.close()
-            raise
+        settings = wire.WorkerSettings.of(self.config, self._checkpoint)
+        child = spawn_worker(settings, self.config.start_timeout, self._stopping)
+        with self._lock:
+            self._generation += 1
+            child.generation = self._generation
+        return child
 
-    def _install(self, child: _Child) -> None:
+    def _install(self, child: WorkerHandle) -> None:
         """Make ``child`` the current worker (caller holds the lock)."""
         self._child = child
         self._version = child.ready.version
         self._checkpoint = child.ready.checkpoint
         self._broken = None
         self._batch_started = None
-        if child.ready.per_image_seconds and not self._per_image:
-            self._per_image = child.ready.per_image_seconds
-        self._counts["peak_rss"] = max(self._counts["peak_rss"], child.ready.peak_rss_bytes)
+        self._counts.worker_started(child.ready)
         self._child_ready.set()
-
-    def _stop_process(self, process: BaseProcess, grace: float = 0.0) -> None:
-        process.join(grace)
-        if process.is_alive():
-            process.terminate()
-            process.join(2.0)
-        if process.is_alive():
-            process.kill()
-            process.join(5.0)
 
     # --- the writer thread ----------------------------------------------------------------
 
@@ -388,9 +231,9 @@ class ProcessCaptionService(CaptionService):
             if message is _STOP:
                 return
             while True:
-                if self._stopping.is_set() and not isinstance(message, Shutdown):
+                if self._stopping.is_set() and not isinstance(message, wire.Shutdown):
                     break
-                if not self._child_ready.wait(_POLL):
+                if not self._child_ready.wait(POLL):
                     if self._stopping.is_set():
                         break
                     continue
@@ -398,32 +241,18 @@ class ProcessCaptionService(CaptionService):
                     child = self._child
                     if child is None or not self._child_ready.is_set():
                         continue
-                    if not self._mark_sent(message, child.generation):
+                    if not mark_sent(message, child.generation, self._pending, self._reloads):
                         break
                 with contextlib.suppress(OSError, ValueError):  # if it died, the monitor resubmits
                     child.send.send(message)
                 break
-
-    def _mark_sent(self, message: object, generation: int) -> bool:
-        """Record which worker got the message; False if nobody waits for it any more."""
-        if isinstance(message, Request):
-            pending = self._pending.get(message.id)
-            if pending is None or pending.request is not message:
-                return False
-            pending.sent_to = generation
-        elif isinstance(message, Reload):
-            reload = self._reloads.get(message.id)
-            if reload is None:
-                return False
-            reload.sent_to = generation
-        return True
 
     def _abandon(self, request_id: int) -> None:
         with self._lock:
             pending = self._pending.pop(request_id, None)
             tell = pending is not None and pending.sent_to is not None and pending.sent_to == self._generation
         if tell:
-            self._outbox.put(Cancel((request_id,)))
+            self._outbox.put(wire.Cancel((request_id,)))
 
     # --- the monitor thread ---------------------------------------------------------------
 
@@ -432,12 +261,12 @@ class ProcessCaptionService(CaptionService):
             with self._lock:
                 child = self._child
             if child is None:
-                if self._stopping.wait(max(self._restart_delay, _POLL)):
+                if self._stopping.wait(max(self._restart_delay, POLL)):
                     return
                 self._restart()
                 continue
             try:
-                ready = wait([child.receive, child.process.sentinel], timeout=_POLL)
+                ready = wait([child.receive, child.process.sentinel], timeout=POLL)
             except OSError:
                 ready = [child.process.sentinel]
             if child.receive in ready:
@@ -453,7 +282,7 @@ class ProcessCaptionService(CaptionService):
             else:
                 self._check_hang(child)
 
-    def _drain(self, child: _Child) -> None:
+    def _drain(self, child: WorkerHandle) -> None:
         """Answers the worker sent before it died are still in the pipe."""
         try:
             while child.receive.poll():
@@ -461,7 +290,7 @@ class ProcessCaptionService(CaptionService):
         except (EOFError, OSError):
             pass
 
-    def _check_hang(self, child: _Child) -> None:
+    def _check_hang(self, child: WorkerHandle) -> None:
         started = self._batch_started
         if started is not None and time.monotonic() - started > self.config.hang_timeout:
             log.error("caption worker %d spent over %g s on one batch; killing it", child.ready.pid,
@@ -469,66 +298,64 @@ class ProcessCaptionService(CaptionService):
             self._batch_started = None
             child.process.kill()
 
-    def _dispatch(self, child: _Child, message: object) -> None:
-        if isinstance(message, BatchStarted):
+    def _dispatch(self, child: WorkerHandle, message: object) -> None:
+        if isinstance(message, wire.BatchStarted):
             with self._lock:
                 self._batch_started = time.monotonic()
                 for request_id in message.ids:
                     pending = self._pending.get(request_id)
                     if pending is not None and pending.sent_to == child.generation:
                         pending.running = True
-        elif isinstance(message, BatchDone):
+        elif isinstance(message, wire.BatchDone):
             with self._lock:
                 self._batch_started = None
-                counts = self._counts
-                counts["batches"] += 1
-                counts["images"] += message.batch_size
-                counts["largest_batch"] = max(counts["largest_batch"], message.batch_size)
-                counts["rss"] = message.rss_bytes
-                counts["peak_rss"] = max(counts["peak_rss"], message.peak_rss_bytes)
-                sample = message.compute_seconds / message.batch_size
-                self._per_image = sample if not self._per_image else (
-                    (1 - _EMA_WEIGHT) * self._per_image + _EMA_WEIGHT * sample)
-                done = [(self._pending.pop(r.id), r) for r in message.results if r.id in self._pending]
-            for pending, result in done:
-                _resolve(pending.loop, pending.future, _to_result(result))
-        elif isinstance(message, Result):
-            self._answer(message.id, value=_to_result(message))
-        elif isinstance(message, RequestFailed):
-            error = (_image_error(message.error_type, message.message) if message.error_type
-                     else ServiceError(message.message))
-            self._answer(message.id, error=error)
-        elif isinstance(message, Expired):
+                self._counts.batch_done(message)
+            for answer in message.results:
+                self._answer(answer.id, value=answer.result)
+        elif isinstance(message, wire.Captioned):
+            self._answer(message.id, value=message.result)
+        elif isinstance(message, wire.RequestFailed):
+            self._answer(message.id, error=message.error())
+        elif isinstance(message, wire.Expired):
             with self._lock:
-                self._counts["expired"] += len(message.ids)
+                self._counts.expired += len(message.ids)
             for request_id in message.ids:
                 self._answer(request_id, error=RequestTimeoutError(
                     "the request's deadline passed before the worker reached it"))
-        elif isinstance(message, ReloadDone):
-            with self._lock:
-                self._version = message.version
-                self._checkpoint = message.checkpoint
-                reload = self._reloads.pop(message.id, None)
-            log.info("caption worker now serves model %s (%s)", message.version, message.checkpoint)
-            if reload is not None:
-                _resolve(reload.loop, reload.future, message.version)
-        elif isinstance(message, ReloadFailed):
-            with self._lock:
-                reload = self._reloads.pop(message.id, None)
-            if reload is not None:
-                _resolve(reload.loop, reload.future, error=ModelLoadError(message.message))
+        elif isinstance(message, wire.ReloadDone):
+            self._reload_done(message)
+        elif isinstance(message, wire.ReloadFailed):
+            self._settle_reload(message.id, error=ModelLoadError(message.message))
 
     def _answer(self, request_id: int, value: Any = None, error: BaseException | None = None) -> None:
         with self._lock:
             pending = self._pending.pop(request_id, None)
         if pending is not None:
-            _resolve(pending.loop, pending.future, value, error)
+            resolve(pending.loop, pending.future, value, error)
 
-    def _on_exit(self, child: _Child) -> None:
-        self._stop_process(child.process, grace=1.0)
+    def _reload_done(self, message: wire.ReloadDone) -> None:
+        with self._lock:
+            self._version, self._checkpoint = message.version, message.checkpoint
+        log.info("caption worker now serves model %s (%s)", message.version, message.checkpoint)
+        self._settle_reload(message.id, value=message.version)
+
+    def _settle_reload(self, reload_id: int, value: str | None = None, error: BaseException | None = None) -> None:
+        with self._lock:
+            reload = self._reloads.pop(reload_id, None)
+        if reload is not None:
+            resolve(reload.loop, reload.future, value, error)
+
+    def _take_all(self) -> tuple[list[PendingRequest], list[PendingReload]]:
+        """Every call still waiting, which nobody else will answer now (caller holds the lock)."""
+        requests, reloads = list(self._pending.values()), list(self._reloads.values())
+        self._pending.clear()
+        self._reloads.clear()
+        return requests, reloads
+
+    def _on_exit(self, child: WorkerHandle) -> None:
+        stop_process(child.process, grace=1.0)
         code = child.process.exitcode
-        child.send.close()
-        child.receive.close()
+        child.close_pipes()
         with self._lock:
             self._child_ready.clear()
             if self._child is child:
@@ -536,20 +363,8 @@ class ProcessCaptionService(CaptionService):
             self._batch_started = None
             if self._stopping.is_set():
                 return
-            self._counts["crashes"] += 1
-            failed: list[_Pending] = []
-            retry: list[_Pending] = []
-            for pending in list(self._pending.values()):
-                if pending.sent_to != child.generation:
-                    continue  # not sent yet: the writer still has it
-                pending.sent_to = None
-                pending.running = False
-                pending.attempts += 1
-                if pending.attempts >= 2:
-                    del self._pending[pending.request.id]
-                    failed.append(pending)
-                else:
-                    retry.append(pending)
+            self._counts.crashes += 1
+            retry, failed = take_from_dead_worker(self._pending, child.generation)
             lost = [r for r in self._reloads.values() if r.sent_to == child.generation]
             for reload in lost:
                 del self._reloads[reload.message.id]
@@ -557,18 +372,13 @@ class ProcessCaptionService(CaptionService):
                     child.ready.pid, code, len(failed) + len(retry), len(retry))
         for pending in retry:
             self._outbox.put(pending.request)
-        for pending in failed:
-            _resolve(pending.loop, pending.future, error=WorkerCrashedError(
-                f"the caption worker died twice while handling this photo (last exit code {code})"))
+        fail_all(failed, WorkerCrashedError,
+                 f"the caption worker died twice while handling this photo (last exit code {code})")
         for reload in lost:
-            _resolve(reload.loop, reload.future, error=ModelLoadError(
+            resolve(reload.loop, reload.future, error=ModelLoadError(
                 f"the worker died while loading {reload.message.checkpoint} (exit code {code}); "
                 "it was restarted with the previous model"))
-        # A worker that dies right after starting is not restarted in a tight loop.
-        if time.monotonic() - self._last_start < 10.0:
-            self._restart_delay = min(max(2 * self._restart_delay, 0.5), 30.0)
-        else:
-            self._restart_delay = 0.0
+        self._restart_delay = restart_delay(self._restart_delay, time.monotonic() - self._last_start)
         if self._restart_delay and self._stopping.wait(self._restart_delay):
             return
         self._restart()
@@ -583,25 +393,18 @@ class ProcessCaptionService(CaptionService):
             log.error(message)
             with self._lock:
                 self._broken = message
-                failed = list(self._pending.values())
-                self._pending.clear()
-                reloads = list(self._reloads.values())
-                self._reloads.clear()
-            for pending in failed:
-                _resolve(pending.loop, pending.future, error=WorkerCrashedError(message))
-            for reload in reloads:
-                _resolve(reload.loop, reload.future, error=ModelLoadError(message))
-            self._restart_delay = min(max(2 * self._restart_delay, 1.0), 30.0)
+                failed, reloads = self._take_all()
+            fail_all(failed, WorkerCrashedError, message)
+            fail_all(reloads, ModelLoadError, message)
+            self._restart_delay = restart_delay(self._restart_delay, start_failed=True)
             return
         with self._lock:
-            if self._stopping.is_set():
-                stale = child
-            else:
-                stale = None
+            stale = self._stopping.is_set()
+            if not stale:
                 self._install(child)
-                self._counts["restarts"] += 1
-        if stale is not None:
-            self._stop_process(stale.process)
+                self._counts.restarts += 1
+        if stale:
+            stop_process(child.process)
             return
         log.warning("caption worker restarted (pid %d, model %s)", child.ready.pid, child.ready.version)
 
@@ -611,25 +414,18 @@ class ProcessCaptionService(CaptionService):
         with self._lock:
             self._stopping.set()
             self._state = _CLOSED
-            leftovers = list(self._pending.values())
-            self._pending.clear()
-            reloads = list(self._reloads.values())
-            self._reloads.clear()
+            leftovers, reloads = self._take_all()
             child = self._child
-        for pending in leftovers:
-            _resolve(pending.loop, pending.future,
-                     error=ServiceClosedError("the service shut down before this photo was captioned"))
-        for reload in reloads:
-            _resolve(reload.loop, reload.future, error=ServiceClosedError("the service shut down"))
-        self._outbox.put(Shutdown())
+        fail_all(leftovers, ServiceClosedError, "the service shut down before this photo was captioned")
+        fail_all(reloads, ServiceClosedError, "the service shut down")
+        self._outbox.put(wire.Shutdown())
         self._outbox.put(_STOP)
         if child is not None:
-            self._stop_process(child.process, grace=self.config.shutdown_grace)
+            stop_process(child.process, grace=self.config.shutdown_grace)
         for thread in self._threads:
             thread.join(timeout=self.config.shutdown_grace + 5.0)
         if child is not None:
-            child.send.close()
-            child.receive.close()
+            child.close_pipes()
         with self._lock:
             self._child = None
             self._child_ready.clear()

@@ -1,13 +1,18 @@
 """Messages between the service (parent) and its worker process, sent pickled over pipes.
 
 Times are ``time.monotonic()`` readings, a clock shared by all processes of one machine.
+Results travel as :class:`captioner.result.CaptionResult`; errors as an :class:`ImageProblem`
+code and its details, turned back into the same exception by :meth:`RequestFailed.error`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ..images import ImageLimits
+from ..images import Details, ImageError, ImageLimits, ImageProblem, image_error
+from ..result import CaptionResult
+from .base import ServiceError
+from .config import ServiceConfig
 
 # --- parent -> worker ---------------------------------------------------------------------
 
@@ -25,6 +30,11 @@ class WorkerSettings:
     encoder_batch_size: int | None
     warmup: bool
     debug_batch_delay: float
+
+    @classmethod
+    def of(cls, config: ServiceConfig, checkpoint: str | None) -> WorkerSettings:
+        return cls(checkpoint, config.device, config.threads, config.max_batch_size, config.max_wait_ms,
+                   config.image_limits, config.encoder_batch_size, config.warmup, config.debug_batch_delay)
 
 
 @dataclass(frozen=True)
@@ -81,26 +91,16 @@ class BatchStarted:
 
 
 @dataclass(frozen=True)
-class Result:
+class Captioned:
     id: int
-    caption: str
-    words: tuple[str, ...]
-    score: float
-    model_version: str
-    beam_size: int
-    width: int
-    height: int
-    queue_seconds: float
-    compute_seconds: float
-    batch_size: int
-    attention_png: bytes | None = None
+    result: CaptionResult  # without attention maps: the picture drawn from them, if asked for
 
 
 @dataclass(frozen=True)
 class BatchDone:
     """The results of a batch (those that asked for an attention picture follow on their own)."""
 
-    results: tuple[Result, ...]
+    results: tuple[Captioned, ...]
     batch_size: int
     compute_seconds: float
     rss_bytes: int
@@ -110,8 +110,19 @@ class BatchDone:
 @dataclass(frozen=True)
 class RequestFailed:
     id: int
-    error_type: str  # a captioner.images.ImageError subclass name, or "" for an internal failure
-    message: str
+    message: str  # for logs
+    code: ImageProblem | None = None  # what is wrong with the photo; None: an internal failure
+    details: Details = field(default_factory=dict)
+
+    @classmethod
+    def bad_image(cls, request_id: int, err: ImageError) -> RequestFailed:
+        return cls(request_id, str(err), err.code, err.details)
+
+    def error(self) -> Exception:
+        """The exception the caller gets: the worker's ImageError again, or a ServiceError."""
+        if self.code is None:
+            return ServiceError(self.message)
+        return image_error(self.code, **self.details)
 
 
 @dataclass(frozen=True)

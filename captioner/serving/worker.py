@@ -3,7 +3,7 @@
 Threads inside the worker:
 
 * the receiver reads messages from the parent as they come (so a full pipe never blocks it);
-* one decode thread turns image bytes into model inputs (bad photos are answered from there);
+* one image-decoding thread turns image bytes into model inputs (bad photos are answered from there);
 * the main thread batches prepared requests: it blocks for the first, then takes more until
   ``max_batch_size`` or ``max_wait_ms``; one batched encoder pass and one batched beam search
   per beam size; a request whose deadline passed or whose caller gave up is skipped before compute;
@@ -34,12 +34,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..images import ImageError, load_image
-from ..inference import Caption, Captioner, preprocess
+from ..images import ImageError, ImageProblem, image_error, load_image
+from ..inference import Captioner, preprocess
+from ..result import CaptionResult
 from .protocol import (
     BatchDone,
     BatchStarted,
     Cancel,
+    Captioned,
     Expired,
     LoadFailed,
     Ready,
@@ -48,7 +50,6 @@ from .protocol import (
     ReloadFailed,
     Request,
     RequestFailed,
-    Result,
     Shutdown,
     WorkerSettings,
 )
@@ -59,7 +60,7 @@ ATTENTION_TILE = 224  # render_attention draws the photo at this size
 EXIT_FATAL = 70  # the worker exits with this code after a CUDA error or running out of memory
 # A batch waits this long past its window for photos that arrived in the window but are still
 # being decoded (decoding is faster than compute, so a short wait fills the batch).
-MAX_DECODE_WAIT = 0.25
+MAX_IMAGE_DECODE_WAIT = 0.25
 _STOP = object()
 
 
@@ -122,7 +123,7 @@ class Worker:
         self.captioner = self._load(settings.checkpoint)
         self.checkpoint = settings.checkpoint
         warm = self._warmup(self.captioner)
-        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="decode")
+        self._image_decoder = ThreadPoolExecutor(1, thread_name_prefix="image-decode")
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="load")
         self._renderer = ThreadPoolExecutor(1, thread_name_prefix="render")
         self._send(Ready(self.captioner.version, settings.checkpoint, os.getpid(), str(self.captioner.device),
@@ -185,7 +186,7 @@ class Worker:
                 with self._lock:
                     self._live.add(message.id)
                     self._undecoded.append(time.monotonic())
-                self._decoder.submit(self._prepare, message)
+                self._image_decoder.submit(self._prepare, message)
             elif isinstance(message, Cancel):
                 with self._lock:
                     self._cancelled.update(i for i in message.ids if i in self._live)
@@ -212,13 +213,13 @@ class Worker:
         with self._lock:
             received = self._undecoded[0] if self._undecoded else time.monotonic()
         try:
-            self._decode(request, received)
+            self._decode_image(request, received)
         finally:
             with self._lock:
                 if self._undecoded:
                     self._undecoded.popleft()
 
-    def _decode(self, request: Request, received: float) -> None:
+    def _decode_image(self, request: Request, received: float) -> None:
         if self._dropped(request, time.monotonic()):  # no decoding for nobody; the batcher answers
             self._inbox.put(_Prepared(request, received, torch.empty(0), (), 0, 0, None, 0.0))
             return
@@ -229,13 +230,12 @@ class Worker:
             tensor = preprocess(captioner.model, image)
         except ImageError as err:
             self._forget(request.id)
-            self._send(RequestFailed(request.id, type(err).__name__, str(err)))
+            self._send(RequestFailed.bad_image(request.id, err))
             return
         except Exception as err:  # a decoder bug on hostile bytes is still a bad photo
             log.warning("unexpected error decoding request %d: %r", request.id, err)
             self._forget(request.id)
-            self._send(RequestFailed(request.id, "NotAnImageError",
-                                     "This image is damaged and cannot be decoded."))
+            self._send(RequestFailed.bad_image(request.id, image_error(ImageProblem.DAMAGED)))
             return
         thumbnail = None
         if request.attention:
@@ -263,7 +263,7 @@ class Worker:
                 now = time.monotonic()
                 if now < until:
                     timeout = until - now
-                elif now < until + MAX_DECODE_WAIT and self._decoding_arrived_before(until):
+                elif now < until + MAX_IMAGE_DECODE_WAIT and self._image_decoding_arrived_before(until):
                     timeout = 0.005  # re-check: a photo that fails to decode never shows up here
                 else:
                     timeout = 0.0
@@ -285,11 +285,11 @@ class Worker:
                 self._switch(loaded)
             if stop:
                 break
-        for pool in (self._decoder, self._loader, self._renderer):
+        for pool in (self._image_decoder, self._loader, self._renderer):
             pool.shutdown(wait=False, cancel_futures=True)
         return 0
 
-    def _decoding_arrived_before(self, moment: float) -> bool:
+    def _image_decoding_arrived_before(self, moment: float) -> bool:
         with self._lock:
             return bool(self._undecoded) and self._undecoded[0] <= moment
 
@@ -315,7 +315,7 @@ class Worker:
             time.sleep(self.settings.debug_batch_delay)
         captioner = self.captioner
         try:
-            captions: list[Caption | None] = list(self._compute(captioner, live))
+            captions: list[CaptionResult | None] = list(self._compute(captioner, live))
         except Exception as err:
             if _is_fatal(err):
                 log.error("fatal error in a batch of %d, exiting: %r", len(live), err)
@@ -328,17 +328,13 @@ class Worker:
             self._forget(item.request.id)
             if caption is None:
                 continue
-            result = Result(
-                id=item.request.id, caption=caption.text, words=tuple(caption.words), score=caption.score,
-                model_version=captioner.version,
-                beam_size=item.request.beam_size or captioner.beam.beam_size,
-                width=item.width, height=item.height, queue_seconds=max(0.0, now - item.request.submitted),
-                compute_seconds=compute + item.prep_seconds, batch_size=len(live),
-            )
+            result = replace(caption, width=item.width, height=item.height, batch_size=len(live),
+                             queue_seconds=max(0.0, now - item.request.submitted),
+                             compute_seconds=compute + item.prep_seconds)
             if item.request.attention:
-                self._renderer.submit(self._render, result, item.thumbnail, caption)
+                self._renderer.submit(self._render, item.request.id, result, item.thumbnail)
             else:
-                results.append(result)
+                results.append(Captioned(item.request.id, replace(result, attention=None)))
         self._send(BatchDone(tuple(results), len(live), compute, rss_bytes(), peak_rss_bytes()))
 
     def _inputs(self, captioner: Captioner, items: list[_Prepared]) -> Tensor:
@@ -348,14 +344,14 @@ class Worker:
                    for item in items]
         return torch.stack(tensors)
 
-    def _compute(self, captioner: Captioner, items: list[_Prepared]) -> list[Caption]:
+    def _compute(self, captioner: Captioner, items: list[_Prepared]) -> list[CaptionResult]:
         """One batched encoder pass, then one batched beam search per beam size."""
         features = captioner.encode(self._inputs(captioner, items))
         base = captioner.beam
         groups: dict[int, list[int]] = {}
         for index, item in enumerate(items):
             groups.setdefault(item.request.beam_size or base.beam_size, []).append(index)
-        captions: list[Caption | None] = [None] * len(items)
+        captions: list[CaptionResult | None] = [None] * len(items)
         for beam_size, indices in groups.items():
             rows = torch.tensor(indices, device=features.device)
             selected = features if len(groups) == 1 else features.index_select(0, rows)
@@ -365,26 +361,26 @@ class Worker:
                 captions[i] = caption
         return [c for c in captions if c is not None]
 
-    def _compute_alone(self, captioner: Captioner, item: _Prepared) -> Caption | None:
+    def _compute_alone(self, captioner: Captioner, item: _Prepared) -> CaptionResult | None:
         try:
             return self._compute(captioner, [item])[0]
         except Exception as err:
             if _is_fatal(err):
                 _exit(EXIT_FATAL)
             log.exception("request %d failed", item.request.id)
-            self._send(RequestFailed(item.request.id, "", f"captioning failed: {type(err).__name__}: {err}"))
+            self._send(RequestFailed(item.request.id, f"captioning failed: {type(err).__name__}: {err}"))
             return None
 
-    def _render(self, result: Result, thumbnail: Image.Image | None, caption: Caption) -> None:
+    def _render(self, request_id: int, result: CaptionResult, thumbnail: Image.Image | None) -> None:
         picture = None
         try:
-            if thumbnail is not None and caption.attention is not None:
+            if thumbnail is not None and result.attention is not None:
                 from ..attention_viz import render_attention
 
-                picture = render_attention(thumbnail, caption.words, caption.attention)
+                picture = render_attention(thumbnail, result.words, result.attention)
         except Exception:
-            log.exception("attention picture for request %d failed", result.id)
-        self._send(replace(result, attention_png=picture))
+            log.exception("attention picture for request %d failed", request_id)
+        self._send(Captioned(request_id, replace(result, attention=None, attention_png=picture)))
 
 
 def _exit(code: int) -> None:
