@@ -44,18 +44,25 @@ VALIDATION_METRICS = tuple(k for k in metrics.METRIC_KEYS if k != "METEOR")
 
 @dataclass
 class TrainConfig(LoopConfig):
+    """``python -m train fit``: the shared loop settings plus data, vocabulary, model selection, stages."""
+
+    # the data and the vocabulary
     data: str = "flickr:../shared/data/flickr8k"
     train_split: str = "train"
-    weight_decay: float = 0.0
     min_freq: int = 5
-    patience: int = 4
+    # optimisation beyond the shared loop
+    weight_decay: float = 0.0
+    encoder_lr: float = 1e-5
+    # model selection: beam search on the validation split, early stopping
     val_beam: int = 3
     val_max_len: int = 20
     val_length_penalty: float = 0.0
+    patience: int = 4
+    # the machine and the feature cache
     threads: int = 0
     feature_batch_size: int = 4
     raw_images: bool = False
-    encoder_lr: float = 1e-5
+    # where the weights come from
     init_from: str = ""
     resume: bool = False
     model: dict[str, Any] = field(default_factory=dict)

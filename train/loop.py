@@ -35,21 +35,25 @@ class LoopConfig:
     """Settings ``fit`` and ``finetune`` share; each command's config adds its own and may change defaults."""
 
     out: str = "runs/default"
-    val_split: str = "val"
     cache: str = "cache/features"
+    # the schedule: warm-up, then cosine decay to min_lr_ratio * lr
     epochs: int = 20
     batch_size: int = 64
     lr: float = 4e-4
     min_lr_ratio: float = 0.05
     warmup_steps: int = 200
+    max_steps: int = 0
+    # the loss and the step
     grad_clip: float = 5.0
     alpha_c: float = 1.0
     label_smoothing: float = 0.0
     max_caption_len: int = 40
+    # validation
+    val_split: str = "val"
     val_limit: int = 0
+    # the run
     seed: int = 1234
     device: str = "auto"
-    max_steps: int = 0
     progress: bool = True
 
 
