@@ -4,6 +4,9 @@ The cache lives in a folder named by a key over everything that changes the feat
 its weights, image size, normalisation, preprocessing version), so a change invalidates it by
 construction. Rows are filled in chunks and a ``done`` mask is flushed after each chunk, so an
 interrupted extraction resumes where it stopped.
+
+:class:`FeatureSource` hands training and scoring the features of a batch of images by id, from
+the cache or (``--raw-images``, ``--no-cache``) computed from the pixels.
 """
 
 from __future__ import annotations
