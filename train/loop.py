@@ -133,7 +133,7 @@ def lr_factor(step: int, total: int, cfg: LoopConfig) -> float:
 
 
 def autocast_for(device: torch.device) -> Callable[[], AbstractContextManager[None]]:
-    """bfloat16 autocast on CUDA; on CPU float32 (CPU autocast is slower for these LSTM steps)."""
+    """bfloat16 autocast on CUDA; on CPU the step stays in float32."""
     if device.type == "cuda":
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return lambda: torch.autocast("cpu", enabled=False)
