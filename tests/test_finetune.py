@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,16 +17,13 @@ from captioner import checkpoint
 from captioner.checkpoint import CaptionModel
 from captioner.vocab import Vocabulary
 from storage import Storage
+from storage.holdout import holdout_bucket
 from tests.helpers import ROOT, TINY_WORDS, photo_bytes, tiny_config
-from tests.test_train_support import make_flickr
-from train.finetune import (
-    FinetuneConfig,
-    finetune,
-    gate,
-    grow_vocabulary,
-    holdout_bucket,
-    paired_bootstrap_lower_bound,
-)
+from tests.test_train_support import make_flickr, tiny_fit_args
+from train import metrics
+from train.__main__ import main
+from train.finetune import EXIT_PROMOTED, EXIT_REJECTED, FinetuneConfig, finetune, grow_vocabulary
+from train.gate import gate, paired_bootstrap_lower_bound
 
 CORRECTIONS = ["a bicycle leans on a wall", "a helmet sits on a bicycle"]
 
@@ -163,4 +161,128 @@ def test_finetune_cli_reports_missing_corrections(tmp_path: Path) -> None:
                              "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=180)
     assert result.returncode == 1
     assert "no new corrections" in result.stderr and "Traceback" not in result.stderr
-    assert json.loads(json.dumps({"ok": True}))
+    assert not (tmp_path / "o").exists()  # no candidate written
+
+
+# ----------------------------------------------------------------------------- through the command line
+# A base that really captions its training photos (validation CIDEr 10 on them), so the validation
+# guard has something to protect: with replay the candidate keeps it and is promoted within the
+# default 3% margin; without replay it forgets and is rejected for the drop alone.
+
+
+@pytest.fixture(scope="module")
+def trained_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("trained")
+    data = make_flickr(root / "flickr", n_train=4, n_val=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(metrics, "java_available", lambda: False)
+        assert main(tiny_fit_args(f"flickr:{data}", root / "run", root / "cache", epochs=20, batch_size=2,
+                                  lr=3e-2, min_lr_ratio=0.3, patience=100, progress=False, embed_dim=32,
+                                  attention_dim=32, hidden_dim=64)) == 0
+    return root / "run" / "last", data
+
+
+@pytest.fixture
+def bot_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
+    monkeypatch.setattr(metrics, "java_available", lambda: False)  # a JVM start per scoring is slow
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    asyncio.run(_fill_database(url, tmp_path / "botdata"))
+    return url, tmp_path / "botdata"
+
+
+def _cli(tmp: Path, base: Path, *options: str) -> list[str]:
+    return ["finetune", "--base", str(base), "--out", str(tmp / "candidates"), "--cache", str(tmp / "cache"),
+            "--device", "cpu", "--val-split", "train", "--epochs", "20", "--lr", "1e-2", "--batch-size", "16",
+            *options]
+
+
+def _report(tmp: Path, name: str) -> dict[str, Any]:
+    return dict(json.loads((tmp / "candidates" / name / "finetune_report.json").read_text()))
+
+
+@pytest.mark.slow
+def test_cli_promotes_a_candidate_within_the_validation_margin(
+        trained_base: tuple[Path, Path], bot_database: tuple[str, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    (base, _), (url, data_dir) = trained_base, bot_database
+    code = main(_cli(tmp_path, base, "--db", url, "--data-dir", str(data_dir), "--replay-ratio", "2",
+                     "--name", "cand-kept"))
+    assert code == EXIT_PROMOTED
+    assert capsys.readouterr().out.startswith("PROMOTED cand-kept:")
+    report = _report(tmp_path, "cand-kept")
+    assert report["config"]["margin"] == 0.03  # the default guard, not switched off
+    base_val, cand_val = report["base"]["validation"]["CIDEr"], report["candidate"]["validation"]["CIDEr"]
+    assert base_val > 1.0 and cand_val >= base_val * (1 - 0.03)
+    assert report["candidate"]["corrections"]["CIDEr"] > report["base"]["corrections"]["CIDEr"]
+    versions, untrained = asyncio.run(_versions(url, data_dir))
+    assert ("cand-kept", "active", None) in versions
+    assert untrained == report["corrections_heldout_photos"]
+
+
+@pytest.mark.slow
+def test_cli_rejects_a_candidate_that_forgets_its_validation_data(
+        trained_base: tuple[Path, Path], bot_database: tuple[str, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    (base, _), (url, data_dir) = trained_base, bot_database
+    code = main(_cli(tmp_path, base, "--db", url, "--data-dir", str(data_dir), "--replay-ratio", "0",
+                     "--name", "cand-forgot"))
+    assert code == EXIT_REJECTED
+    out = capsys.readouterr().out
+    assert out.startswith("REJECTED cand-forgot: validation CIDEr dropped")
+    report = _report(tmp_path, "cand-forgot")
+    # Better on the corrections, significantly so: only the validation guard stopped it.
+    assert report["candidate"]["corrections"]["CIDEr"] > report["base"]["corrections"]["CIDEr"]
+    assert report["heldout_gain_lower_bound"] >= 0
+    assert report["candidate"]["validation"]["CIDEr"] < 0.97 * report["base"]["validation"]["CIDEr"]
+    versions, untrained = asyncio.run(_versions(url, data_dir))
+    assert ("cand-forgot", "rejected", report["reason"]) in versions
+    assert untrained == 16
+
+
+@pytest.mark.slow
+def test_cli_learns_from_an_export_folder(trained_base: tuple[Path, Path], bot_database: tuple[str, Path],
+                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (base, _), (url, data_dir) = trained_base, bot_database
+    export = tmp_path / "export"
+    asyncio.run(_export(url, data_dir, export))
+    held_out = (export / "val.txt").read_text().split()
+    assert held_out
+    code = main(_cli(tmp_path, base, "--from-export", str(export), "--replay-ratio", "2", "--name", "cand-export"))
+    assert code == EXIT_PROMOTED, capsys.readouterr()
+    report = _report(tmp_path, "cand-export")
+    assert report["corrections_heldout_photos"] == len(held_out)
+    assert report["corrections_train_photos"] == 16 - len(held_out)
+    versions, untrained = asyncio.run(_versions(url, data_dir))
+    assert versions == [] and untrained == 16  # an export run registers nothing
+
+
+async def _export(url: str, data_dir: Path, out: Path) -> None:
+    from storage.export import export_training_data
+
+    store = await Storage.open(url, data_dir)
+    try:
+        await export_training_data(store, out)
+    finally:
+        await store.close()
+
+
+def test_held_out_photos_follow_the_storage_rule_and_the_holdout_fraction(tmp_path: Path) -> None:
+    from storage.holdout import is_held_out
+    from train.finetune import split_corrections
+
+    rows = [(f"{i:064x}", tmp_path / f"{i}.jpg", f"caption {i}", i) for i in range(200)]
+    split = split_corrections(rows, 0.2)
+    assert {r.image_id for r in split.heldout} == {f"photo:{sha}" for sha, *_ in rows if is_held_out(sha)}
+    assert sorted(split.correction_ids) == sorted(i for sha, _, _, i in rows if not is_held_out(sha))
+    assert not split_corrections(rows, 0.0).heldout and not split_corrections(rows, 1.0).train
+
+
+def test_the_database_is_the_one_in_the_bots_data_folder_unless_told(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from train.finetune import database_url
+
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    assert database_url(FinetuneConfig(data_dir=str(tmp_path))) == f"sqlite+aiosqlite:///{tmp_path}/captionbot.db"
+    monkeypatch.setenv("DATABASE_URL", "sqlite+aiosqlite:///from-env.db")
+    assert database_url(FinetuneConfig(data_dir=str(tmp_path))) == "sqlite+aiosqlite:///from-env.db"
+    assert database_url(FinetuneConfig(db="sqlite+aiosqlite:///given.db")) == "sqlite+aiosqlite:///given.db"

@@ -16,7 +16,7 @@ def subparser(name: str) -> argparse.ArgumentParser:
     return found
 
 
-@pytest.mark.parametrize("command", ["fit", "evaluate"])
+@pytest.mark.parametrize("command", ["fit", "evaluate", "finetune"])
 def test_every_option_is_documented(command: str) -> None:
     parser = subparser(command)
     for action in parser._actions:
@@ -35,10 +35,11 @@ def test_fit_help_shows_examples_and_the_model_options() -> None:
 
 
 def test_cli_parses_into_the_train_config() -> None:
-    from train.fit import config_from_args
+    from train.cli import config_from_args
+    from train.fit import TrainConfig
 
     args = build_parser().parse_args(["fit", "--data", "coco:x", "--no-progress", "--fine-tune-blocks", "2",
                                       "--lr", "1e-4", "--raw-images"])
-    cfg = config_from_args(vars(args))
+    cfg = config_from_args(TrainConfig, vars(args))
     assert (cfg.data, cfg.progress, cfg.lr, cfg.raw_images) == ("coco:x", False, 1e-4, True)
     assert args.fine_tune_blocks == 2

@@ -11,7 +11,8 @@ from captioner.vocab import Vocabulary, tokenize
 from tests.helpers import SHARED_FLICKR8K
 from tests.test_train_support import CAPTIONS, VAL_ONLY_WORD, make_coco, make_flickr, make_karpathy
 from train.data import DatasetError, ImageRecord, load_dataset
-from train.fit import TrainConfig, bucketed_batches, build_examples, prepare_model
+from train.fit import TrainConfig, prepare_model
+from train.loop import bucketed_batches, build_examples
 
 
 def test_flickr_layout(tmp_path: Path) -> None:

@@ -7,10 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from captioner import checkpoint
 from tests.helpers import make_checkpoint
 from tests.test_train_support import make_flickr
 from train import metrics
@@ -71,3 +73,53 @@ def test_without_java_meteor_is_null_in_json_and_said_to_be_skipped(
     assert main(base) == 0
     text = capsys.readouterr().out
     assert "METEOR: skipped (Java not found)" in text and "CIDEr:" in text and "2 images of val" in text
+
+
+def test_write_metrics_stores_the_printed_scores_in_the_checkpoint(
+        tmp_path: Path, setup: tuple[Path, str], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    model, data = setup
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    weights = (model / "model.safetensors").read_bytes()
+    before = json.loads((model / "model.json").read_text())
+    assert main(["evaluate", "--model", str(model), "--data", data, "--split", "val", "--no-cache", "--limit", "2",
+                 "--beam", "2", "--block-ngram", "3", "--json", "--write-metrics"]) == 0
+    printed = json.loads(capsys.readouterr().out)  # stdout is still the one JSON object
+    after = json.loads((model / "model.json").read_text())
+    stored = after["meta"]["metrics"]
+    assert {k: stored[k] for k in JSON_KEYS} == printed
+    assert stored["split"] == "val" and stored["data"] == data and stored["n_images"] == 2
+    assert stored["decoding"] == {"beam_size": 2, "max_len": 20, "length_penalty": 0.0, "block_ngram": 3,
+                                  "forbid_unk": True}
+    assert datetime.fromisoformat(stored["date"]).tzinfo is not None
+    assert stored["command"].startswith("python -m train evaluate --model ") and "--beam 2" in stored["command"]
+    # Only meta.metrics changed: the same weights, config, vocabulary and the rest of meta.
+    assert (model / "model.safetensors").read_bytes() == weights
+    assert {k: v for k, v in after.items() if k != "meta"} == {k: v for k, v in before.items() if k != "meta"}
+    assert {k: v for k, v in after["meta"].items() if k != "metrics"} == before["meta"]
+    assert checkpoint.read_document(model)["meta"]["metrics"] == stored
+
+
+def test_without_write_metrics_the_checkpoint_is_not_touched(
+        tmp_path: Path, setup: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    model, data = setup
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    document = (model / "model.json").read_bytes()
+    assert main(["evaluate", "--model", str(model), "--data", data, "--no-cache", "--limit", "1", "--json"]) == 0
+    assert (model / "model.json").read_bytes() == document
+
+
+def test_write_metrics_keeps_float16_weights_bit_for_bit(tmp_path: Path) -> None:
+    """The shipped default model is stored in float16; rewriting its metadata must not touch its weights."""
+    import torch
+
+    from train.evaluate import write_metrics
+
+    folder = checkpoint.save(checkpoint.load(make_checkpoint(tmp_path / "f32")), tmp_path / "f16", dtype=torch.float16)
+    weights = (folder / "model.safetensors").read_bytes()
+    write_metrics(str(folder), {"CIDEr": 0.5})
+    assert (folder / "model.safetensors").read_bytes() == weights
+    document = checkpoint.read_document(folder)
+    assert document["dtype"] == "float16" and document["meta"]["metrics"] == {"CIDEr": 0.5}

@@ -15,8 +15,7 @@ from tests.helpers import tiny_config
 from tests.test_train_support import make_flickr
 from train import features
 from train.data import load_dataset
-from train.features import FeatureCache, encoder_fingerprint, fill_cache, open_cache
-from train.fit import FeatureSource
+from train.features import FeatureCache, FeatureSource, encoder_fingerprint, fill_cache, open_cache
 
 
 def tiny_model(**overrides: object) -> CaptionModel:

@@ -6,11 +6,14 @@ import argparse
 import logging
 import sys
 from dataclasses import fields
-from typing import Any
 
 from captioner.model import ModelConfig
 
-from .fit import TrainConfig
+# finetune imports storage (SQLAlchemy, Alembic) at once: before logging is set up, so that their
+# INFO lines at import time stay out of every command's output.
+from . import evaluate, finetune
+from .cli import DEVICE_HELP, VAL_LIMIT_HELP, HelpFormatter, add_dataclass_options, config_from_args
+from .fit import TrainConfig, fit
 
 FIT_HELP: dict[str, str] = {
     "data": "dataset as FORMAT:PATH: flickr:DIR, karpathy:FILE[@IMAGE_ROOT] or "
@@ -36,9 +39,9 @@ FIT_HELP: dict[str, str] = {
     "val_beam": "beam size for validation decoding",
     "val_max_len": "maximum caption length for validation decoding",
     "val_length_penalty": "length normalisation exponent for validation decoding",
-    "val_limit": "validate on the first N images only (0 = all)",
+    "val_limit": VAL_LIMIT_HELP,
     "seed": "random seed (data order, dropout, initialisation)",
-    "device": "auto, cpu or cuda",
+    "device": DEVICE_HELP,
     "threads": "torch CPU threads (0 = torch's default)",
     "max_steps": "stop after this many optimisation steps (0 = no limit; for smoke tests)",
     "feature_batch_size": "images per encoder pass when filling the feature cache",
@@ -66,40 +69,6 @@ MODEL_HELP: dict[str, str] = {
 }
 
 
-def _add_dataclass_options(parser: Any, cls: Any, helps: dict[str, str], skip: set[str]) -> None:
-    defaults = cls()
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        help_text = helps.get(f.name, "")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            kind = type(default) if default is not None else str
-            metavar = METAVARS.get(f.name, "N" if kind is int else "X" if kind is float else "VALUE")
-            parser.add_argument(flag, type=kind, default=default, help=help_text, metavar=metavar)
-
-
-METAVARS = {
-    "data": "FORMAT:PATH", "out": "DIR", "train_split": "SPLIT", "val_split": "SPLIT", "cache": "DIR",
-    "device": "DEVICE", "init_from": "CHECKPOINT", "encoder": "NAME", "encoder_weights": "FILE",
-}
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except empty ones (None, "", off switches); description and epilog as written."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        empty = action.default in (None, "") or (action.default is False and action.nargs == 0
-                                                   and not isinstance(action, argparse.BooleanOptionalAction))
-        if "%(default)" in text or "default:" in text or empty or action.default is argparse.SUPPRESS:
-            return text
-        return super()._get_help_string(action)
-
-
 FIT_EPILOG = """examples:
   python -m train fit --data flickr:../shared/data/flickr8k --out runs/flickr8k
   python -m train fit --data karpathy:data/dataset_flickr30k.json@data/flickr30k-images --out runs/f30k
@@ -124,14 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a Show-Attend-Tell captioner with teacher forcing, select the model by\n"
                     "validation CIDEr from beam search, and write OUT/best, OUT/last, history and curves.",
         epilog=FIT_EPILOG, formatter_class=HelpFormatter)
-    _add_dataclass_options(fit, TrainConfig, FIT_HELP, {"model"})
+    add_dataclass_options(fit, TrainConfig, FIT_HELP, {"model"})
     model_options = fit.add_argument_group("model (ignored with --init-from, except --fine-tune-blocks)")
-    _add_dataclass_options(model_options, ModelConfig, MODEL_HELP, set())
-
-    from . import evaluate, finetune
-
+    add_dataclass_options(model_options, ModelConfig, MODEL_HELP)
     evaluate.add_parser(sub, HelpFormatter)
-    finetune.add_parser(sub)
+    finetune.add_parser(sub, HelpFormatter)
     return parser
 
 
@@ -141,10 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     values = vars(args)
     if args.command == "fit":
-        from .fit import config_from_args, fit
-
         model_keys = {f.name for f in fields(ModelConfig)}
-        cfg = config_from_args(values)
+        cfg = config_from_args(TrainConfig, values)
         cfg.model = {k: values[k] for k in model_keys}
         fit(cfg)
         return 0

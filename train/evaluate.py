@@ -1,14 +1,22 @@
-"""``python -m train evaluate``: decode a split in batches and score it with pycocoevalcap."""
+"""``python -m train evaluate``: decode a split in batches and score it with pycocoevalcap.
+
+With ``--write-metrics`` the scores are stored in the evaluated checkpoint's ``meta.metrics``, so
+the numbers a model is published with come from this command, not from a hand-edited file.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import shlex
 import sys
-import time
+from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from captioner import checkpoint
 from captioner.beam import BeamConfig
@@ -16,14 +24,13 @@ from captioner.inference import beam_config_from_meta, default_beam_config, reso
 
 from . import metrics
 from .data import load_dataset
-from .features import fill_cache, open_cache
-from .fit import FeatureSource, generate
+from .features import feature_source
+from .scoring import SplitResult, score_records
 
 log = logging.getLogger(__name__)
 
 
-def add_parser(sub: Any,
-               formatter: type[argparse.HelpFormatter] = argparse.ArgumentDefaultsHelpFormatter) -> None:
+def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     parser = sub.add_parser(
         "evaluate", help="score a model on a dataset split (BLEU, METEOR, ROUGE-L, CIDEr)",
         description="Decode a dataset split with beam search in batches and score it with pycocoevalcap\n"
@@ -57,6 +64,9 @@ def add_parser(sub: Any,
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object: Bleu_1..4, METEOR (null without Java), ROUGE_L, "
                              "CIDEr, n_images")
+    parser.add_argument("--write-metrics", action="store_true",
+                        help="store the scores, split, decoding settings and date in the checkpoint's "
+                             "meta.metrics (rewrites the checkpoint in place, atomically)")
     parser.set_defaults(func=run)
 
 
@@ -71,40 +81,61 @@ def beam_from_args(args: argparse.Namespace, base: BeamConfig) -> BeamConfig:
 
 def evaluate(model_path: str | None, data: str, split: str, beam: BeamConfig | None = None, limit: int = 0,
              device: str = "auto", cache: str | None = "cache/features", batch_size: int = 100,
-             ) -> tuple[metrics.Scores, dict[str, str], dict[str, Any]]:
+             ) -> tuple[SplitResult, dict[str, Any]]:
+    """Captions and scores of ``split`` (its first ``limit`` images), and what was evaluated how."""
     target = resolve_device(device)
     model = checkpoint.load(model_path, target)
     beam = beam or default_beam_config(model)
     records = load_dataset(data, (split,)).split(split)
     if limit:
         records = records[:limit]
-    images = {r.image_id: r.path for r in records}
-    feature_cache = None
-    if cache:
-        feature_cache = open_cache(model, Path(cache))
-        fill_cache(feature_cache, model, list(images.values()), target, progress=False)
-    source = FeatureSource(model, images, feature_cache, target)
-    start = time.perf_counter()
-    hyps = generate(model, source, [r.image_id for r in records], beam, batch_size)
-    seconds = time.perf_counter() - start
-    refs = {r.image_id: list(r.captions) for r in records}
-    info = {"model": model.version, "beam": beam.__dict__, "decode_seconds": seconds}
-    return metrics.score(refs, hyps), hyps, info
+    source = feature_source(model, {r.image_id: r.path for r in records}, target, cache)
+    result = score_records(model, source, records, beam, metrics.METRIC_KEYS, batch_size)
+    return result, {"model": model.version, "beam": asdict(beam), "decode_seconds": result.decode_seconds}
+
+
+def metrics_entry(result: SplitResult, data: str, split: str, beam: BeamConfig) -> dict[str, Any]:
+    """What ``--json`` prints (pycocoevalcap's keys, null for a metric that could not run) and its context."""
+    values: dict[str, Any] = {key: result.scores.values.get(key) for key in metrics.METRIC_KEYS}
+    return {**values, "n_images": len(result.captions), "data": data, "split": split, "decoding": asdict(beam),
+            "date": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def command_line(args: argparse.Namespace, beam: BeamConfig) -> str:
+    """The command that reproduces these numbers, with the decoding settings spelled out."""
+    words = ["python", "-m", "train", "evaluate", *(["--model", args.model] if args.model else []),
+             "--data", args.data, "--split", args.split, "--beam", str(beam.beam_size),
+             "--max-len", str(beam.max_len), "--length-penalty", str(beam.length_penalty),
+             "--block-ngram", str(beam.block_ngram), *(["--limit", str(args.limit)] if args.limit else [])]
+    return shlex.join(words)
+
+
+def write_metrics(model_path: str | None, entry: dict[str, Any]) -> Path:
+    """Store ``entry`` as the checkpoint's ``meta.metrics``: weights, config and the rest of meta unchanged."""
+    directory = checkpoint.resolve(model_path)
+    document = checkpoint.read_document(directory)
+    model = checkpoint.load(directory)
+    model.meta = {**document.get("meta", {}), "metrics": entry}
+    # float16 -> float32 -> float16 is exact, so the weights file is rewritten with the same values.
+    return checkpoint.save(model, directory, dtype=getattr(torch, document.get("dtype", "float32")))
 
 
 def run(args: argparse.Namespace) -> int:
     meta = checkpoint.read_document(args.model).get("meta", {})
     beam = beam_from_args(args, beam_config_from_meta(meta))
-    scores, hyps, info = evaluate(args.model, args.data, args.split, beam, args.limit, args.device,
-                                  None if args.no_cache else args.cache, args.batch_size)
+    result, info = evaluate(args.model, args.data, args.split, beam, args.limit, args.device,
+                            None if args.no_cache else args.cache, args.batch_size)
+    scores, hyps = result.scores, result.captions
     captions_out = Path(args.captions_out or f"captions_{args.split}.json")
     captions_out.write_text(json.dumps(hyps, indent=0, ensure_ascii=False) + "\n")
     for warning in scores.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    entry = metrics_entry(result, args.data, args.split, beam)
+    if args.write_metrics:
+        written = write_metrics(args.model, {**entry, "command": command_line(args, beam)})
+        print(f"metrics written to {written / checkpoint.META_FILE}", file=sys.stderr)
     if args.json:
-        # Always pycocoevalcap's keys: a metric that could not run (METEOR without Java) is null.
-        values: dict[str, float | None] = {key: scores.values.get(key) for key in metrics.METRIC_KEYS}
-        print(json.dumps({**values, "n_images": len(hyps)}))
+        print(json.dumps({key: entry[key] for key in [*metrics.METRIC_KEYS, "n_images"]}))
     else:
         print(f"model {info['model']}, {len(hyps)} images of {args.split}, beam {beam.beam_size}, "
               f"length penalty {beam.length_penalty}")

@@ -4,6 +4,9 @@ The cache lives in a folder named by a key over everything that changes the feat
 its weights, image size, normalisation, preprocessing version), so a change invalidates it by
 construction. Rows are filled in chunks and a ``done`` mask is flushed after each chunk, so an
 interrupted extraction resumes where it stopped.
+
+:class:`FeatureSource` hands training and scoring the features of a batch of images by id, from
+the cache or (``--raw-images``, ``--no-cache``) computed from the pixels.
 """
 
 from __future__ import annotations
@@ -11,17 +14,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
+from torch import Tensor
 from tqdm import tqdm
 
 from captioner.checkpoint import CaptionModel
 from captioner.images import load_image
 from captioner.inference import preprocess
+from common.atomic import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +107,7 @@ class FeatureCache:
         self.index.update({k: (shard, row) for row, k in enumerate(new)})
         self._shard(shard)
         self._flush(shard)
-        tmp = self.directory / "index.tmp.json"
-        tmp.write_text(json.dumps(self.index))
-        tmp.replace(self.directory / "index.json")
+        atomic_write_text(self.directory / "index.json", json.dumps(self.index))
 
     def missing(self, paths: Sequence[Path]) -> list[Path]:
         out = []
@@ -137,9 +142,12 @@ class FeatureCache:
         features = self._shard(shard)
         if isinstance(features, np.memmap):
             features.flush()
-        tmp = self.directory / f"done-{shard}.tmp.npy"
-        np.save(tmp, self.done_mask(shard))
-        tmp.replace(self.directory / f"done-{shard}.npy")
+        atomic_write(self.directory / f"done-{shard}.npy", lambda tmp: _save_array(tmp, self.done_mask(shard)))
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with path.open("wb") as handle:  # a handle: np.save would append ".npy" to the temporary name
+        np.save(handle, array)
 
 
 def _shard_sizes(index: dict[str, tuple[int, int]]) -> dict[int, int]:
@@ -205,3 +213,75 @@ def check_images_exist(paths: Sequence[Path]) -> None:
 
 def _read(path: Path) -> Image.Image:
     return load_image(path.read_bytes())
+
+
+class FeatureSource:
+    """Encoder features for a list of images: from the cache or from raw pixels.
+
+    Cached features are held in RAM when they fit (each image read once per run, shared by its
+    captions); otherwise each batch reads its images' rows from the memory-mapped cache, whose
+    pages the OS shares between processes (``in_memory=None`` chooses).
+    """
+
+    def __init__(self, model: CaptionModel, records: dict[str, Path], cache: FeatureCache | None,
+                 device: torch.device, in_memory: bool | None = None) -> None:
+        self.model, self.records, self.device = model, records, device
+        self.cache = cache
+        self.row_of: dict[str, int] = {}
+        self.table: Tensor | None = None
+        if cache is not None:
+            if in_memory is None:
+                in_memory = _fits_in_memory(len(records) * cache.regions * cache.dim * 2)
+            if in_memory:
+                ids = sorted(records)
+                self.table = torch.from_numpy(cache.get([records[i] for i in ids]))
+                self.row_of = {image_id: i for i, image_id in enumerate(ids)}
+            else:
+                cache.get(list(records.values())[:1])  # fails now, not mid-epoch, if the cache is incomplete
+                log.info("features read per batch from %s (too large to hold in memory)", cache.directory)
+
+    def __call__(self, image_ids: Sequence[str], grad: bool = False) -> Tensor:
+        if self.table is not None:
+            idx = torch.tensor([self.row_of[i] for i in image_ids])
+            return self.table.index_select(0, idx).to(self.device).float()
+        unique = list(dict.fromkeys(image_ids))
+        if self.cache is not None:
+            rows = self.cache.get([self.records[i] for i in unique])
+            feats = torch.from_numpy(rows).to(self.device).float()
+        else:
+            pixels = torch.stack([preprocess(self.model, _read(self.records[i])) for i in unique])
+            pixels = pixels.to(self.device)
+            with torch.set_grad_enabled(grad):
+                feats = self.model.encoder(pixels)
+        if len(unique) == len(image_ids):
+            return feats
+        position = {image_id: n for n, image_id in enumerate(unique)}
+        return feats.index_select(0, torch.tensor([position[i] for i in image_ids], device=self.device))
+
+
+def _fits_in_memory(nbytes: int) -> bool:
+    """Whether every process of the run can hold ``nbytes`` of features with room to spare."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return True
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return nbytes * world <= ram // 3
+
+
+def feature_source(model: CaptionModel, images: dict[str, Path], device: torch.device, cache_root: str | None,
+                   batch_size: int = 4, progress: bool = False, fill: bool = True) -> FeatureSource:
+    """Features of ``images`` from the cache under ``cache_root`` (filled first), or from pixels without one.
+
+    Under torchrun only rank 0 fills the cache (``fill``); the others open it after a barrier.
+    """
+    if not cache_root:
+        check_images_exist(list(images.values()))
+        return FeatureSource(model, images, None, device)
+    cache = open_cache(model, Path(cache_root))
+    if fill:
+        fill_cache(cache, model, list(images.values()), device, batch_size, progress)
+    if dist.is_initialized():
+        dist.barrier()
+        cache = open_cache(model, Path(cache_root))
+    return FeatureSource(model, images, cache, device)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import logging
 import sys
@@ -36,18 +35,21 @@ from captioner.beam import BeamConfig
 from captioner.checkpoint import CaptionModel
 from captioner.inference import default_beam_config, resolve_device
 from captioner.vocab import Vocabulary, tokenize
+from common.atomic import atomic_write_text
+from storage.holdout import HOLDOUT_FRACTION, is_held_out
 
-from . import metrics
+from .cli import DEVICE_HELP, VAL_LIMIT_HELP, add_dataclass_options, config_from_args
 from .data import ImageRecord, load_dataset
-from .features import fill_cache, open_cache
-from .fit import Example, FeatureSource, TrainConfig, bucketed_batches, build_examples, caption_loss, generate, pad
+from .features import FeatureSource, feature_source
+from .gate import gate, paired_bootstrap_lower_bound
+from .loop import Example, LoopConfig, bucketed_batches, build_examples, train_epoch
+from .scoring import score_records
 
 log = logging.getLogger(__name__)
 
-# Training captions are cut to this many words, as in `python -m train fit`.
-MAX_CAPTION_WORDS = TrainConfig().max_caption_len
-
 EXIT_PROMOTED, EXIT_ERROR, EXIT_REJECTED = 0, 1, 3
+# What the gate looks at (METEOR would start a Java process for a handful of photos).
+GATE_METRICS = ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr")
 
 
 class FinetuneError(RuntimeError):
@@ -55,9 +57,16 @@ class FinetuneError(RuntimeError):
 
 
 @dataclass
-class FinetuneConfig:
-    base: str | None = None
+class FinetuneConfig(LoopConfig):
+    # Fields shared with `fit` come from LoopConfig; these defaults differ from fit's. A constant
+    # learning rate (no warm-up, no decay): a fine-tune is short and starts from a trained model.
     out: str = "runs/finetune"
+    batch_size: int = 32
+    lr: float = 2e-4
+    min_lr_ratio: float = 1.0
+    warmup_steps: int = 0
+    progress: bool = False
+    base: str | None = None
     db: str | None = None
     data_dir: str | None = None
     from_export: str | None = None
@@ -67,24 +76,14 @@ class FinetuneConfig:
     replay_data: str | None = None
     replay_split: str = "train"
     val_data: str | None = None
-    val_split: str = "val"
-    val_limit: int = 0
     replay_ratio: float = 4.0
-    holdout: float = 0.2
+    holdout: float = HOLDOUT_FRACTION
     min_word_count: int = 1
-    epochs: int = 20
     new_word_epochs: int = 10
     new_word_lr: float = 1e-2
-    batch_size: int = 32
-    lr: float = 2e-4
-    alpha_c: float = 1.0
-    grad_clip: float = 5.0
     margin: float = 0.03
     # With fewer held-out photos than this, the significance test is skipped (too few to resample).
     min_photos_for_test: int = 5
-    seed: int = 1234
-    device: str = "auto"
-    cache: str = "cache/features"
     name: str | None = None
     register: bool = True
     save_dtype: str = "float16"
@@ -100,15 +99,17 @@ class CorrectionSet:
 # ----------------------------------------------------------------------------- corrections
 
 
-def holdout_bucket(sha_or_name: str) -> float:
-    """A photo's fixed place in [0, 1): the held-out part never changes between runs."""
-    return int(hashlib.sha256(sha_or_name.encode()).hexdigest()[:8], 16) / 2**32
+def database_url(cfg: FinetuneConfig) -> str:
+    """The bot's database: --db, else $DATABASE_URL, else the SQLite file in the bot's data folder."""
+    from storage.config import database_url as resolve_url
+
+    return resolve_url(cfg.db, cfg.data_dir)
 
 
 async def _open_store(cfg: FinetuneConfig) -> Any:
     from storage import Storage
 
-    return await Storage.open(cfg.db, Path(cfg.data_dir) if cfg.data_dir else None)
+    return await Storage.open(database_url(cfg), Path(cfg.data_dir) if cfg.data_dir else None)
 
 
 async def _corrections_from_db(cfg: FinetuneConfig) -> list[tuple[str, Path, str, int | None]]:
@@ -123,6 +124,7 @@ async def _corrections_from_db(cfg: FinetuneConfig) -> list[tuple[str, Path, str
 
 
 def split_corrections(rows: Sequence[tuple[str, Path, str, int | None]], holdout: float) -> CorrectionSet:
+    """Group by photo; storage.holdout's rule (the one `storage export` uses) picks the held-out photos."""
     by_photo: dict[str, tuple[Path, list[str], list[int]]] = {}
     for sha, path, text, correction_id in rows:
         entry = by_photo.setdefault(sha, (path, [], []))
@@ -132,7 +134,7 @@ def split_corrections(rows: Sequence[tuple[str, Path, str, int | None]], holdout
     train, heldout, ids = [], [], []
     for sha, (path, texts, correction_ids) in sorted(by_photo.items()):
         record = ImageRecord(f"photo:{sha}", path, tuple(texts))
-        if holdout_bucket(sha) < holdout:
+        if is_held_out(sha, holdout):
             heldout.append(record)
         else:
             train.append(record)
@@ -207,100 +209,24 @@ def _epochs(cfg: FinetuneConfig, model: CaptionModel, source: FeatureSource, cor
             replay: list[Example], optimizer: torch.optim.Optimizer, rng: np.random.Generator, epochs: int,
             phase: str) -> list[float]:
     n_replay = min(len(replay), round(cfg.replay_ratio * len(corrections)))
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     losses = []
     for epoch in range(epochs):
-        model.decoder.train()
         picked = [replay[i] for i in rng.choice(len(replay), n_replay, replace=False)] if n_replay else []
         examples = corrections + picked
-        epoch_losses = []
-        for batch in bucketed_batches(examples, cfg.batch_size, rng):
-            tokens = pad([examples[i].tokens for i in batch], model.vocab.pad_id).to(source.device)
-            features = source([examples[i].image_id for i in batch])
-            loss, ce = caption_loss(model.decoder, features, tokens, model.vocab.pad_id, cfg.alpha_c, 0.0)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            epoch_losses.append(ce.item())
-        losses.append(float(np.mean(epoch_losses)))
+        batches = bucketed_batches(examples, cfg.batch_size, rng)
+        loss, _ = train_epoch(cfg, model, optimizer, source, examples, batches, step=0, total_steps=0)
+        losses.append(loss)
         log.info("fine-tune (%s) epoch %d: %d corrections + %d replay captions, loss %.4f", phase, epoch,
-                 len(corrections), len(picked), losses[-1])
+                 len(corrections), len(picked), loss)
     return losses
 
 
-# ----------------------------------------------------------------------------- evaluation and gate
-
-
-def score_model(model: CaptionModel, source: FeatureSource, records: Sequence[ImageRecord],
-                beam: BeamConfig, per_image: dict[str, float] | None = None) -> dict[str, float]:
-    """Corpus scores; with ``per_image``, also fills it with each image's CIDEr."""
-    if not records:
-        return {}
-    hyps = generate(model, source, [r.image_id for r in records], beam)
-    refs = {r.image_id: list(r.captions) for r in records}
-    wanted = ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr")
-    scores = metrics.score(refs, hyps, wanted)
-    if per_image is not None:
-        per_image.update(scores.per_image_cider)
-    return scores.values
-
-
-def paired_bootstrap_lower_bound(base: dict[str, float], candidate: dict[str, float], resamples: int = 5000,
-                                 confidence: float = 0.95, seed: int = 0) -> float:
-    """Lower confidence bound of the mean per-photo improvement (candidate - base).
-
-    A few held-out photos make corpus scores noisy: noise in the corrections (spam, random
-    text) can look like a gain. Promotion needs the gain to hold across photos, not on average by luck.
-    """
-    keys = sorted(set(base) & set(candidate))
-    if not keys:
-        return float("-inf")
-    diffs = np.array([candidate[k] - base[k] for k in keys])
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, len(diffs), size=(resamples, len(diffs)))].mean(axis=1)
-    return float(np.quantile(means, 1.0 - confidence))
-
-
-@dataclass
-class GateDecision:
-    promote: bool
-    reason: str
-
-
-def corrections_metric(base: dict[str, float], candidate: dict[str, float]) -> str:
-    """CIDEr, unless the held-out references are all alike (CIDEr's IDF is then 0 for both): BLEU-1."""
-    if base.get("CIDEr", 0.0) == 0.0 and candidate.get("CIDEr", 0.0) == 0.0:
-        return "Bleu_1"
-    return "CIDEr"
-
-
-def gate(base: dict[str, dict[str, float]], candidate: dict[str, dict[str, float]],
-         margin: float, improvement_lower_bound: float | None = None) -> GateDecision:
-    """Better on the held-out corrections, and validation CIDEr within ``margin`` of the base.
-
-    "Better" means a higher corpus score and, when per-photo scores are given, a 95% paired
-    bootstrap lower bound of the per-photo CIDEr gain that is not below zero.
-    """
-    if not base["corrections"] or not candidate["corrections"]:
-        return GateDecision(False, "no held-out corrections to judge the candidate on")
-    key = corrections_metric(base["corrections"], candidate["corrections"])
-    b_corr, c_corr = base["corrections"][key], candidate["corrections"][key]
-    b_val, c_val = base["validation"].get("CIDEr"), candidate["validation"].get("CIDEr")
-    if not c_corr > b_corr:
-        return GateDecision(False, f"not better on held-out corrections ({key} {c_corr:.3f} vs base {b_corr:.3f})")
-    if improvement_lower_bound is not None and improvement_lower_bound < 0:
-        return GateDecision(False, f"gain on held-out corrections not significant ({key} {b_corr:.3f} -> "
-                                   f"{c_corr:.3f}, 95% lower bound of the per-photo CIDEr gain "
-                                   f"{improvement_lower_bound:+.3f})")
-    if b_val is not None and c_val is not None and c_val < b_val * (1 - margin):
-        drop = 100 * (1 - c_val / b_val) if b_val else float("inf")
-        return GateDecision(False, f"validation CIDEr dropped {drop:.1f}% ({c_val:.3f} vs {b_val:.3f}; "
-                                   f"allowed {100 * margin:.1f}%)")
-    val_text = "not checked" if b_val is None or c_val is None else f"{b_val:.3f} -> {c_val:.3f}"
-    bound = "" if improvement_lower_bound is None else f" (per-photo gain >= {improvement_lower_bound:+.3f})"
-    return GateDecision(True, f"held-out corrections {key} {b_corr:.3f} -> {c_corr:.3f}{bound}; "
-                              f"validation CIDEr {val_text}")
+def _judge(model: CaptionModel, source: FeatureSource, heldout: list[ImageRecord], val_records: list[ImageRecord],
+           beam: BeamConfig) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Scores on the held-out corrections and on validation data, and each held-out photo's CIDEr."""
+    held = score_records(model, source, heldout, beam, GATE_METRICS).scores
+    validation = score_records(model, source, val_records, beam, GATE_METRICS).scores.values if val_records else {}
+    return {"corrections": held.values, "validation": validation}, held.per_image_cider
 
 
 # ----------------------------------------------------------------------------- the run
@@ -321,6 +247,19 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     return report
 
 
+def _reference_data(cfg: FinetuneConfig, base: CaptionModel) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(replay records, validation records): by default the base model's own training data."""
+    replay_spec = cfg.replay_data or base.meta.get("trained_on")
+    val_spec = cfg.val_data or replay_spec
+    replay_records = load_dataset(replay_spec, (cfg.replay_split,)).split(cfg.replay_split) if replay_spec else []
+    val_records = load_dataset(val_spec, (cfg.val_split,)).split(cfg.val_split) if val_spec else []
+    if cfg.val_limit:
+        val_records = val_records[: cfg.val_limit]
+    if not val_records:
+        log.warning("no validation data: the gate checks the held-out corrections only")
+    return replay_records, val_records
+
+
 def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidate: CaptionModel,
          corrections: CorrectionSet) -> dict[str, Any]:
     if not corrections.train:
@@ -331,32 +270,16 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
     new_words = grow_vocabulary(candidate, [c for r in corrections.train for c in r.captions], cfg.min_word_count)
     log.info("corrections: %d photos to train on, %d held out; new words: %s", len(corrections.train),
              len(corrections.heldout), ", ".join(new_words) or "none")
-
-    replay_spec = cfg.replay_data or base.meta.get("trained_on")
-    val_spec = cfg.val_data or replay_spec
-    replay_records = load_dataset(replay_spec, (cfg.replay_split,)).split(cfg.replay_split) if replay_spec else []
-    val_records = load_dataset(val_spec, (cfg.val_split,)).split(cfg.val_split) if val_spec else []
-    if cfg.val_limit:
-        val_records = val_records[: cfg.val_limit]
-    if not val_records:
-        log.warning("no validation data: the gate checks the held-out corrections only")
-
+    replay_records, val_records = _reference_data(cfg, base)
     all_records = [*corrections.train, *corrections.heldout, *replay_records, *val_records]
-    images = {r.image_id: r.path for r in all_records}
-    cache = open_cache(candidate, Path(cfg.cache))
-    fill_cache(cache, candidate, list(images.values()), device, progress=False)
-    source = FeatureSource(candidate, images, cache, device)
+    source = feature_source(candidate, {r.image_id: r.path for r in all_records}, device, cfg.cache)
 
     beam = default_beam_config(base)
-    base_photos: dict[str, float] = {}
-    candidate_photos: dict[str, float] = {}
-    before = {"corrections": score_model(base, source, corrections.heldout, beam, base_photos),
-              "validation": score_model(base, source, val_records, beam)}
-    correction_examples = build_examples(corrections.train, candidate.vocab, MAX_CAPTION_WORDS)
-    replay_examples = build_examples(replay_records, candidate.vocab, MAX_CAPTION_WORDS)
+    before, base_photos = _judge(base, source, corrections.heldout, val_records, beam)
+    correction_examples = build_examples(corrections.train, candidate.vocab, cfg.max_caption_len)
+    replay_examples = build_examples(replay_records, candidate.vocab, cfg.max_caption_len)
     losses = train_candidate(cfg, candidate, source, correction_examples, replay_examples, len(base.vocab))
-    after = {"corrections": score_model(candidate, source, corrections.heldout, beam, candidate_photos),
-             "validation": score_model(candidate, source, val_records, beam)}
+    after, candidate_photos = _judge(candidate, source, corrections.heldout, val_records, beam)
     lower_bound = paired_bootstrap_lower_bound(base_photos, candidate_photos)
     testable = len(base_photos) >= cfg.min_photos_for_test
     decision = gate(before, after, cfg.margin, lower_bound if testable else None)
@@ -377,7 +300,7 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
         "corrections_heldout_photos": len(corrections.heldout), "replay_ratio": cfg.replay_ratio,
         "seconds": round(time.time() - started, 1), "config": asdict(cfg),
     }
-    (out / "finetune_report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    atomic_write_text(out / "finetune_report.json", json.dumps(report, indent=1, default=str) + "\n")
     return report
 
 
@@ -404,60 +327,49 @@ async def _register(cfg: FinetuneConfig, base: CaptionModel, report: dict[str, A
 
 # ----------------------------------------------------------------------------- command line
 
+# The options in the order --help lists them; LoopConfig fields not here are not options of finetune.
+FINETUNE_HELP = {
+    "db": "DATABASE_URL of the bot's database (default: $DATABASE_URL)",
+    "data_dir": "the bot's data folder (photos; default $CAPTIONBOT_DATA_DIR)",
+    "from_export": "a folder written by `python -m storage export` instead",
+    "base": "checkpoint to start from (default: the bundled model)",
+    "out": "candidates are written to OUT/NAME/",
+    "name": "version name of the candidate (default: BASE+ftTIMESTAMP)",
+    "include_upvoted": "also learn from captions people voted up",
+    "all_corrections": "use every correction, not only those no model has trained on yet",
+    "since": "only corrections made on or after this date (YYYY-MM-DD)",
+    "replay_data": "FORMAT:PATH of the replay data (default: the base model's training data)",
+    "replay_split": "split of the replay data",
+    "replay_ratio": "replay captions per correction caption in each epoch",
+    "val_data": "FORMAT:PATH for the validation check (default: replay data)",
+    "val_split": "validation split",
+    "val_limit": VAL_LIMIT_HELP,
+    "holdout": "share of corrected photos held out to judge the candidate",
+    "min_word_count": "a new word joins the vocabulary when the corrections use it this often",
+    "epochs": "fine-tuning epochs",
+    "new_word_epochs": "first phase: epochs that train only the new words' rows (0 = skip)",
+    "new_word_lr": "learning rate of that phase",
+    "batch_size": "captions per batch",
+    "lr": "learning rate (AdamW)",
+    "margin": "largest relative drop of validation CIDEr that still allows promotion",
+    "seed": "random seed",
+    "device": DEVICE_HELP,
+    "cache": "encoder feature cache folder",
+    "register": "register the candidate in the database (--no-register: do not)",
+}
+NOT_OPTIONS = {"min_lr_ratio", "warmup_steps", "grad_clip", "alpha_c", "label_smoothing", "max_caption_len",
+               "max_steps", "progress", "min_photos_for_test", "save_dtype"}
 
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("finetune", help="fine-tune on people's corrections; promote only if better",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = FinetuneConfig()
-    p.add_argument("--db", default=None, help="DATABASE_URL of the bot's database (default: $DATABASE_URL)")
-    p.add_argument("--data-dir", default=None, help="the bot's data folder (photos; default $CAPTIONBOT_DATA_DIR)")
-    p.add_argument("--from-export", default=None, help="a folder written by `python -m storage export` instead")
-    p.add_argument("--base", default=None, help="checkpoint to start from (default: the bundled model)")
-    p.add_argument("--out", default=defaults.out, help="candidates are written to OUT/NAME/")
-    p.add_argument("--name", default=None, help="version name of the candidate (default: BASE+ftTIMESTAMP)")
-    p.add_argument("--include-upvoted", action="store_true", help="also learn from captions people voted up")
-    p.add_argument("--all-corrections", action="store_true",
-                   help="use every correction, not only those no model has trained on yet")
-    p.add_argument("--since", default=None, help="only corrections made on or after this date (YYYY-MM-DD)")
-    p.add_argument("--replay-data", default=None,
-                   help="FORMAT:PATH of the replay data (default: the base model's training data)")
-    p.add_argument("--replay-split", default=defaults.replay_split, help="split of the replay data")
-    p.add_argument("--replay-ratio", type=float, default=defaults.replay_ratio,
-                   help="replay captions per correction caption in each epoch")
-    p.add_argument("--val-data", default=None, help="FORMAT:PATH for the validation check (default: replay data)")
-    p.add_argument("--val-split", default=defaults.val_split, help="validation split")
-    p.add_argument("--val-limit", type=int, default=0, help="validate on the first N images only (0 = all)")
-    p.add_argument("--holdout", type=float, default=defaults.holdout,
-                   help="share of corrected photos held out to judge the candidate")
-    p.add_argument("--min-word-count", type=int, default=defaults.min_word_count,
-                   help="a new word joins the vocabulary when the corrections use it this often")
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="fine-tuning epochs")
-    p.add_argument("--new-word-epochs", type=int, default=defaults.new_word_epochs,
-                   help="first phase: epochs that train only the new words' rows (0 = skip)")
-    p.add_argument("--new-word-lr", type=float, default=defaults.new_word_lr, help="learning rate of that phase")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="captions per batch")
-    p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate (AdamW)")
-    p.add_argument("--margin", type=float, default=defaults.margin,
-                   help="largest relative drop of validation CIDEr that still allows promotion")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
-    p.add_argument("--device", default=defaults.device, help="auto, cpu or cuda")
-    p.add_argument("--cache", default=defaults.cache, help="encoder feature cache folder")
-    p.add_argument("--no-register", dest="register", action="store_false",
-                   help="do not register the candidate in the database")
-    p.set_defaults(func=run)
+
+def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
+    parser = sub.add_parser("finetune", help="fine-tune on people's corrections; promote only if better",
+                            description=__doc__, formatter_class=formatter)
+    add_dataclass_options(parser, FinetuneConfig, FINETUNE_HELP, NOT_OPTIONS)
+    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    values = {k: v for k, v in vars(args).items() if k in FinetuneConfig.__dataclass_fields__}
-    cfg = FinetuneConfig(**values)
-    if cfg.db is None and cfg.from_export is None:
-        cfg.db = os.environ.get("DATABASE_URL")
-        if cfg.db is None:
-            from storage.config import database_url
-
-            cfg.db = database_url()
+    cfg: FinetuneConfig = config_from_args(FinetuneConfig, vars(args))
     try:
         report = finetune(cfg)
     except (FinetuneError, checkpoint.CheckpointError) as err:
@@ -473,4 +385,3 @@ def run(args: argparse.Namespace) -> int:
                   f"{c['Bleu_1']:.3f}   BLEU-4 {b['Bleu_4']:.3f} -> {c['Bleu_4']:.3f}")
     print(f"  checkpoint: {report['checkpoint']}")
     return EXIT_PROMOTED if report["promoted"] else EXIT_REJECTED
-

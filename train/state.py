@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from captioner import checkpoint
 from captioner.checkpoint import CaptionModel
+from common.atomic import atomic_write, atomic_write_text
 
 STATE_TENSORS = "trainer.safetensors"
 STATE_JSON = "trainer.json"
@@ -31,12 +32,8 @@ def save_trainer_state(directory: Path, model: CaptionModel, optimizer: torch.op
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     document = {"info": info, "param_groups": state["param_groups"], "scalars": scalars}
-    tmp = directory / f".{STATE_TENSORS}.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(directory / STATE_TENSORS)
-    tmp_json = directory / f".{STATE_JSON}.tmp"
-    tmp_json.write_text(json.dumps(document))
-    tmp_json.replace(directory / STATE_JSON)
+    atomic_write(directory / STATE_TENSORS, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_text(directory / STATE_JSON, json.dumps(document))
 
 
 def load_trainer_state(directory: Path, model: CaptionModel,
