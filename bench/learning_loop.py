@@ -35,9 +35,10 @@ from captioner.inference import Captioner, resolve_device  # noqa: E402
 from captioner.vocab import tokenize  # noqa: E402
 from storage import Storage  # noqa: E402
 from train.data import ImageRecord, load_dataset  # noqa: E402
-from train.features import fill_cache, open_cache  # noqa: E402
+from train.features import FeatureSource, fill_cache, open_cache  # noqa: E402
 from train.finetune import FinetuneConfig, finetune  # noqa: E402
-from train.fit import FeatureSource, TrainConfig, fit, generate  # noqa: E402
+from train.fit import TrainConfig, fit  # noqa: E402
+from train.scoring import decode_captions  # noqa: E402
 
 FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
 CONCEPT = frozenset({"bike", "bikes", "bicycle", "bicycles", "biker", "bikers", "cyclist", "cyclists",
@@ -97,8 +98,8 @@ def concept_recall(model_path: str, records: list[ImageRecord], cache_root: Path
     fill_cache(cache, model, list(images.values()), torch.device("cpu"), progress=False)
     from captioner.inference import default_beam_config
 
-    hyps = generate(model, FeatureSource(model, images, cache, torch.device("cpu")), list(images),
-                    default_beam_config(model))
+    hyps = decode_captions(model, FeatureSource(model, images, cache, torch.device("cpu")), list(images),
+                           default_beam_config(model))
     hits = sum(mentions(text) for text in hyps.values())
     return hits / max(1, len(hyps)), hyps
 

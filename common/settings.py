@@ -164,7 +164,7 @@ def load_settings(env_file: str | Path | None = None) -> Settings:
     working directory up, if any); raises ConfigError naming the variable that is wrong."""
     target = _settings_file(env_file)
     try:
-        return Settings(_env_file=target)  # type: ignore[call-arg]
+        return Settings(_env_file=target)
     except ValidationError as err:
         raise ConfigError(describe(err)) from None
 

@@ -22,7 +22,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from captioner.checkpoint import CaptionModel
 from captioner.inference import default_beam_config, resolve_device
 from captioner.vocab import Vocabulary, tokenize
 from common.atomic import atomic_write_text
+from common.settings import ConfigError, Settings, load_settings
 from storage.holdout import HOLDOUT_FRACTION, is_held_out
 
 from .cli import DEVICE_HELP, VAL_LIMIT_HELP, add_dataclass_options, config_from_args
@@ -100,7 +101,8 @@ class CorrectionSet:
 
 
 def database_url(cfg: FinetuneConfig) -> str:
-    """The bot's database: --db, else $DATABASE_URL, else the SQLite file in the bot's data folder."""
+    """The bot's database: --db (or $DATABASE_URL, see ``with_bot_storage``), else the SQLite file in
+    the bot's data folder."""
     from storage.config import database_url as resolve_url
 
     return resolve_url(cfg.db, cfg.data_dir)
@@ -368,10 +370,19 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     parser.set_defaults(func=run)
 
 
+def with_bot_storage(cfg: FinetuneConfig, settings: Settings) -> FinetuneConfig:
+    """--db and --data-dir, else the bot's own DATABASE_URL and CAPTIONBOT_DATA_DIR settings."""
+    data_dir = cfg.data_dir or (str(settings.data_dir) if settings.data_dir is not None else None)
+    return replace(cfg, db=cfg.db or settings.database_url, data_dir=data_dir)
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg: FinetuneConfig = config_from_args(FinetuneConfig, vars(args))
     try:
+        cfg = with_bot_storage(config_from_args(FinetuneConfig, vars(args)), load_settings())
         report = finetune(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_ERROR
     except (FinetuneError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR
