@@ -279,10 +279,18 @@ def test_held_out_photos_follow_the_storage_rule_and_the_holdout_fraction(tmp_pa
 
 def test_the_database_is_the_one_in_the_bots_data_folder_unless_told(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from train.finetune import database_url
+    from common.settings import Settings
+    from train.finetune import database_url, with_bot_storage
 
     monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("CAPTIONBOT_DATA_DIR", raising=False)
     assert database_url(FinetuneConfig(data_dir=str(tmp_path))) == f"sqlite+aiosqlite:///{tmp_path}/captionbot.db"
+    # The command line fills in the bot's own settings (DATABASE_URL, CAPTIONBOT_DATA_DIR) ...
     monkeypatch.setenv("DATABASE_URL", "sqlite+aiosqlite:///from-env.db")
-    assert database_url(FinetuneConfig(data_dir=str(tmp_path))) == "sqlite+aiosqlite:///from-env.db"
-    assert database_url(FinetuneConfig(db="sqlite+aiosqlite:///given.db")) == "sqlite+aiosqlite:///given.db"
+    monkeypatch.setenv("CAPTIONBOT_DATA_DIR", str(tmp_path / "bot-data"))
+    from_settings = with_bot_storage(FinetuneConfig(), Settings())
+    assert database_url(from_settings) == "sqlite+aiosqlite:///from-env.db"
+    assert from_settings.data_dir == str(tmp_path / "bot-data")
+    # ... and --db / --data-dir win over them.
+    given = with_bot_storage(FinetuneConfig(db="sqlite+aiosqlite:///given.db", data_dir=str(tmp_path)), Settings())
+    assert database_url(given) == "sqlite+aiosqlite:///given.db" and given.data_dir == str(tmp_path)
