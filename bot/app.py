@@ -33,6 +33,7 @@ from bot.service import ServiceFactory, create_service, service_config
 from captioner.serving.base import CaptionService, ModelLoadError
 from common.settings import Settings
 from storage import Storage
+from storage.screening import EntryPolicy
 
 log = logging.getLogger("bot")
 
@@ -92,7 +93,10 @@ class CaptionBot:
         await self.app.initialize()  # getMe: fails fast on a bad token or an unreachable server
         self._initialized = True
         log.info("connected to Telegram as @%s (id %d)", self.app.bot.username, self.app.bot.id)
-        self.storage = await Storage.open(settings.database_url, settings.data_dir)
+        policy = EntryPolicy.from_values(
+            settings.corrections_per_day, settings.flags_before_hold, settings.blocklist_file, settings.data_dir
+        )
+        self.storage = await Storage.open(settings.database_url, settings.data_dir, policy=policy)
         log.info("storage open at %s", self.storage.data_dir)
         promoted, checkpoint = await self._startup_model(self.storage)
         self.service, serving_promoted = await self._start_service(checkpoint, promoted is not None)

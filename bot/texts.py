@@ -132,6 +132,15 @@ def correction_saved(text: str) -> str:
     return f"✅ Thanks, your caption is saved: “{escape(text)}”. It helps train the next model."
 
 
+def correction_replaced(text: str) -> str:
+    return f"✅ Thanks, your caption is updated: “{escape(text)}”. It replaces the one you sent before."
+
+
+# Screening flagged the correction, or holds it for review: a neutral answer that neither
+# accuses an honest person nor tells a troll which rule caught them.
+CORRECTION_RECEIVED = "Thanks, I've received your caption."
+
+
 # What each rejection code means to the person (``details`` hold the numbers).
 CORRECTION_REJECTIONS: dict[Rejection, Callable[[Mapping[str, int]], str]] = {
     Rejection.NO_CAPTION: lambda _: "I can't find that caption any more, so I can't take the correction.",
@@ -140,11 +149,15 @@ CORRECTION_REJECTIONS: dict[Rejection, Callable[[Mapping[str, int]], str]] = {
                                    f"Please keep it under {d['limit']}."),
     Rejection.TOO_FEW_WORDS: lambda _: 'Please use at least two words, for example "a dog running on the beach".',
     Rejection.UNCHANGED: lambda _: "That is the same as my caption. Please send a different description.",
+    Rejection.DAILY_LIMIT: lambda d: (f"Thank you! You've sent {d['limit']} corrections today, which is as many "
+                                      "as I take from one person in a day. Please come back tomorrow."),
 }
 
 
 def correction_rejected(err: CorrectionRejected) -> str:
     reason = CORRECTION_REJECTIONS[err.code](err.details)
+    if err.code == Rejection.DAILY_LIMIT:
+        return f"🙏 {escape(reason)}"  # trying again today would not help
     return f"🤔 {escape(reason)}\nReply again with a new caption, or /cancel."
 
 
