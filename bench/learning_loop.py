@@ -163,7 +163,8 @@ def main() -> None:
                                          name=f"loop-{label}"))
         recall_after, samples = concept_recall(report["checkpoint"], concept_val, args.cache)
         results[label] = {
-            "promoted": report["promoted"], "reason": report["reason"], "new_words": report["new_words"],
+            "passed_gate": report["passed_gate"], "status": report["status"], "reason": report["reason"],
+            "new_words": report["new_words"],
             "concept_recall_before": round(recall_before, 3), "concept_recall_after": round(recall_after, 3),
             "val_cider_before": round(report["base"]["validation"]["CIDEr"], 4),
             "val_cider_after": round(report["candidate"]["validation"]["CIDEr"], 4),
@@ -172,7 +173,7 @@ def main() -> None:
             "examples": dict(list(samples.items())[:5]), "seconds": report["seconds"],
         }
         vb, va = report["base"]["validation"]["CIDEr"], report["candidate"]["validation"]["CIDEr"]
-        print(f"[{label}] {'PROMOTED' if report['promoted'] else 'REJECTED'}: {report['reason']}")
+        print(f"[{label}] {report['status'].upper()}: {report['reason']}")
         print(f"[{label}] concept recall on {len(concept_val)} val photos: {recall_before:.0%} -> {recall_after:.0%};"
               f" val CIDEr {vb:.4f} -> {va:.4f} ({100 * (va / vb - 1):+.1f}%)")
 

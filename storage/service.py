@@ -269,6 +269,8 @@ class Storage:
     register_model_version = _writing(model_versions.register_model_version)
     promote_model_version = _writing(model_versions.promote_model_version)
     reject_model_version = _writing(model_versions.reject_model_version)
+    approve_model_version = _writing(model_versions.approve_model_version)
+    reject_after_review = _writing(model_versions.reject_after_review)
     active_model_version = _reading(model_versions.active_model_version)
     get_model_version = _reading(model_versions.get_model_version)
     list_model_versions = _reading(model_versions.list_model_versions)
