@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from html import escape
+from typing import Any
 
 from telegram import BotCommand
 
@@ -341,3 +342,50 @@ RELOAD_FAILED = "❌ Could not load <code>{name}</code>: {reason}\nStill serving
 
 def reload_message(template: str, **values: str) -> str:
     return template.format(**{key: escape(value) for key, value in values.items()})
+
+
+# ---------------------------------------------------------------- operator review (admins only)
+
+BUTTON_APPROVE = "✅ Approve"
+BUTTON_REJECT = "🚫 Reject"
+REVIEW_ADMINS_ONLY = "Only the bot's admins can decide about new models."
+REVIEW_EXPIRED = "This review message is no longer current; see the latest one or python -m train review."
+REVIEW_ALREADY_DECIDED = "This model was already decided (or no longer exists)."
+
+
+def review_photo(word: str, correction: str) -> str:
+    return f"“{escape(word)}”: {escape(correction)}"
+
+
+def _figures(metrics: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for part in ("corrections", "validation"):
+        base = (metrics.get("base") or {}).get(part) or {}
+        cand = (metrics.get("candidate") or {}).get(part) or {}
+        if "CIDEr" in base and "CIDEr" in cand:
+            lines.append(f"{part}: CIDEr {base['CIDEr']:.3f} → {cand['CIDEr']:.3f}")
+    return lines
+
+
+def review_request(name: str, parent: str | None, metrics: Mapping[str, Any],
+                   examples: Mapping[str, Sequence[str]]) -> str:
+    """An admin's review request: the new words with corrections that use them, the gate's figures."""
+    lines = [f"🧪 A new model is waiting for your review: <b>{escape(name)}</b> (from {escape(parent or '?')})."]
+    words = list(metrics.get("new_words") or [])
+    lines.append(f"New words: {escape(', '.join(words)) if words else 'none'}")
+    for word, texts_ in examples.items():
+        shown = "; ".join(f"“{escape(t)}”" for t in texts_) or "(no correction found)"
+        lines.append(f"• <b>{escape(word)}</b>: {shown}")
+    lines += [escape(line) for line in _figures(metrics)]
+    if metrics.get("reason"):
+        lines.append(f"Gate: {escape(str(metrics['reason']))}")
+    lines.append("Approve to serve it to everyone; Reject to discard it (its corrections are not retried).")
+    return "\n".join(lines)
+
+
+def review_approved(name: str) -> str:
+    return f"✅ Approved {escape(name)}: the bot switches to it within a minute."
+
+
+def review_rejected(name: str) -> str:
+    return f"🚫 Rejected {escape(name)}."

@@ -223,8 +223,13 @@ async def corrections_for_training(
     return sorted(examples, key=lambda ex: (ex.created_at, ex.kind, ex.source_id))
 
 
+async def corrections_of_run(session: AsyncSession, photos: PhotoStore, model_version: str) -> list[TrainingExample]:
+    """The corrections the fine-tune ``model_version`` trained on (what an operator reviews)."""
+    return await _correction_examples(session, photos, None, False, model_version)
+
+
 async def _correction_examples(
-    session: AsyncSession, photos: PhotoStore, since: datetime | None, untrained_only: bool
+    session: AsyncSession, photos: PhotoStore, since: datetime | None, untrained_only: bool, run: str | None = None
 ) -> list[TrainingExample]:
     author = aliased(Person)
     requester = aliased(Person)
@@ -254,6 +259,8 @@ async def _correction_examples(
         stmt = stmt.where(Correction.created_at >= since)
     if untrained_only:
         stmt = stmt.where(Correction.trained_model_version.is_(None))
+    if run is not None:
+        stmt = stmt.where(Correction.trained_model_version == run)
     return _training_examples("correction", (await session.execute(stmt)).all(), photos)
 
 

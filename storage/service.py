@@ -215,6 +215,12 @@ class Storage:
             )
         )
 
+    async def corrections_of_run(self, model_version: str) -> list[TrainingExample]:
+        """The corrections the fine-tune ``model_version`` trained on (what an operator reviews)."""
+        return await self._tx.read(
+            lambda session: corrections.corrections_of_run(session, self.photos, model_version)
+        )
+
     async def mark_corrections_trained(
         self,
         correction_ids: Iterable[int],
