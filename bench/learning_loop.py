@@ -21,6 +21,8 @@ import csv
 import logging
 import random
 import sys
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,7 +35,7 @@ from bench.report import RESULTS, relative, start_run, write_result  # noqa: E40
 from captioner import checkpoint  # noqa: E402
 from captioner.inference import Captioner, resolve_device  # noqa: E402
 from captioner.vocab import tokenize  # noqa: E402
-from storage import Storage  # noqa: E402
+from storage import CorrectionRejected, Storage  # noqa: E402
 from train.data import ImageRecord, load_dataset  # noqa: E402
 from train.features import FeatureSource, fill_cache, open_cache  # noqa: E402
 from train.finetune import FinetuneConfig, finetune  # noqa: E402
@@ -68,12 +70,15 @@ def write_layout(folder: Path, train: list[ImageRecord], val: list[ImageRecord])
 
 
 async def simulate_corrections(url: str, data_dir: Path, captioner: Captioner, photos: list[ImageRecord],
-                               texts: list[str]) -> int:
-    """Each photo: a person sends it, gets the base caption, taps ✏️ and types ``text``."""
+                               texts: list[str], people: Sequence[int] | None = None) -> Counter[str]:
+    """Each photo: a person (``people[n]``, else a new one per photo) sends it, gets the base caption,
+    taps ✏️ and types ``text``, under the bot's default entry rules. Counts each correction's status
+    (accepted, flagged, held_for_review) or the code that refused it (e.g. daily_limit)."""
+    outcomes: Counter[str] = Counter()
     store = await Storage.open(url, data_dir)
     try:
         for n, (record, text) in enumerate(zip(photos, texts, strict=True)):
-            person = 1000 + n
+            person = people[n] if people is not None else 1000 + n
             await store.upsert_person(person, "en")
             data = record.path.read_bytes()
             image_caption = captioner.caption_bytes(data, attention=False)
@@ -85,8 +90,11 @@ async def simulate_corrections(url: str, data_dir: Path, captioner: Captioner, p
                                                  latency_ms=0.0, requester_telegram_id=person, chat_id=person,
                                                  message_id=n + 1)
             await store.start_correction(person, caption.id, person, n + 10_000)
-            await store.record_correction(caption.id, person, text)
-        return len(photos)
+            try:
+                outcomes[(await store.record_correction(caption.id, person, text)).status.value] += 1
+            except CorrectionRejected as err:
+                outcomes[err.code.value] += 1
+        return outcomes
     finally:
         await store.close()
 
