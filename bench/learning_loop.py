@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.report import RESULTS, relative, start_run, write_result  # noqa: E402
+from bench.report import RESULTS, Run, relative, start_run, write_result  # noqa: E402
 from captioner import checkpoint  # noqa: E402
 from captioner.inference import Captioner, resolve_device  # noqa: E402
 from captioner.vocab import tokenize  # noqa: E402
@@ -112,6 +112,18 @@ def concept_recall(model_path: str, records: list[ImageRecord], cache_root: Path
     return hits / max(1, len(hyps)), hyps
 
 
+def parse_and_start(parser: argparse.ArgumentParser, out: Path) -> tuple[argparse.Namespace, Run]:
+    """Add --threads and --out, parse, start the run's report, set up logging and torch threads."""
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=out)
+    args = parser.parse_args()
+    run = start_run()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args, run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "learning_loop")
@@ -122,13 +134,7 @@ def main() -> None:
     parser.add_argument("--ft-epochs", type=int, default=20)
     parser.add_argument("--ft-lr", type=float, default=2e-4)
     parser.add_argument("--replay-ratio", type=float, default=4.0)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "learning_loop.json")
-    args = parser.parse_args()
-    run = start_run()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, run = parse_and_start(parser, RESULTS / "learning_loop.json")
     if not (FLICKR8K / "captions.txt").is_file():
         sys.exit(f"needs the Flickr8k data at {FLICKR8K}")
     full = load_dataset(f"flickr:{FLICKR8K}", ("train", "val"))

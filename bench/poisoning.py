@@ -31,14 +31,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.learning_loop import FLICKR8K, concept_recall, mentions, simulate_corrections  # noqa: E402
-from bench.report import RESULTS, relative, start_run, write_result  # noqa: E402
+from bench.learning_loop import (  # noqa: E402
+    FLICKR8K,
+    concept_recall,
+    mentions,
+    parse_and_start,
+    simulate_corrections,
+)
+from bench.report import RESULTS, relative, write_result  # noqa: E402
 from captioner import checkpoint  # noqa: E402
 from captioner.inference import Captioner  # noqa: E402
 from storage import ModelStatus, Storage  # noqa: E402
@@ -129,13 +133,7 @@ def main() -> None:
     parser.add_argument("--replay-ratio", type=float, default=4.0)
     parser.add_argument("--val-limit", type=int, default=0, help="validation photos for the gate (0 = all)")
     parser.add_argument("--crowds", default="troll,word,honest", help="which crowds to run (comma-separated)")
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "poisoning.json")
-    args = parser.parse_args()
-    run = start_run()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, run = parse_and_start(parser, RESULTS / "poisoning.json")
     args.work.mkdir(parents=True, exist_ok=True)
     full = load_dataset(f"flickr:{args.data}", ("train", "val"))
     train, val = full.split("train"), full.split("val")
