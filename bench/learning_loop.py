@@ -21,6 +21,8 @@ import csv
 import logging
 import random
 import sys
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -29,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.report import RESULTS, relative, start_run, write_result  # noqa: E402
+from bench.report import RESULTS, Run, relative, start_run, write_result  # noqa: E402
 from captioner import checkpoint  # noqa: E402
 from captioner.inference import Captioner, resolve_device  # noqa: E402
 from captioner.vocab import tokenize  # noqa: E402
-from storage import Storage  # noqa: E402
+from storage import CorrectionRejected, Storage  # noqa: E402
 from train.data import ImageRecord, load_dataset  # noqa: E402
 from train.features import FeatureSource, fill_cache, open_cache  # noqa: E402
 from train.finetune import FinetuneConfig, finetune  # noqa: E402
@@ -68,12 +70,15 @@ def write_layout(folder: Path, train: list[ImageRecord], val: list[ImageRecord])
 
 
 async def simulate_corrections(url: str, data_dir: Path, captioner: Captioner, photos: list[ImageRecord],
-                               texts: list[str]) -> int:
-    """Each photo: a person sends it, gets the base caption, taps ✏️ and types ``text``."""
+                               texts: list[str], people: Sequence[int] | None = None) -> Counter[str]:
+    """Each photo: a person (``people[n]``, else a new one per photo) sends it, gets the base caption,
+    taps ✏️ and types ``text``, under the bot's default entry rules. Counts each correction's status
+    (accepted, flagged, held_for_review) or the code that refused it (e.g. daily_limit)."""
+    outcomes: Counter[str] = Counter()
     store = await Storage.open(url, data_dir)
     try:
         for n, (record, text) in enumerate(zip(photos, texts, strict=True)):
-            person = 1000 + n
+            person = people[n] if people is not None else 1000 + n
             await store.upsert_person(person, "en")
             data = record.path.read_bytes()
             image_caption = captioner.caption_bytes(data, attention=False)
@@ -85,8 +90,11 @@ async def simulate_corrections(url: str, data_dir: Path, captioner: Captioner, p
                                                  latency_ms=0.0, requester_telegram_id=person, chat_id=person,
                                                  message_id=n + 1)
             await store.start_correction(person, caption.id, person, n + 10_000)
-            await store.record_correction(caption.id, person, text)
-        return len(photos)
+            try:
+                outcomes[(await store.record_correction(caption.id, person, text)).status.value] += 1
+            except CorrectionRejected as err:
+                outcomes[err.code.value] += 1
+        return outcomes
     finally:
         await store.close()
 
@@ -104,6 +112,18 @@ def concept_recall(model_path: str, records: list[ImageRecord], cache_root: Path
     return hits / max(1, len(hyps)), hyps
 
 
+def parse_and_start(parser: argparse.ArgumentParser, out: Path) -> tuple[argparse.Namespace, Run]:
+    """Add --threads and --out, parse, start the run's report, set up logging and torch threads."""
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=out)
+    args = parser.parse_args()
+    run = start_run()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args, run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "learning_loop")
@@ -114,13 +134,7 @@ def main() -> None:
     parser.add_argument("--ft-epochs", type=int, default=20)
     parser.add_argument("--ft-lr", type=float, default=2e-4)
     parser.add_argument("--replay-ratio", type=float, default=4.0)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "learning_loop.json")
-    args = parser.parse_args()
-    run = start_run()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, run = parse_and_start(parser, RESULTS / "learning_loop.json")
     if not (FLICKR8K / "captions.txt").is_file():
         sys.exit(f"needs the Flickr8k data at {FLICKR8K}")
     full = load_dataset(f"flickr:{FLICKR8K}", ("train", "val"))
@@ -163,7 +177,8 @@ def main() -> None:
                                          name=f"loop-{label}"))
         recall_after, samples = concept_recall(report["checkpoint"], concept_val, args.cache)
         results[label] = {
-            "promoted": report["promoted"], "reason": report["reason"], "new_words": report["new_words"],
+            "passed_gate": report["passed_gate"], "status": report["status"], "reason": report["reason"],
+            "new_words": report["new_words"],
             "concept_recall_before": round(recall_before, 3), "concept_recall_after": round(recall_after, 3),
             "val_cider_before": round(report["base"]["validation"]["CIDEr"], 4),
             "val_cider_after": round(report["candidate"]["validation"]["CIDEr"], 4),
@@ -172,7 +187,7 @@ def main() -> None:
             "examples": dict(list(samples.items())[:5]), "seconds": report["seconds"],
         }
         vb, va = report["base"]["validation"]["CIDEr"], report["candidate"]["validation"]["CIDEr"]
-        print(f"[{label}] {'PROMOTED' if report['promoted'] else 'REJECTED'}: {report['reason']}")
+        print(f"[{label}] {report['status'].upper()}: {report['reason']}")
         print(f"[{label}] concept recall on {len(concept_val)} val photos: {recall_before:.0%} -> {recall_after:.0%};"
               f" val CIDEr {vb:.4f} -> {va:.4f} ({100 * (va / vb - 1):+.1f}%)")
 

@@ -28,11 +28,13 @@ from bot.config import bot_token
 from bot.handlers import register
 from bot.model_updates import checkpoint_path, follow_promoted
 from bot.ratelimit import RateLimiter
+from bot.review import notify_waiting
 from bot.runtime import CONTEXT_TYPES, BotData, Runtime
 from bot.service import ServiceFactory, create_service, service_config
 from captioner.serving.base import CaptionService, ModelLoadError
 from common.settings import Settings
 from storage import Storage
+from storage.screening import EntryPolicy
 
 log = logging.getLogger("bot")
 
@@ -92,7 +94,10 @@ class CaptionBot:
         await self.app.initialize()  # getMe: fails fast on a bad token or an unreachable server
         self._initialized = True
         log.info("connected to Telegram as @%s (id %d)", self.app.bot.username, self.app.bot.id)
-        self.storage = await Storage.open(settings.database_url, settings.data_dir)
+        policy = EntryPolicy.from_values(
+            settings.corrections_per_day, settings.flags_before_hold, settings.blocklist_file, settings.data_dir
+        )
+        self.storage = await Storage.open(settings.database_url, settings.data_dir, policy=policy)
         log.info("storage open at %s", self.storage.data_dir)
         promoted, checkpoint = await self._startup_model(self.storage)
         self.service, serving_promoted = await self._start_service(checkpoint, promoted is not None)
@@ -105,10 +110,15 @@ class CaptionBot:
         await self.app.start()
         if settings.model_poll_seconds > 0:
             self._follower = asyncio.create_task(
-                follow_promoted(self.runtime, settings.model_poll_seconds), name="follow-promoted-model"
+                follow_promoted(self.runtime, settings.model_poll_seconds, self._notify_reviews),
+                name="follow-promoted-model",
             )
         log.info("ready in %.1f s: serving model %s, polling for updates", time.monotonic() - started,
                  self.service.model_version)
+
+    async def _notify_reviews(self) -> None:
+        if self.runtime is not None and self.settings.admin_ids:
+            await notify_waiting(self.runtime, self.app.bot)
 
     async def _startup_model(self, storage: Storage) -> tuple[str | None, str | None]:
         """(promoted name, checkpoint to start with): the promoted model when following them."""

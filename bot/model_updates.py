@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,12 +63,16 @@ async def reload_promoted(runtime: Runtime, *, automatic: bool = False) -> Reloa
         return ReloadOutcome("done", active.name, old)
 
 
-async def follow_promoted(runtime: Runtime, interval: float) -> None:
-    """Every ``interval`` seconds, switch to a newly promoted model (runs until cancelled)."""
+async def follow_promoted(runtime: Runtime, interval: float,
+                          also: Callable[[], Awaitable[object]] | None = None) -> None:
+    """Every ``interval`` seconds, switch to a newly promoted model, then run ``also`` (the bot tells
+    its admins about candidates awaiting review, ``bot/review.py``); runs until cancelled."""
     while True:
         await asyncio.sleep(interval)
         try:
             await reload_promoted(runtime, automatic=True)
+            if also is not None:
+                await also()
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -37,6 +37,10 @@ class Runtime:
     # "name@path" -> error: versions that failed to load, not retried by the poll
     failed_models: dict[str, str] = field(default_factory=dict)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # candidates awaiting review the admins were told about, and the review messages' (chat, message)
+    # -> model version id: Approve / Reject work only under the message sent for that candidate
+    reviews_sent: set[str] = field(default_factory=set)
+    review_messages: dict[tuple[int, int], int] = field(default_factory=dict)
     _chat_actions: dict[tuple[int, str], float] = field(default_factory=dict)
 
     def note_caption(self, latency_ms: float) -> None:

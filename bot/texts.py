@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from html import escape
+from typing import Any
 
 from telegram import BotCommand
 
@@ -132,6 +133,15 @@ def correction_saved(text: str) -> str:
     return f"✅ Thanks, your caption is saved: “{escape(text)}”. It helps train the next model."
 
 
+def correction_replaced(text: str) -> str:
+    return f"✅ Thanks, your caption is updated: “{escape(text)}”. It replaces the one you sent before."
+
+
+# Screening flagged the correction, or holds it for review: a neutral answer that neither
+# accuses an honest person nor tells a troll which rule caught them.
+CORRECTION_RECEIVED = "Thanks, I've received your caption."
+
+
 # What each rejection code means to the person (``details`` hold the numbers).
 CORRECTION_REJECTIONS: dict[Rejection, Callable[[Mapping[str, int]], str]] = {
     Rejection.NO_CAPTION: lambda _: "I can't find that caption any more, so I can't take the correction.",
@@ -140,11 +150,15 @@ CORRECTION_REJECTIONS: dict[Rejection, Callable[[Mapping[str, int]], str]] = {
                                    f"Please keep it under {d['limit']}."),
     Rejection.TOO_FEW_WORDS: lambda _: 'Please use at least two words, for example "a dog running on the beach".',
     Rejection.UNCHANGED: lambda _: "That is the same as my caption. Please send a different description.",
+    Rejection.DAILY_LIMIT: lambda d: (f"Thank you! You've sent {d['limit']} corrections today, which is as many "
+                                      "as I take from one person in a day. Please come back tomorrow."),
 }
 
 
 def correction_rejected(err: CorrectionRejected) -> str:
     reason = CORRECTION_REJECTIONS[err.code](err.details)
+    if err.code == Rejection.DAILY_LIMIT:
+        return f"🙏 {escape(reason)}"  # trying again today would not help
     return f"🤔 {escape(reason)}\nReply again with a new caption, or /cancel."
 
 
@@ -328,3 +342,50 @@ RELOAD_FAILED = "❌ Could not load <code>{name}</code>: {reason}\nStill serving
 
 def reload_message(template: str, **values: str) -> str:
     return template.format(**{key: escape(value) for key, value in values.items()})
+
+
+# ---------------------------------------------------------------- operator review (admins only)
+
+BUTTON_APPROVE = "✅ Approve"
+BUTTON_REJECT = "🚫 Reject"
+REVIEW_ADMINS_ONLY = "Only the bot's admins can decide about new models."
+REVIEW_EXPIRED = "This review message is no longer current; see the latest one or python -m train review."
+REVIEW_ALREADY_DECIDED = "This model was already decided (or no longer exists)."
+
+
+def review_photo(word: str, correction: str) -> str:
+    return f"“{escape(word)}”: {escape(correction)}"
+
+
+def _figures(metrics: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for part in ("corrections", "validation"):
+        base = (metrics.get("base") or {}).get(part) or {}
+        cand = (metrics.get("candidate") or {}).get(part) or {}
+        if "CIDEr" in base and "CIDEr" in cand:
+            lines.append(f"{part}: CIDEr {base['CIDEr']:.3f} → {cand['CIDEr']:.3f}")
+    return lines
+
+
+def review_request(name: str, parent: str | None, metrics: Mapping[str, Any],
+                   examples: Mapping[str, Sequence[str]]) -> str:
+    """An admin's review request: the new words with corrections that use them, the gate's figures."""
+    lines = [f"🧪 A new model is waiting for your review: <b>{escape(name)}</b> (from {escape(parent or '?')})."]
+    words = list(metrics.get("new_words") or [])
+    lines.append(f"New words: {escape(', '.join(words)) if words else 'none'}")
+    for word, texts_ in examples.items():
+        shown = "; ".join(f"“{escape(t)}”" for t in texts_) or "(no correction found)"
+        lines.append(f"• <b>{escape(word)}</b>: {shown}")
+    lines += [escape(line) for line in _figures(metrics)]
+    if metrics.get("reason"):
+        lines.append(f"Gate: {escape(str(metrics['reason']))}")
+    lines.append("Approve to serve it to everyone; Reject to discard it (its corrections are not retried).")
+    return "\n".join(lines)
+
+
+def review_approved(name: str) -> str:
+    return f"✅ Approved {escape(name)}: the bot switches to it within a minute."
+
+
+def review_rejected(name: str) -> str:
+    return f"🚫 Rejected {escape(name)}."

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     queue_notice_at: int = Field(3, ge=0, validation_alias="CAPTIONBOT_QUEUE_NOTICE_AT")
     concurrent_updates: int = Field(64, gt=0, validation_alias="CAPTIONBOT_CONCURRENT_UPDATES")
     log_level: str = Field("INFO", validation_alias="CAPTIONBOT_LOG_LEVEL")
+    # trusted learning: what a correction meets on the way in, and who decides what the model learns
+    corrections_per_day: int = Field(20, ge=0, validation_alias="CAPTIONBOT_CORRECTIONS_PER_DAY")  # 0 = no cap
+    flags_before_hold: int = Field(3, ge=0, validation_alias="CAPTIONBOT_FLAGS_BEFORE_HOLD")  # 0 = never hold
+    # None = blocklist.txt in the data folder
+    blocklist_file: Path | None = Field(None, validation_alias="CAPTIONBOT_BLOCKLIST_FILE")
+    promotion: Literal["review", "auto"] = Field("review", validation_alias="CAPTIONBOT_PROMOTION")
 
     @field_validator("token", mode="before")
     @classmethod
@@ -89,7 +95,7 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value
 
-    @field_validator("data_dir")
+    @field_validator("data_dir", "blocklist_file")
     @classmethod
     def _expand_home(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None

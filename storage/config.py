@@ -34,3 +34,11 @@ def database_url(explicit: str | None = None, directory: Path | str | None = Non
 def photos_dir(directory: Path) -> Path:
     """The content-addressed photo folder inside the data directory."""
     return directory / "photos"
+
+
+BLOCKLIST_FILENAME = "blocklist.txt"
+
+
+def blocklist_file(explicit: Path | None, directory: Path | str | None = None) -> Path:
+    """The operator's blocklist file: the one given, else ``blocklist.txt`` in the data folder."""
+    return explicit if explicit is not None else data_dir(directory) / BLOCKLIST_FILENAME

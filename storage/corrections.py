@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import Row, case, delete, func, null, select, type_coerce, update
+from sqlalchemy import ColumnElement, Row, case, delete, func, null, select, type_coerce, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -13,16 +13,34 @@ from storage.errors import CorrectionRejected, Rejection
 from storage.models import Caption, Correction, PendingCorrectionRow, Person, Photo, Vote, utcnow
 from storage.people import ensure_person
 from storage.photos import PhotoStore
-from storage.records import CorrectionRecord, PendingCorrection, TrainingExample, TrainingKind, record_from
+from storage.records import (
+    CorrectionOutcome,
+    CorrectionRecord,
+    CorrectionStatus,
+    FlagReason,
+    PendingCorrection,
+    TrainingExample,
+    TrainingKind,
+    record_from,
+)
+from storage.screening import EntryPolicy
 from storage.transactions import chunks, get_or_raise, rowcount
 from storage.validation import validate_correction
 
-# source id, caption id, photo id, sha256, relative path, text, created at, trained by
-ExampleRow = Row[int, int, int, str, str, str, datetime, str | None]
+# source id, caption id, photo id, sha256, relative path, text, created at, trained by, person id
+ExampleRow = Row[int, int, int, str, str, str, datetime, str | None, int]
 
 
-def correction_record(row: Correction, telegram_id: int) -> CorrectionRecord:
-    return record_from(CorrectionRecord, row, telegram_id=telegram_id)
+def correction_record(row: Correction, telegram_id: int, replaced: bool = False) -> CorrectionRecord:
+    return record_from(
+        CorrectionRecord,
+        row,
+        telegram_id=telegram_id,
+        status=CorrectionStatus(row.status),
+        flag_reason=None if row.flag_reason is None else FlagReason(row.flag_reason),
+        outcome=None if row.outcome is None else CorrectionOutcome(row.outcome),
+        replaced=replaced,
+    )
 
 
 def pending_correction(row: PendingCorrectionRow, telegram_id: int, caption_text: str) -> PendingCorrection:
@@ -75,42 +93,101 @@ async def cancel_correction(session: AsyncSession, telegram_id: int) -> bool:
 # ---------------------------------------------------------------------- stored
 
 
-async def record_correction(session: AsyncSession, caption_id: int, telegram_id: int, text: str) -> CorrectionRecord:
-    """Validate and store a correction; raises ``CorrectionRejected`` with a message for the person.
+async def record_correction(
+    session: AsyncSession, caption_id: int, telegram_id: int, text: str, policy: EntryPolicy | None = None
+) -> CorrectionRecord:
+    """Validate, screen and store a correction; raises ``CorrectionRejected`` with a code for the person.
 
-    Sending the same correction twice (a double tap) returns the first one.
-    The person's pending correction of this caption is cleared; a rejected
-    correction leaves it in place so they can try again.
+    One correction per person and caption: a later one replaces the earlier in place (same id,
+    ``replaced=True``), and sending the same text twice (a double tap) changes nothing. A new one
+    counts against the person's daily cap. Screening sets the status: ``flagged`` (never trained
+    on), ``held_for_review`` when the person's corrections keep being flagged, else ``accepted``.
+    The person's pending correction of this caption is cleared; a rejected correction leaves it
+    in place so they can try again.
     """
+    policy = policy or EntryPolicy()
     caption = await session.get(Caption, caption_id)
     if caption is None:
         raise CorrectionRejected(Rejection.NO_CAPTION)
     normalized = validate_correction(text, caption.text)
     person, _ = await ensure_person(session, telegram_id)
-    await session.execute(
-        delete(PendingCorrectionRow).where(
-            PendingCorrectionRow.person_id == person.id, PendingCorrectionRow.caption_id == caption_id
-        )
-    )
     existing = await session.scalar(
         select(Correction).where(
-            Correction.caption_id == caption_id,
-            Correction.person_id == person.id,
-            Correction.text == normalized,
+            Correction.caption_id == caption_id, Correction.person_id == person.id, _live(Correction)
         )
     )
-    if existing is not None:
+    if existing is not None and existing.text == normalized:
+        await _clear_pending(session, person.id, caption_id)
         return correction_record(existing, telegram_id)
-    row = Correction(
-        caption_id=caption_id, person_id=person.id, text_raw=text, text=normalized, created_at=utcnow()
-    )
-    session.add(row)
+    if existing is None:
+        await _check_daily_cap(session, person.id, policy.daily_cap)
+    status, reason = await _screened(session, person.id, normalized, policy)
+    await _clear_pending(session, person.id, caption_id)
+    now = utcnow()
+    row = existing or Correction(caption_id=caption_id, person_id=person.id, created_at=now)
+    row.text_raw, row.text, row.status, row.flag_reason = text, normalized, status, reason
+    # New words, not yet looked at by any run.
+    row.outcome = row.trained_model_version = row.trained_at = None
+    if existing is None:
+        session.add(row)
+    else:
+        row.updated_at = now
     await session.flush()
-    return correction_record(row, telegram_id)
+    return correction_record(row, telegram_id, replaced=existing is not None)
 
 
-async def mark_corrections_trained(session: AsyncSession, correction_ids: Sequence[int], model_version: str) -> int:
-    """Record which model version trained on these corrections; returns rows updated."""
+def _live(table: type[Correction]) -> ColumnElement[bool]:
+    """Rows that are a person's current correction (not an older duplicate kept by migration 0002)."""
+    return table.status != CorrectionStatus.SUPERSEDED
+
+
+async def _clear_pending(session: AsyncSession, person_id: int, caption_id: int) -> None:
+    await session.execute(
+        delete(PendingCorrectionRow).where(
+            PendingCorrectionRow.person_id == person_id, PendingCorrectionRow.caption_id == caption_id
+        )
+    )
+
+
+async def _check_daily_cap(session: AsyncSession, person_id: int, cap: int) -> None:
+    if cap <= 0:
+        return
+    since = utcnow() - timedelta(days=1)
+    added = await session.scalar(
+        select(func.count(Correction.id)).where(Correction.person_id == person_id, Correction.created_at >= since)
+    )
+    if (added or 0) >= cap:
+        raise CorrectionRejected(Rejection.DAILY_LIMIT, limit=cap)
+
+
+async def _screened(
+    session: AsyncSession, person_id: int, text: str, policy: EntryPolicy
+) -> tuple[CorrectionStatus, FlagReason | None]:
+    reason = policy.screen().flag_reason(text)
+    if reason is not None:
+        return CorrectionStatus.FLAGGED, reason
+    if policy.flags_before_hold > 0:
+        flagged = await session.scalar(
+            select(func.count(Correction.id)).where(
+                Correction.person_id == person_id, Correction.status == CorrectionStatus.FLAGGED
+            )
+        )
+        if (flagged or 0) >= policy.flags_before_hold:
+            return CorrectionStatus.HELD_FOR_REVIEW, None
+    return CorrectionStatus.ACCEPTED, None
+
+
+async def mark_corrections_trained(
+    session: AsyncSession,
+    correction_ids: Sequence[int],
+    model_version: str,
+    outcome: CorrectionOutcome = CorrectionOutcome.TRAINED,
+) -> int:
+    """Record which fine-tune looked at these corrections and what it did with them; returns rows updated.
+
+    A marked correction is never offered to a run again (``untrained_only``), whatever the outcome.
+    """
+    outcome = CorrectionOutcome(outcome)
     now = utcnow()
     total = 0
     for chunk in chunks(correction_ids):
@@ -118,7 +195,7 @@ async def mark_corrections_trained(session: AsyncSession, correction_ids: Sequen
             session,
             update(Correction)
             .where(Correction.id.in_(chunk))
-            .values(trained_model_version=model_version, trained_at=now),
+            .values(trained_model_version=model_version, trained_at=now, outcome=outcome.value),
         )
     return total
 
@@ -135,9 +212,10 @@ async def corrections_for_training(
 ) -> list[TrainingExample]:
     """Captions to train on: corrections, plus (optionally) captions voted up more than down.
 
-    Forgotten people's data is excluded even if a deletion were incomplete.
-    ``untrained_only`` keeps corrections no model has trained on yet; it does
-    not apply to up-voted captions, which carry no such mark.
+    Only corrections screening accepted are offered (never flagged or held ones). Forgotten
+    people's data is excluded even if a deletion were incomplete. ``untrained_only`` keeps
+    corrections no run has looked at yet; it does not apply to up-voted captions, which carry
+    no such mark.
     """
     examples = await _correction_examples(session, photos, since, untrained_only)
     if include_upvoted:
@@ -145,8 +223,13 @@ async def corrections_for_training(
     return sorted(examples, key=lambda ex: (ex.created_at, ex.kind, ex.source_id))
 
 
+async def corrections_of_run(session: AsyncSession, photos: PhotoStore, model_version: str) -> list[TrainingExample]:
+    """The corrections the fine-tune ``model_version`` trained on (what an operator reviews)."""
+    return await _correction_examples(session, photos, None, False, model_version)
+
+
 async def _correction_examples(
-    session: AsyncSession, photos: PhotoStore, since: datetime | None, untrained_only: bool
+    session: AsyncSession, photos: PhotoStore, since: datetime | None, untrained_only: bool, run: str | None = None
 ) -> list[TrainingExample]:
     author = aliased(Person)
     requester = aliased(Person)
@@ -160,17 +243,24 @@ async def _correction_examples(
             Correction.text,
             Correction.created_at,
             Correction.trained_model_version,
+            Correction.person_id,
         )
         .join(Caption, Correction.caption_id == Caption.id)
         .join(Photo, Caption.photo_id == Photo.id)
         .join(author, Correction.person_id == author.id)
         .join(requester, Caption.requester_id == requester.id)
-        .where(author.is_forgotten.is_(False), requester.is_forgotten.is_(False))
+        .where(
+            author.is_forgotten.is_(False),
+            requester.is_forgotten.is_(False),
+            Correction.status == CorrectionStatus.ACCEPTED,
+        )
     )
     if since is not None:
         stmt = stmt.where(Correction.created_at >= since)
     if untrained_only:
         stmt = stmt.where(Correction.trained_model_version.is_(None))
+    if run is not None:
+        stmt = stmt.where(Correction.trained_model_version == run)
     return _training_examples("correction", (await session.execute(stmt)).all(), photos)
 
 
@@ -198,6 +288,7 @@ async def _upvoted_examples(
             Caption.text,
             Caption.created_at,
             type_coerce(null(), Correction.trained_model_version.type).label("trained_model_version"),
+            Caption.requester_id,
         )
         .join(Photo, Caption.photo_id == Photo.id)
         .join(requester, Caption.requester_id == requester.id)
@@ -210,6 +301,8 @@ async def _upvoted_examples(
 
 def _training_examples(kind: TrainingKind, rows: Sequence[ExampleRow], photos: PhotoStore) -> list[TrainingExample]:
     return [
-        TrainingExample(kind, source_id, caption_id, photo_id, sha, rel, photos.path(rel), text, created, trained)
-        for source_id, caption_id, photo_id, sha, rel, text, created, trained in rows
+        TrainingExample(
+            kind, source_id, caption_id, photo_id, sha, rel, photos.path(rel), text, created, trained, person
+        )
+        for source_id, caption_id, photo_id, sha, rel, text, created, trained, person in rows
     ]

@@ -22,6 +22,7 @@ class Rejection(StrEnum):
     TOO_LONG = "too_long"  # (length, limit) in characters
     TOO_FEW_WORDS = "too_few_words"  # (limit) in words
     UNCHANGED = "unchanged"  # the same words as the caption
+    DAILY_LIMIT = "daily_limit"  # (limit) corrections by this person in the last 24 hours
 
 
 class CorrectionRejected(StorageError, ValueError):

@@ -3,9 +3,10 @@
 The trainer reads ``../shared/data/flickr8k`` with one reader; writing the same
 layout (``images/``, ``captions.txt`` as an ``image,caption`` CSV, and
 ``train.txt`` / ``val.txt``) lets it train on corrections with no new code.
-The validation split is the held-out fifth of ``storage.holdout``, decided by the
-photo hash: a photo stays on the same side across exports and never leaks from
-train into val, and ``train finetune --db`` holds out the very same photos.
+The validation split is the held-out part of ``storage.holdout``, decided by the
+photo hash under the data folder's secret salt, with no person correcting more than
+a small share of it; ``train finetune --db`` holds out the very same photos. (A
+photo moves from val to train only when one of its correctors reached their share.)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 
 from common.atomic import atomic_write, atomic_write_text
-from storage.holdout import is_held_out
+from storage.holdout import choose_held_out, load_or_create_salt
 from storage.records import ExportReport, TrainingExample
 from storage.service import Storage
 
@@ -94,8 +95,8 @@ def _remove_stale_images(images_dir: Path, keep: set[str]) -> None:
             path.unlink()
 
 
-def write_export(examples: Sequence[TrainingExample], out_dir: Path) -> ExportReport:
-    """Write the Flickr layout for ``examples`` into ``out_dir`` (blocking)."""
+def write_export(examples: Sequence[TrainingExample], out_dir: Path, salt: bytes) -> ExportReport:
+    """Write the Flickr layout for ``examples`` into ``out_dir`` (blocking); ``salt`` picks the held-out photos."""
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     missing = _copy_images(examples, images_dir)
@@ -103,8 +104,9 @@ def write_export(examples: Sequence[TrainingExample], out_dir: Path) -> ExportRe
     rows = _unique_rows(kept)
     names = sorted({name for name, _ in rows})
     _remove_stale_images(images_dir, set(names))
-    val = [name for name in names if is_held_out(_sha256_of(name))]
-    train = [name for name in names if not is_held_out(_sha256_of(name))]
+    held = choose_held_out(photo_contributors(kept), salt)
+    val = [name for name in names if _sha256_of(name) in held]
+    train = [name for name in names if _sha256_of(name) not in held]
     atomic_write_text(out_dir / "captions.txt", _captions_csv(rows))
     atomic_write_text(out_dir / "train.txt", "".join(f"{name}\n" for name in train))
     atomic_write_text(out_dir / "val.txt", "".join(f"{name}\n" for name in val))
@@ -116,4 +118,15 @@ async def export_training_data(
 ) -> ExportReport:
     """Export corrections (and optionally up-voted captions) from ``storage`` into ``out_dir``."""
     examples = await storage.corrections_for_training(since=since, include_upvoted=include_upvoted)
-    return await asyncio.to_thread(write_export, examples, out_dir.resolve())
+    salt = await asyncio.to_thread(load_or_create_salt, storage.data_dir)
+    return await asyncio.to_thread(write_export, examples, out_dir.resolve(), salt)
+
+
+def photo_contributors(examples: Sequence[TrainingExample]) -> dict[str, set[int]]:
+    """Each photo's content hash and the people whose captions of it are in ``examples``."""
+    contributors: dict[str, set[int]] = {}
+    for example in examples:
+        people = contributors.setdefault(example.sha256, set())
+        if example.person_id is not None:
+            people.add(example.person_id)
+    return contributors

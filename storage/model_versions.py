@@ -11,8 +11,8 @@ from sqlalchemy import exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.errors import ModelVersionError
-from storage.models import MODEL_STATUSES, ModelVersion, utcnow
-from storage.records import ModelStatus, ModelVersionRecord, record_from
+from storage.models import MODEL_STATUSES, Correction, ModelVersion, utcnow
+from storage.records import CorrectionOutcome, ModelStatus, ModelVersionRecord, record_from
 from storage.transactions import found
 
 
@@ -106,6 +106,35 @@ async def reject_model_version(session: AsyncSession, name: str, reason: str) ->
         raise ModelVersionError(f"model version {name!r} is active; promote another one first")
     row.status = ModelStatus.REJECTED
     row.reason = reason
+    await session.flush()
+    return model_record(row)
+
+
+async def _awaiting_review(session: AsyncSession, name: str) -> ModelVersion:
+    row = await _existing(session, name)
+    if row.status != ModelStatus.AWAITING_REVIEW:
+        raise ModelVersionError(f"model version {name!r} is {row.status}, not awaiting review")
+    return row
+
+
+async def approve_model_version(session: AsyncSession, name: str) -> ModelVersionRecord:
+    """An operator approves a candidate awaiting review: it becomes the one the bot serves."""
+    row = await _awaiting_review(session, name)
+    await _promote(session, row)
+    return model_record(row)
+
+
+async def reject_after_review(session: AsyncSession, name: str, reason: str) -> ModelVersionRecord:
+    """An operator rejects a candidate awaiting review; the corrections it trained on are marked
+    ``rejected_run`` in the same transaction (never offered to a run again)."""
+    row = await _awaiting_review(session, name)
+    row.status = ModelStatus.REJECTED
+    row.reason = f"rejected by an operator: {reason}"
+    await session.execute(
+        update(Correction)
+        .where(Correction.trained_model_version == name)
+        .values(outcome=CorrectionOutcome.REJECTED_RUN.value)
+    )
     await session.flush()
     return model_record(row)
 

@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from storage.records import ModelStatus
+from storage.records import CorrectionOutcome, CorrectionStatus, ModelStatus
 
 # Deterministic constraint names so migrations can refer to (and drop) them by name.
 NAMING_CONVENTION = {
@@ -42,6 +42,8 @@ NAMING_CONVENTION = {
 }
 
 MODEL_STATUSES = tuple(status.value for status in ModelStatus)
+CORRECTION_STATUSES = tuple(status.value for status in CorrectionStatus)
+CORRECTION_OUTCOMES = tuple(outcome.value for outcome in CorrectionOutcome)
 MODEL_NAME_LEN = 128
 CORRECTION_MAX_LEN = 300
 
@@ -154,10 +156,36 @@ class Vote(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+def _sql_list(values: tuple[str, ...]) -> str:
+    """``'a', 'b'``: plain identifiers quoted as SQL string literals."""
+    return ", ".join(f"'{value}'" for value in values)
+
+
+_ONLY_ACTIVE = f"status = '{ModelStatus.ACTIVE.value}'"
+_NOT_SUPERSEDED = f"status <> '{CorrectionStatus.SUPERSEDED.value}'"
+
+
 class Correction(Base):
-    """A caption rewritten by a person: the training signal for the next model."""
+    """A caption rewritten by a person: the training signal for the next model.
+
+    One live row per person and caption (a later correction updates it in place, keeping its id);
+    ``status`` is what screening at entry decided, ``outcome`` what the fine-tune named in
+    ``trained_model_version`` did with it.
+    """
 
     __tablename__ = "corrections"
+    __table_args__ = (
+        CheckConstraint(f"status IN ({_sql_list(CORRECTION_STATUSES)})", name="status_valid"),
+        CheckConstraint(f"outcome IS NULL OR outcome IN ({_sql_list(CORRECTION_OUTCOMES)})", name="outcome_valid"),
+        Index(
+            "uq_corrections_one_per_person",
+            "caption_id",
+            "person_id",
+            unique=True,
+            sqlite_where=text(_NOT_SUPERSEDED),
+            postgresql_where=text(_NOT_SUPERSEDED),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     caption_id: Mapped[int] = mapped_column(ForeignKey("captions.id", ondelete="CASCADE"), index=True)
@@ -165,6 +193,12 @@ class Correction(Base):
     text_raw: Mapped[str] = mapped_column(Text)
     text: Mapped[str] = mapped_column(String(CORRECTION_MAX_LEN))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    status: Mapped[str] = mapped_column(
+        String(16), default=CorrectionStatus.ACCEPTED.value, server_default=CorrectionStatus.ACCEPTED.value
+    )
+    flag_reason: Mapped[str | None] = mapped_column(String(16))
+    outcome: Mapped[str | None] = mapped_column(String(16))
     trained_model_version: Mapped[str | None] = mapped_column(String(MODEL_NAME_LEN))
     trained_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
@@ -179,14 +213,6 @@ class PendingCorrectionRow(Base):
     prompt_chat_id: Mapped[int | None] = mapped_column(BigInteger)
     prompt_message_id: Mapped[int | None] = mapped_column(BigInteger)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-
-
-def _sql_list(values: tuple[str, ...]) -> str:
-    """``'a', 'b'``: plain identifiers quoted as SQL string literals."""
-    return ", ".join(f"'{value}'" for value in values)
-
-
-_ONLY_ACTIVE = f"status = '{ModelStatus.ACTIVE.value}'"
 
 
 class ModelVersion(Base):

@@ -17,9 +17,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CaptionRecord",
+    "CorrectionOutcome",
     "CorrectionRecord",
+    "CorrectionStatus",
     "DayCount",
     "ExportReport",
+    "FlagReason",
     "ForgetReport",
     "ModelStatus",
     "ModelVersionRecord",
@@ -56,6 +59,35 @@ class ModelStatus(StrEnum):
     ACTIVE = "active"  # the one the bot serves (at most one)
     REJECTED = "rejected"  # judged worse than its parent; never promoted
     RETIRED = "retired"  # was active, replaced by a newer one
+    AWAITING_REVIEW = "awaiting_review"  # passed the gate, adds words: waits for an operator's approval
+
+
+class CorrectionStatus(StrEnum):
+    """What screening at entry decided; only ``accepted`` corrections are ever trained on."""
+
+    ACCEPTED = "accepted"
+    FLAGGED = "flagged"  # screening found abuse, spam or contact details: kept for review, never trained on
+    HELD_FOR_REVIEW = "held_for_review"  # clean, but from a person whose corrections keep being flagged
+    SUPERSEDED = "superseded"  # an older duplicate kept by migration 0002; the app never writes it
+
+
+class FlagReason(StrEnum):
+    """Why screening flagged a correction."""
+
+    URL = "url"
+    MENTION = "mention"
+    EMAIL = "email"
+    PHONE = "phone"
+    PROFANITY = "profanity"
+    BLOCKLIST = "blocklist"
+
+
+class CorrectionOutcome(StrEnum):
+    """What the fine-tune that looked at a correction did with it, so it is never retried."""
+
+    TRAINED = "trained"  # used by a run whose candidate was activated (or awaits review)
+    REJECTED_RUN = "rejected_run"  # used by a run whose candidate the gate (or an operator) rejected
+    FLAGGED = "flagged"  # left out by the run's screening (words the blocklist gained since entry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +165,11 @@ class PendingCorrection:
 
 @dataclass(frozen=True, slots=True)
 class CorrectionRecord:
-    """A stored correction: the cleaned ``text`` and what the person typed (``text_raw``)."""
+    """A stored correction: the cleaned ``text`` and what the person typed (``text_raw``).
+
+    ``trained_model_version`` names the fine-tune that looked at it and ``outcome`` says what
+    that run did with it; both are None until a run looks at it.
+    """
 
     id: int
     caption_id: int
@@ -142,6 +178,10 @@ class CorrectionRecord:
     text_raw: str
     created_at: datetime
     trained_model_version: str | None
+    status: CorrectionStatus = CorrectionStatus.ACCEPTED
+    flag_reason: FlagReason | None = None
+    outcome: CorrectionOutcome | None = None
+    replaced: bool = False  # True when it replaced the person's earlier correction of this caption
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +240,7 @@ class TrainingExample:
     text: str
     created_at: datetime
     trained_model_version: str | None = None
+    person_id: int | None = None  # who wrote it (the requester, for an up-voted caption): caps count per person
 
 
 @dataclass(frozen=True, slots=True)

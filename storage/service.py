@@ -25,7 +25,15 @@ from storage import migrate as migrations
 from storage import stats as statistics
 from storage.engine import create_engine, sqlite_file
 from storage.photos import PhotoStore, sha256_hex
-from storage.records import CaptionRecord, ForgetReport, PhotoRecord, TrainingExample
+from storage.records import (
+    CaptionRecord,
+    CorrectionOutcome,
+    CorrectionRecord,
+    ForgetReport,
+    PhotoRecord,
+    TrainingExample,
+)
+from storage.screening import EntryPolicy
 from storage.transactions import Transactions
 
 P = ParamSpec("P")
@@ -65,8 +73,9 @@ def _named_after(method: Method[P, T], function: Callable[..., Any]) -> Method[P
 class Storage:
     """Durable memory of the bot. Create with ``await Storage.open()``, end with ``await close()``."""
 
-    def __init__(self, engine: AsyncEngine, url: str, data_dir: Path) -> None:
+    def __init__(self, engine: AsyncEngine, url: str, data_dir: Path, policy: EntryPolicy | None = None) -> None:
         self.url = url
+        self.policy = policy or EntryPolicy()
         self.data_dir = data_dir
         self.photos = PhotoStore(config.photos_dir(data_dir))
         self._engine = engine
@@ -76,9 +85,16 @@ class Storage:
 
     @classmethod
     async def open(
-        cls, database_url: str | None = None, data_dir: Path | None = None, migrate: bool = True
+        cls,
+        database_url: str | None = None,
+        data_dir: Path | None = None,
+        migrate: bool = True,
+        policy: EntryPolicy | None = None,
     ) -> Self:
-        """Open storage, creating the data folders and migrating the schema to head unless told not to."""
+        """Open storage, creating the data folders and migrating the schema to head unless told not to.
+
+        ``policy``: the rules corrections meet on the way in (daily cap, screening); the defaults if None.
+        """
         directory = config.data_dir(data_dir)
         url = config.database_url(database_url, directory)
         await asyncio.to_thread(_prepare_folders, directory, sqlite_file(url))
@@ -89,7 +105,7 @@ class Storage:
         except BaseException:
             await engine.dispose()
             raise
-        return cls(engine, url, directory)
+        return cls(engine, url, directory, policy)
 
     async def close(self) -> None:
         await self._engine.dispose()
@@ -172,7 +188,18 @@ class Storage:
     start_correction = _writing(corrections.start_correction, retry_integrity=True)
     get_pending_correction = _reading(corrections.get_pending_correction)
     cancel_correction = _writing(corrections.cancel_correction)
-    record_correction = _writing(corrections.record_correction, retry_integrity=True)
+
+    async def record_correction(self, caption_id: int, telegram_id: int, text: str) -> CorrectionRecord:
+        """Validate, screen and store a correction under this storage's entry policy.
+
+        One per person and caption (a later one replaces it in place); raises ``CorrectionRejected``
+        (its code says why, e.g. the daily cap). The record's ``status`` says whether screening
+        accepted it, flagged it, or holds it for review.
+        """
+        return await self._tx.write(
+            lambda session: corrections.record_correction(session, caption_id, telegram_id, text, self.policy),
+            retry_integrity=True,
+        )
 
     async def corrections_for_training(
         self, since: datetime | None = None, include_upvoted: bool = False, untrained_only: bool = False
@@ -188,12 +215,25 @@ class Storage:
             )
         )
 
-    async def mark_corrections_trained(self, correction_ids: Iterable[int], model_version: str) -> int:
-        """Record which model version trained on these corrections; returns rows updated."""
+    async def corrections_of_run(self, model_version: str) -> list[TrainingExample]:
+        """The corrections the fine-tune ``model_version`` trained on (what an operator reviews)."""
+        return await self._tx.read(
+            lambda session: corrections.corrections_of_run(session, self.photos, model_version)
+        )
+
+    async def mark_corrections_trained(
+        self,
+        correction_ids: Iterable[int],
+        model_version: str,
+        outcome: CorrectionOutcome = CorrectionOutcome.TRAINED,
+    ) -> int:
+        """Record which fine-tune looked at these corrections and its outcome; returns rows updated."""
         ids = sorted(set(correction_ids))
         if not ids:
             return 0  # no write transaction (and no SQLite write lock) for nothing
-        return await self._tx.write(lambda session: corrections.mark_corrections_trained(session, ids, model_version))
+        return await self._tx.write(
+            lambda session: corrections.mark_corrections_trained(session, ids, model_version, outcome)
+        )
 
     # ------------------------------------------------------------------ forgetting
 
@@ -235,6 +275,8 @@ class Storage:
     register_model_version = _writing(model_versions.register_model_version)
     promote_model_version = _writing(model_versions.promote_model_version)
     reject_model_version = _writing(model_versions.reject_model_version)
+    approve_model_version = _writing(model_versions.approve_model_version)
+    reject_after_review = _writing(model_versions.reject_after_review)
     active_model_version = _reading(model_versions.active_model_version)
     get_model_version = _reading(model_versions.get_model_version)
     list_model_versions = _reading(model_versions.list_model_versions)

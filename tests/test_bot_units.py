@@ -101,6 +101,11 @@ def _all_texts() -> list[str]:
         "position": 4, "wait_seconds": 12.3, "size": 25 * 1024 * 1024, "limit": 6, "reason": "bad <x>",
         "retry_after": 42.0, "file_name": "<cv>.pdf", "mime_type": "application/pdf", "votes": 1,
         "corrections": 2, "captions": 3, "photos": 4, "command": "stats",
+        # operator review
+        "name": "m<2>", "parent": "m<1>", "word": "<uni>", "correction": "a <uni> & a cycle",
+        "examples": {"<uni>": ["a <uni> cycle"]},
+        "metrics": {"new_words": ["<uni>"], "reason": "better <x>", "base": {"corrections": {"CIDEr": 0.1}},
+                    "candidate": {"corrections": {"CIDEr": 0.5}}},
     }
     out: list[str] = []
     for name, value in vars(texts).items():

@@ -35,6 +35,8 @@ REJECTION_SENTENCES = {
     Rejection.TOO_LONG: f"Your correction is too long (350 characters). Please keep it under {MAX_CHARS}.",
     Rejection.TOO_FEW_WORDS: 'Please use at least two words, for example "a dog running on the beach".',
     Rejection.UNCHANGED: "That is the same as my caption. Please send a different description.",
+    Rejection.DAILY_LIMIT: "Thank you! You've sent 20 corrections today, which is as many as I take from one "
+    "person in a day. Please come back tomorrow.",
 }
 
 
@@ -74,3 +76,8 @@ def test_correction_rejections_read_as_before(text: str, code: Rejection) -> Non
 def test_a_missing_caption_reads_as_before() -> None:
     reply = texts.correction_rejected(CorrectionRejected(Rejection.NO_CAPTION))
     assert reply.startswith(f"🤔 {escape(REJECTION_SENTENCES[Rejection.NO_CAPTION])}\n")
+
+
+def test_the_daily_limit_does_not_invite_another_try() -> None:
+    reply = texts.correction_rejected(CorrectionRejected(Rejection.DAILY_LIMIT, limit=20))
+    assert reply == f"🙏 {escape(REJECTION_SENTENCES[Rejection.DAILY_LIMIT])}"

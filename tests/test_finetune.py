@@ -17,13 +17,14 @@ from captioner import checkpoint
 from captioner.checkpoint import CaptionModel
 from captioner.vocab import Vocabulary
 from storage import Storage
-from storage.holdout import holdout_bucket
+from storage.holdout import holdout_bucket, is_held_out
 from tests.helpers import ROOT, TINY_WORDS, photo_bytes, tiny_config
 from tests.test_train_support import make_flickr, tiny_fit_args
 from train import metrics
 from train.__main__ import main
-from train.finetune import EXIT_PROMOTED, EXIT_REJECTED, FinetuneConfig, finetune, grow_vocabulary
-from train.gate import gate, paired_bootstrap_lower_bound
+from train.finetune import EXIT_AWAITING_REVIEW, EXIT_PROMOTED, EXIT_REJECTED, FinetuneConfig, finetune
+from train.gate import corrections_metric, gate, paired_bootstrap_lower_bound
+from train.trust import WordUse, grow_vocabulary
 
 CORRECTIONS = ["a bicycle leans on a wall", "a helmet sits on a bicycle"]
 
@@ -35,17 +36,29 @@ def _base(tmp: Path, data: Path) -> Path:
     return checkpoint.save(model, tmp / "base")
 
 
+TEST_SALT = "5a" * 32  # a fixed holdout salt: the same photos are held out on every test run
+
+
 async def _fill_database(url: str, data_dir: Path, n_photos: int = 16) -> None:
     store = await Storage.open(url, data_dir)
+    (data_dir / "holdout_salt").write_text(TEST_SALT)
     try:
         for i in range(n_photos):
-            person = 100 + i % 3
+            person = 100 + i  # an honest crowd: one photo each (one person's share of a run is capped)
             await store.upsert_person(person, "en")
             photo = await store.record_photo(photo_bytes(300 + i), width=96, height=80,
                                              telegram_file_unique_id=f"u{i}", sender_telegram_id=person)
             caption = await store.record_caption(photo.id, model_version="base-v1", text="a dog runs", score=-3.0,
                                                  beam_size=3, latency_ms=10.0, requester_telegram_id=person)
             await store.record_correction(caption.id, person, CORRECTIONS[i % 2])
+    finally:
+        await store.close()
+
+
+async def _approve(url: str, data_dir: Path, name: str) -> None:
+    store = await Storage.open(url, data_dir)
+    try:
+        await store.approve_model_version(name)
     finally:
         await store.close()
 
@@ -72,7 +85,7 @@ def loop_setup(tmp_path: Path) -> tuple[Path, str, Path]:
 def _config(tmp: Path, base: Path, url: str, data_dir: Path, **overrides: object) -> FinetuneConfig:
     values: dict[str, object] = dict(base=str(base), db=url, data_dir=str(data_dir), out=str(tmp / "candidates"),
                                      cache=str(tmp / "cache"), device="cpu", epochs=40, lr=1e-2, batch_size=16,
-                                     holdout=0.35, replay_ratio=1.0)
+                                     holdout=0.5, replay_ratio=1.0)
     values.update(overrides)
     return FinetuneConfig(**values)  # type: ignore[arg-type]
 
@@ -83,7 +96,9 @@ def test_finetune_learns_new_words_and_is_promoted(loop_setup: tuple[Path, str, 
     # A random tiny base has no meaningful validation CIDEr (about 0.01): that check is for real models.
     report = finetune(_config(tmp_path, base, url, data_dir, name="cand-good", margin=1.0))
     assert set(report["new_words"]) >= {"bicycle", "helmet", "leans"}
-    assert report["promoted"], report["reason"]
+    assert report["passed_gate"], report["reason"]
+    assert report["status"] == "awaiting_review"  # it adds words: an operator decides
+    asyncio.run(_approve(url, data_dir, "cand-good"))
     assert report["train_losses"][-1] < report["train_losses"][0]
     candidate = checkpoint.load(report["checkpoint"])
     assert "bicycle" in candidate.vocab and candidate.meta["parent"] == "base-v1"
@@ -99,11 +114,12 @@ def test_a_candidate_that_learned_nothing_is_rejected(loop_setup: tuple[Path, st
     base, url, data_dir = loop_setup
     report = finetune(_config(tmp_path, base, url, data_dir, name="cand-frozen", lr=0.0, epochs=1,
                                       new_word_epochs=0))
-    assert not report["promoted"]
+    assert not report["passed_gate"] and report["status"] == "rejected"
     assert "not better on held-out corrections" in report["reason"]
     versions, untrained = asyncio.run(_versions(url, data_dir))
     assert ("cand-frozen", "rejected", report["reason"]) in versions
-    assert untrained == 16  # a rejected candidate consumes no corrections
+    # The corrections it trained on are marked (rejected run): junk is not retried forever.
+    assert untrained == report["corrections_heldout_photos"]
 
 
 def test_gate_promotes_better_and_rejects_worse() -> None:
@@ -129,9 +145,10 @@ def test_vocabulary_growth_leaves_old_words_alone() -> None:
     model.decoder.eval()
     with torch.no_grad():
         before, _ = model.decoder(features, tokens)
-        added = grow_vocabulary(model, ["a unicycle on the grass", "two unicycles and a unicycle"], min_count=1)
+        uses = [WordUse("a unicycle on the grass", "p1", "x1"), WordUse("two unicycles and a unicycle", "p2", "x2")]
+        added = grow_vocabulary(model, uses, min_people=1, most=10)
         after, _ = model.decoder(features, tokens)
-    assert added == ["unicycle", "and", "unicycles"]
+    assert added == ["unicycle", "and", "unicycles"]  # most people first, then most photos, then by name
     assert model.vocab.words[: len(old_words)] == old_words
     assert torch.allclose(before, after[..., : len(old_words)], atol=1e-6)
     assert torch.equal(before.argmax(-1), after.argmax(-1))
@@ -146,10 +163,12 @@ def test_paired_bootstrap_separates_real_gains_from_noise() -> None:
     assert paired_bootstrap_lower_bound(base, noise) < 0
 
 
-def test_holdout_is_deterministic() -> None:
-    assert holdout_bucket("abc") == holdout_bucket("abc")
-    buckets = [holdout_bucket(f"photo{i}") for i in range(2000)]
+def test_holdout_is_deterministic_under_a_salt() -> None:
+    assert holdout_bucket("abc", b"s" * 32) == holdout_bucket("abc", b"s" * 32)
+    buckets = [holdout_bucket(f"photo{i}", b"s" * 32) for i in range(2000)]
     assert 0.15 < sum(b < 0.2 for b in buckets) / len(buckets) < 0.25
+    other = [holdout_bucket(f"photo{i}", b"t" * 32) for i in range(2000)]
+    assert {i for i, b in enumerate(buckets) if b < 0.2} != {i for i, b in enumerate(other) if b < 0.2}
 
 
 def test_finetune_cli_reports_missing_corrections(tmp_path: Path) -> None:
@@ -193,6 +212,7 @@ def bot_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, 
 def _cli(tmp: Path, base: Path, *options: str) -> list[str]:
     return ["finetune", "--base", str(base), "--out", str(tmp / "candidates"), "--cache", str(tmp / "cache"),
             "--device", "cpu", "--val-split", "train", "--epochs", "20", "--lr", "1e-2", "--batch-size", "16",
+            "--holdout", "0.5",
             *options]
 
 
@@ -201,22 +221,39 @@ def _report(tmp: Path, name: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_cli_promotes_a_candidate_within_the_validation_margin(
+def test_cli_passes_a_candidate_within_the_validation_margin_and_an_operator_approves_it(
         trained_base: tuple[Path, Path], bot_database: tuple[str, Path], tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     (base, _), (url, data_dir) = trained_base, bot_database
     code = main(_cli(tmp_path, base, "--db", url, "--data-dir", str(data_dir), "--replay-ratio", "2",
-                     "--name", "cand-kept"))
-    assert code == EXIT_PROMOTED
-    assert capsys.readouterr().out.startswith("PROMOTED cand-kept:")
+                     "--name", "cand-kept", "--promotion", "auto"))
     report = _report(tmp_path, "cand-kept")
+    # Even in auto mode, a candidate that adds words waits for an operator.
+    assert "bicycle" in report["new_words"] and report["passed_gate"]
+    assert code == EXIT_AWAITING_REVIEW
+    assert capsys.readouterr().out.startswith("AWAITING REVIEW cand-kept:")
+    assert ("cand-kept", "awaiting_review", None) in asyncio.run(_versions(url, data_dir))[0]
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("CAPTIONBOT_DATA_DIR", str(data_dir))
+    assert main(["review"]) == 0
+    listed = capsys.readouterr().out
+    assert listed.startswith("cand-kept (from ") and "bicycle" in listed
+    assert "python -m train approve cand-kept" in listed
+    assert main(["reject", report["parent"], "--reason", "x"]) == 1  # only a waiting candidate can be decided
+    assert "not awaiting review" in capsys.readouterr().err
+    assert main(["approve", "cand-kept"]) == EXIT_PROMOTED
+    assert capsys.readouterr().out.startswith("APPROVED cand-kept: it is now the active model")
     assert report["config"]["margin"] == 0.03  # the default guard, not switched off
     base_val, cand_val = report["base"]["validation"]["CIDEr"], report["candidate"]["validation"]["CIDEr"]
     assert base_val > 1.0 and cand_val >= base_val * (1 - 0.03)
-    assert report["candidate"]["corrections"]["CIDEr"] > report["base"]["corrections"]["CIDEr"]
+    key = corrections_metric(report["base"]["corrections"], report["candidate"]["corrections"])
+    assert report["candidate"]["corrections"][key] > report["base"]["corrections"][key]
+    assert report["heldout_gain_lower_bound"] > 0
     versions, untrained = asyncio.run(_versions(url, data_dir))
     assert ("cand-kept", "active", None) in versions
     assert untrained == report["corrections_heldout_photos"]
+    main(["review"])
+    assert capsys.readouterr().out == "no candidates waiting for review\n"
 
 
 @pytest.mark.slow
@@ -232,28 +269,32 @@ def test_cli_rejects_a_candidate_that_forgets_its_validation_data(
     report = _report(tmp_path, "cand-forgot")
     # Better on the corrections, significantly so: only the validation guard stopped it.
     assert report["candidate"]["corrections"]["CIDEr"] > report["base"]["corrections"]["CIDEr"]
-    assert report["heldout_gain_lower_bound"] >= 0
+    assert report["heldout_gain_lower_bound"] > 0
     assert report["candidate"]["validation"]["CIDEr"] < 0.97 * report["base"]["validation"]["CIDEr"]
     versions, untrained = asyncio.run(_versions(url, data_dir))
     assert ("cand-forgot", "rejected", report["reason"]) in versions
-    assert untrained == 16
+    assert untrained == report["corrections_heldout_photos"]  # the trained part is marked rejected_run
 
 
 @pytest.mark.slow
-def test_cli_learns_from_an_export_folder(trained_base: tuple[Path, Path], bot_database: tuple[str, Path],
-                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (base, _), (url, data_dir) = trained_base, bot_database
+def test_cli_learns_from_an_export_folder(trained_base: tuple[Path, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    base, _ = trained_base
+    # the export holds out the storage rule's fifth: enough photos that the gate has five to judge on
+    url, data_dir = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", tmp_path / "botdata"
+    asyncio.run(_fill_database(url, data_dir, n_photos=23))  # 6 held out under TEST_SALT
     export = tmp_path / "export"
     asyncio.run(_export(url, data_dir, export))
     held_out = (export / "val.txt").read_text().split()
     assert held_out
     code = main(_cli(tmp_path, base, "--from-export", str(export), "--replay-ratio", "2", "--name", "cand-export"))
-    assert code == EXIT_PROMOTED, capsys.readouterr()
+    assert code == EXIT_AWAITING_REVIEW, capsys.readouterr()  # it adds words
     report = _report(tmp_path, "cand-export")
     assert report["corrections_heldout_photos"] == len(held_out)
-    assert report["corrections_train_photos"] == 16 - len(held_out)
+    assert report["corrections_train_photos"] == 23 - len(held_out)
     versions, untrained = asyncio.run(_versions(url, data_dir))
-    assert versions == [] and untrained == 16  # an export run registers nothing
+    assert versions == [] and untrained == 23  # an export run registers nothing
 
 
 async def _export(url: str, data_dir: Path, out: Path) -> None:
@@ -267,14 +308,15 @@ async def _export(url: str, data_dir: Path, out: Path) -> None:
 
 
 def test_held_out_photos_follow_the_storage_rule_and_the_holdout_fraction(tmp_path: Path) -> None:
-    from storage.holdout import is_held_out
     from train.finetune import split_corrections
+    from train.trust import CorrectionRow
 
-    rows = [(f"{i:064x}", tmp_path / f"{i}.jpg", f"caption {i}", i) for i in range(200)]
-    split = split_corrections(rows, 0.2)
-    assert {r.image_id for r in split.heldout} == {f"photo:{sha}" for sha, *_ in rows if is_held_out(sha)}
-    assert sorted(split.correction_ids) == sorted(i for sha, _, _, i in rows if not is_held_out(sha))
-    assert not split_corrections(rows, 0.0).heldout and not split_corrections(rows, 1.0).train
+    salt = b"k" * 32
+    rows = [CorrectionRow(f"{i:064x}", tmp_path / f"{i}.jpg", f"caption {i}", i, i) for i in range(200)]
+    split = split_corrections(rows, salt, 0.2, 0.1)
+    assert {r.image_id for r in split.heldout} == {f"photo:{r.sha256}" for r in rows if is_held_out(r.sha256, salt)}
+    assert sorted(split.correction_ids) == sorted(r.person_id for r in rows if not is_held_out(r.sha256, salt))
+    assert not split_corrections(rows, salt, 0.0, 0.1).heldout and not split_corrections(rows, salt, 1.0, 1.0).train
 
 
 def test_the_database_is_the_one_in_the_bots_data_folder_unless_told(

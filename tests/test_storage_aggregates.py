@@ -242,12 +242,14 @@ async def test_model_version_lifecycle(session: AsyncSession) -> None:
 
 
 def test_status_check_constraint_is_built_from_the_enum() -> None:
-    """The generated SQL must stay what migration 0001 created, so no migration is needed."""
+    """The generated SQL must stay what migration 0002 created (it added 'awaiting_review')."""
     table = Base.metadata.tables[ModelVersion.__tablename__]
     checks = [str(c.sqltext) for c in table.constraints if isinstance(c, CheckConstraint)]
-    assert checks == ["status IN ('candidate', 'active', 'rejected', 'retired')"]
-    assert f'"{checks[0]}"' in (MIGRATIONS_DIR / "versions" / "0001_initial.py").read_text()
-    assert [s.value for s in ModelStatus] == ["candidate", "active", "rejected", "retired"]
+    assert checks == ["status IN ('candidate', 'active', 'rejected', 'retired', 'awaiting_review')"]
+    listed = checks[0].removeprefix("status IN (").removesuffix(")")
+    migration = (MIGRATIONS_DIR / "versions" / "0002_trusted_learning.py").read_text()
+    assert f'NEW_MODEL_STATUSES = "{listed}"' in migration
+    assert [s.value for s in ModelStatus] == ["candidate", "active", "rejected", "retired", "awaiting_review"]
 
 
 # ---------------------------------------------------------------------- forget and stats

@@ -19,7 +19,7 @@ from sqlalchemy import update
 from storage import CaptionRecord, PhotoRecord, Storage, TrainingExample
 from storage.__main__ import parse_since
 from storage.export import export_training_data, write_export
-from storage.holdout import is_held_out
+from storage.holdout import SALT_FILENAME, is_held_out
 from storage.models import Correction
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,9 +32,18 @@ def _no_env_database(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CAPTIONBOT_DATA_DIR", raising=False)
 
 
+TEST_SALT = bytes.fromhex("c3" * 32)  # the data folder's holdout salt in these tests
+
+
+async def salted_storage(data_dir: Path) -> Storage:
+    storage = await Storage.open(data_dir=data_dir)
+    (data_dir / SALT_FILENAME).write_text(TEST_SALT.hex())
+    return storage
+
+
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Storage]:
-    async with await Storage.open(data_dir=tmp_path / "data") as storage:
+    async with await salted_storage(tmp_path / "data") as storage:
         yield storage
 
 
@@ -44,7 +53,7 @@ def photo_bytes(tag: str, validation: bool | None = None) -> bytes:
         data = f"{tag}-{n}".encode() * 40
         if validation is None:
             return data
-        if is_held_out(hashlib.sha256(data).hexdigest()) == validation:
+        if is_held_out(hashlib.sha256(data).hexdigest(), TEST_SALT) == validation:
             return data
     raise AssertionError("unreachable")
 
@@ -220,7 +229,8 @@ async def test_export_skips_missing_photo_files(store: Storage, tmp_path: Path) 
 
 
 def test_export_validation_split_is_the_held_out_fifth(tmp_path: Path) -> None:
-    """val.txt lists exactly the photos ``storage.holdout.is_held_out`` picks, the rule fine-tuning uses."""
+    """val.txt lists exactly the photos ``storage.holdout.is_held_out`` picks under the salt, the rule
+    fine-tuning uses (each photo from a different person: no per-person share applies)."""
     examples = []
     for n in range(40):
         data = f"split photo {n}".encode() * 30
@@ -229,11 +239,13 @@ def test_export_validation_split_is_the_held_out_fifth(tmp_path: Path) -> None:
         source.parent.mkdir(exist_ok=True)
         source.write_bytes(data)
         created = datetime(2024, 1, 1, tzinfo=UTC)
-        examples.append(TrainingExample("correction", n, n, n, sha, source.name, source, f"photo {n}", created))
-    held_out = {f"{ex.sha256}.jpg" for ex in examples if is_held_out(ex.sha256)}
+        examples.append(
+            TrainingExample("correction", n, n, n, sha, source.name, source, f"photo {n}", created, None, n)
+        )
+    held_out = {f"{ex.sha256}.jpg" for ex in examples if is_held_out(ex.sha256, TEST_SALT)}
     assert 0 < len(held_out) < len(examples), "the sample must have photos on both sides"
 
-    report = write_export(examples, tmp_path / "out")
+    report = write_export(examples, tmp_path / "out", TEST_SALT)
     _, train, val = _read_export(tmp_path / "out")
 
     assert set(val) == held_out and len(val) == len(held_out)
@@ -257,7 +269,7 @@ def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Complete
 
 async def test_cli_export_and_stats(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    async with await Storage.open(data_dir=data_dir) as store:
+    async with await salted_storage(data_dir) as store:
         photos = await _populate(store)
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CAPTIONBOT_DATA_DIR")}
     env["PYTHONPATH"] = str(REPO)

@@ -130,7 +130,8 @@ async def test_fifty_concurrent_writers(
     assert stats.captions == 1 + 2 * WRITERS * ROUNDS
     assert _count(db, f"SELECT COUNT(*) FROM votes WHERE caption_id = {shared_caption.id}") == WRITERS
     assert stats.votes_up + stats.votes_down == WRITERS + WRITERS * ROUNDS
-    assert stats.corrections == WRITERS * ROUNDS
+    # One live correction per person and caption: each writer's later rounds replaced its first.
+    assert stats.corrections == WRITERS
     assert _count(db, "SELECT COUNT(*) FROM pending_corrections") == 0
     assert stats.people == 1 + WRITERS + 1  # voters are person + 1: only the last is new
     photo_files = list((tmp_path / "photos").glob("*/*"))
@@ -141,6 +142,7 @@ WRITER_SCRIPT = r"""
 import asyncio, os, sys
 from pathlib import Path
 from storage import Storage
+from storage.screening import EntryPolicy
 
 async def task(store, worker):
     i = 0
@@ -158,7 +160,8 @@ async def task(store, worker):
         i += 1
 
 async def main():
-    store = await Storage.open(data_dir=Path(sys.argv[1]))
+    # a storm of writes from four people: no daily cap here
+    store = await Storage.open(data_dir=Path(sys.argv[1]), policy=EntryPolicy(daily_cap=0))
     print("ready", flush=True)
     await asyncio.gather(*(task(store, w) for w in range(4)))
 

@@ -1,15 +1,22 @@
 """``python -m train finetune``: learn from people's corrections, promote only what is better.
 
-1. Take the corrections (optionally up-voted captions) no model has trained on yet, from the
+1. Take the corrections (optionally up-voted captions) no run has looked at yet, from the
    database or from a folder written by ``python -m storage export``; hold out a part of them
-   (by photo, deterministically) to judge the result.
-2. Add the words the corrections use that the vocabulary lacks (new rows only: old words'
-   predictions are unchanged until training moves them).
+   (by photo, under the data folder's secret salt, no person more than a small share) to judge
+   the result; use at most a small share of the rest from any one person (``train/trust.py``).
+2. Add the new words that enough distinct people used on enough distinct photos (new rows
+   only: old words' predictions are unchanged until training moves them).
 3. Fine-tune on the corrections mixed with a replay sample of the base model's own training
    data, so the model learns the new things without forgetting the old ones.
 4. Score base and candidate on the held-out corrections and on the base's validation split.
-   The candidate is promoted only if it is better on the corrections and its validation CIDEr
-   drops by at most ``--margin`` (relative); otherwise it is registered as rejected, with why.
+   The candidate passes the gate only if it is better on the corrections (significantly: the
+   bootstrap lower bound of the gain is above 0) and its validation CIDEr drops by at most
+   ``--margin`` (relative); otherwise it is registered as rejected, with why.
+5. A candidate that passed is activated, or waits for an operator (``awaiting_review``):
+   always when it adds words, and in ``review`` promotion mode (the default) always. Every
+   correction the run trained on is marked with the outcome, so none is retried.
+
+Exit codes: 0 activated, 3 rejected by the gate, 4 waiting for review, 1 error.
 """
 
 from __future__ import annotations
@@ -20,9 +27,7 @@ import json
 import logging
 import sys
 import time
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,21 +39,23 @@ from captioner import checkpoint
 from captioner.beam import BeamConfig
 from captioner.checkpoint import CaptionModel
 from captioner.inference import default_beam_config, resolve_device
-from captioner.vocab import Vocabulary, tokenize
 from common.atomic import atomic_write_text
 from common.settings import ConfigError, Settings, load_settings
-from storage.holdout import HOLDOUT_FRACTION, is_held_out
+from storage.holdout import HOLDOUT_FRACTION, MAX_PERSON_SHARE, load_or_create_salt
+from storage.records import CorrectionOutcome, ModelStatus
 
 from .cli import DEVICE_HELP, VAL_LIMIT_HELP, add_dataclass_options, config_from_args
 from .data import ImageRecord, load_dataset
 from .features import FeatureSource, feature_source
-from .gate import gate, paired_bootstrap_lower_bound
+from .gate import corrections_metric, gate, paired_bootstrap_lower_bound
 from .loop import Example, LoopConfig, bucketed_batches, build_examples, train_epoch
 from .scoring import score_records
+from .trust import CorrectionRow, CorrectionSet, grow_vocabulary, split_corrections, word_uses
 
 log = logging.getLogger(__name__)
 
-EXIT_PROMOTED, EXIT_ERROR, EXIT_REJECTED = 0, 1, 3
+EXIT_PROMOTED, EXIT_ERROR, EXIT_REJECTED, EXIT_AWAITING_REVIEW = 0, 1, 3, 4
+PROMOTION_MODES = ("review", "auto")
 # What the gate looks at (METEOR would start a Java process for a handful of photos).
 GATE_METRICS = ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr")
 
@@ -79,7 +86,12 @@ class FinetuneConfig(LoopConfig):
     val_data: str | None = None
     replay_ratio: float = 4.0
     holdout: float = HOLDOUT_FRACTION
-    min_word_count: int = 1
+    holdout_person_share: float = MAX_PERSON_SHARE
+    person_share: float = 0.1
+    max_per_person: int = 20
+    min_word_people: int = 3
+    max_new_words: int = 20
+    promotion: str | None = None
     new_word_epochs: int = 10
     new_word_lr: float = 1e-2
     margin: float = 0.03
@@ -88,13 +100,6 @@ class FinetuneConfig(LoopConfig):
     name: str | None = None
     register: bool = True
     save_dtype: str = "float16"
-
-
-@dataclass
-class CorrectionSet:
-    train: list[ImageRecord]
-    heldout: list[ImageRecord]
-    correction_ids: list[int] = field(default_factory=list)  # those in ``train``, to mark as used
 
 
 # ----------------------------------------------------------------------------- corrections
@@ -114,65 +119,27 @@ async def _open_store(cfg: FinetuneConfig) -> Any:
     return await Storage.open(database_url(cfg), Path(cfg.data_dir) if cfg.data_dir else None)
 
 
-async def _corrections_from_db(cfg: FinetuneConfig) -> list[tuple[str, Path, str, int | None]]:
+async def _corrections_from_db(cfg: FinetuneConfig) -> tuple[list[CorrectionRow], bytes]:
+    """The corrections no run has looked at, and the data folder's holdout salt."""
     store = await _open_store(cfg)
     try:
         since = datetime.fromisoformat(cfg.since).replace(tzinfo=UTC) if cfg.since else None
         examples = await store.corrections_for_training(since=since, include_upvoted=cfg.include_upvoted,
                                                         untrained_only=not cfg.all_corrections)
+        salt = await asyncio.to_thread(load_or_create_salt, store.data_dir)
     finally:
         await store.close()
-    return [(e.sha256, e.path, e.text, e.source_id if e.kind == "correction" else None) for e in examples]
-
-
-def split_corrections(rows: Sequence[tuple[str, Path, str, int | None]], holdout: float) -> CorrectionSet:
-    """Group by photo; storage.holdout's rule (the one `storage export` uses) picks the held-out photos."""
-    by_photo: dict[str, tuple[Path, list[str], list[int]]] = {}
-    for sha, path, text, correction_id in rows:
-        entry = by_photo.setdefault(sha, (path, [], []))
-        entry[1].append(text)
-        if correction_id is not None:
-            entry[2].append(correction_id)
-    train, heldout, ids = [], [], []
-    for sha, (path, texts, correction_ids) in sorted(by_photo.items()):
-        record = ImageRecord(f"photo:{sha}", path, tuple(texts))
-        if is_held_out(sha, holdout):
-            heldout.append(record)
-        else:
-            train.append(record)
-            ids.extend(correction_ids)
-    return CorrectionSet(train, heldout, ids)
+    rows = [CorrectionRow(e.sha256, e.path, e.text, e.source_id if e.kind == "correction" else None, e.person_id)
+            for e in examples]
+    return rows, salt
 
 
 def corrections_from_export(folder: str) -> CorrectionSet:
+    """An export folder's split; it names no people, so each photo stands for its own author."""
     dataset = load_dataset(f"flickr:{folder}", ("train", "val"))
-    return CorrectionSet(dataset.split("train"), dataset.split("val"))
-
-
-# ----------------------------------------------------------------------------- vocabulary growth
-
-
-def grow_vocabulary(model: CaptionModel, texts: Sequence[str], min_count: int) -> list[str]:
-    """Add the words ``texts`` use that the vocabulary lacks; new rows start from their context."""
-    counts = Counter(w for t in texts for w in tokenize(t) if w not in model.vocab)
-    new_words = [w for w, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_count]
-    if not new_words:
-        return []
-    context = [_context_ids(model.vocab, texts, w) for w in new_words]
-    model.vocab.extend(new_words)
-    model.decoder.grow_vocabulary(len(model.vocab), init_from=context)
-    return new_words
-
-
-def _context_ids(vocab: Vocabulary, texts: Sequence[str], word: str) -> list[int]:
-    """Known words next to ``word`` in the corrections: a better start than the average word."""
-    ids: list[int] = []
-    for text in texts:
-        tokens = tokenize(text)
-        for i, token in enumerate(tokens):
-            if token == word:
-                ids.extend(vocab.id_of(t) for t in tokens[max(0, i - 2):i + 3] if t in vocab)
-    return ids
+    train = dataset.split("train")
+    rows = [CorrectionRow(r.image_id, r.path, text, None, None) for r in train for text in r.captions]
+    return CorrectionSet(train, dataset.split("val"), uses=word_uses(rows))
 
 
 # ----------------------------------------------------------------------------- training
@@ -224,11 +191,11 @@ def _epochs(cfg: FinetuneConfig, model: CaptionModel, source: FeatureSource, cor
 
 
 def _judge(model: CaptionModel, source: FeatureSource, heldout: list[ImageRecord], val_records: list[ImageRecord],
-           beam: BeamConfig) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """Scores on the held-out corrections and on validation data, and each held-out photo's CIDEr."""
+           beam: BeamConfig) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Scores on the held-out corrections and on validation data, and each held-out photo's scores."""
     held = score_records(model, source, heldout, beam, GATE_METRICS).scores
     validation = score_records(model, source, val_records, beam, GATE_METRICS).scores.values if val_records else {}
-    return {"corrections": held.values, "validation": validation}, held.per_image_cider
+    return {"corrections": held.values, "validation": validation}, held.per_image
 
 
 # ----------------------------------------------------------------------------- the run
@@ -242,7 +209,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.from_export:
         corrections = corrections_from_export(cfg.from_export)
     else:
-        corrections = split_corrections(asyncio.run(_corrections_from_db(cfg)), cfg.holdout)
+        rows, salt = asyncio.run(_corrections_from_db(cfg))
+        corrections = split_corrections(rows, salt, cfg.holdout, cfg.holdout_person_share, cfg.person_share,
+                                        cfg.max_per_person)
     report = _run(cfg, device, base, candidate, corrections)
     if not cfg.from_export and cfg.register:
         asyncio.run(_register(cfg, base, report, corrections.correction_ids))
@@ -269,9 +238,10 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
     if not corrections.heldout:
         raise FinetuneError("all corrections fell in the training part; need more corrections (or --holdout)")
     started = time.time()
-    new_words = grow_vocabulary(candidate, [c for r in corrections.train for c in r.captions], cfg.min_word_count)
-    log.info("corrections: %d photos to train on, %d held out; new words: %s", len(corrections.train),
-             len(corrections.heldout), ", ".join(new_words) or "none")
+    new_words = grow_vocabulary(candidate, corrections.uses, cfg.min_word_people, cfg.max_new_words)
+    log.info("corrections: %d photos to train on, %d held out, %d over a person's share left for later; "
+             "new words: %s", len(corrections.train), len(corrections.heldout), corrections.left_for_later,
+             ", ".join(new_words) or "none")
     replay_records, val_records = _reference_data(cfg, base)
     all_records = [*corrections.train, *corrections.heldout, *replay_records, *val_records]
     source = feature_source(candidate, {r.image_id: r.path for r in all_records}, device, cfg.cache)
@@ -282,9 +252,11 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
     replay_examples = build_examples(replay_records, candidate.vocab, cfg.max_caption_len)
     losses = train_candidate(cfg, candidate, source, correction_examples, replay_examples, len(base.vocab))
     after, candidate_photos = _judge(candidate, source, corrections.heldout, val_records, beam)
-    lower_bound = paired_bootstrap_lower_bound(base_photos, candidate_photos)
-    testable = len(base_photos) >= cfg.min_photos_for_test
-    decision = gate(before, after, cfg.margin, lower_bound if testable else None)
+    # The per-photo gain is tested on the metric the gate decides by (BLEU-1 when CIDEr is degenerate).
+    key = corrections_metric(before["corrections"], after["corrections"])
+    lower_bound = paired_bootstrap_lower_bound(base_photos.get(key, {}), candidate_photos.get(key, {}))
+    decision = gate(before, after, cfg.margin, lower_bound, len(corrections.heldout), cfg.min_photos_for_test)
+    status = promotion_status(decision.promote, bool(new_words), cfg.promotion or "review")
 
     name = cfg.name or f"{base.version.split('+')[0]}+ft{datetime.now(UTC):%Y%m%d%H%M%S}"
     out = Path(cfg.out) / name
@@ -295,20 +267,39 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
     })
     checkpoint.save(candidate, out, dtype=getattr(torch, cfg.save_dtype))
     report = {
-        "name": name, "parent": base.version, "checkpoint": str(out.resolve()), "promoted": decision.promote,
-        "reason": decision.reason, "base": before, "candidate": after, "new_words": new_words,
+        "name": name, "parent": base.version, "checkpoint": str(out.resolve()), "passed_gate": decision.promote,
+        "status": status.value, "reason": decision.reason, "base": before, "candidate": after,
+        "new_words": new_words,
         "heldout_gain_lower_bound": lower_bound, "train_losses": losses,
         "corrections_train_photos": len(corrections.train),
         "corrections_heldout_photos": len(corrections.heldout), "replay_ratio": cfg.replay_ratio,
+        "corrections_left_for_later": corrections.left_for_later,
         "seconds": round(time.time() - started, 1), "config": asdict(cfg),
     }
     atomic_write_text(out / "finetune_report.json", json.dumps(report, indent=1, default=str) + "\n")
     return report
 
 
+def promotion_status(passed_gate: bool, adds_words: bool, promotion: str) -> ModelStatus:
+    """Where a judged candidate goes: rejected, waiting for an operator, or activated.
+
+    A candidate that adds words always waits for review: the gate cannot tell a new concept from a
+    new insult. In ``review`` mode every passing candidate waits; in ``auto`` mode one without new
+    words is activated by the gate alone.
+    """
+    if promotion not in PROMOTION_MODES:
+        raise ConfigError(f"promotion must be one of {PROMOTION_MODES}, not {promotion!r}")
+    if not passed_gate:
+        return ModelStatus.REJECTED
+    if adds_words or promotion == "review":
+        return ModelStatus.AWAITING_REVIEW
+    return ModelStatus.ACTIVE
+
+
 async def _register(cfg: FinetuneConfig, base: CaptionModel, report: dict[str, Any],
                     correction_ids: list[int]) -> None:
-    """Record the candidate (promoted or rejected, with why) and, if promoted, what it learned from."""
+    """Record the candidate (active, awaiting review or rejected, with why) and mark the corrections
+    it trained on with the outcome: a correction a run looked at is never offered again."""
     store = await _open_store(cfg)
     try:
         if await store.get_model_version(base.version) is None:
@@ -316,13 +307,16 @@ async def _register(cfg: FinetuneConfig, base: CaptionModel, report: dict[str, A
             status = "active" if await store.active_model_version() is None else "candidate"
             await store.register_model_version(base.version, str(checkpoint.resolve(cfg.base).resolve()),
                                                base.meta.get("parent"), base.meta.get("metrics", {}), status=status)
-        metrics_doc = {"base": report["base"], "candidate": report["candidate"], "new_words": report["new_words"]}
-        await store.register_model_version(report["name"], report["checkpoint"], report["parent"], metrics_doc)
-        if report["promoted"]:
-            await store.promote_model_version(report["name"])
-            await store.mark_corrections_trained(correction_ids, report["name"])
-        else:
-            await store.reject_model_version(report["name"], report["reason"])
+        metrics_doc = {"base": report["base"], "candidate": report["candidate"], "new_words": report["new_words"],
+                       "reason": report["reason"], "heldout_gain_lower_bound": report["heldout_gain_lower_bound"],
+                       "heldout_photos": report["corrections_heldout_photos"],
+                       "train_photos": report["corrections_train_photos"]}
+        status = ModelStatus(report["status"])
+        rejected = status == ModelStatus.REJECTED
+        await store.register_model_version(report["name"], report["checkpoint"], report["parent"], metrics_doc,
+                                           status=status, reason=report["reason"] if rejected else None)
+        outcome = CorrectionOutcome.REJECTED_RUN if rejected else CorrectionOutcome.TRAINED
+        await store.mark_corrections_trained(correction_ids, report["name"], outcome)
     finally:
         await store.close()
 
@@ -347,7 +341,12 @@ FINETUNE_HELP = {
     "val_split": "validation split",
     "val_limit": VAL_LIMIT_HELP,
     "holdout": "share of corrected photos held out to judge the candidate",
-    "min_word_count": "a new word joins the vocabulary when the corrections use it this often",
+    "holdout_person_share": "most of the held-out photos one person may have corrected (a share)",
+    "person_share": "most of a run's corrections one person may contribute (a share) ...",
+    "max_per_person": "... and at most this many; the rest wait for a later run",
+    "min_word_people": "a new word joins the vocabulary when this many people used it on as many photos",
+    "max_new_words": "most new words one run adds",
+    "promotion": "review (default: $CAPTIONBOT_PROMOTION) or auto: see the exit codes above",
     "epochs": "fine-tuning epochs",
     "new_word_epochs": "first phase: epochs that train only the new words' rows (0 = skip)",
     "new_word_lr": "learning rate of that phase",
@@ -371,9 +370,11 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
 
 
 def with_bot_storage(cfg: FinetuneConfig, settings: Settings) -> FinetuneConfig:
-    """--db and --data-dir, else the bot's own DATABASE_URL and CAPTIONBOT_DATA_DIR settings."""
+    """--db, --data-dir and --promotion, else the bot's own DATABASE_URL, CAPTIONBOT_DATA_DIR and
+    CAPTIONBOT_PROMOTION settings."""
     data_dir = cfg.data_dir or (str(settings.data_dir) if settings.data_dir is not None else None)
-    return replace(cfg, db=cfg.db or settings.database_url, data_dir=data_dir)
+    return replace(cfg, db=cfg.db or settings.database_url, data_dir=data_dir,
+                   promotion=cfg.promotion or settings.promotion)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -386,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
     except (FinetuneError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR
-    verdict = "PROMOTED" if report["promoted"] else "REJECTED"
+    verdict, code = VERDICTS[ModelStatus(report["status"])]
     print(f"{verdict} {report['name']}: {report['reason']}")
     print(f"  new words: {', '.join(report['new_words']) or 'none'}")
     for part in ("corrections", "validation"):
@@ -395,4 +396,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {part:12s} CIDEr {b['CIDEr']:.3f} -> {c['CIDEr']:.3f}   BLEU-1 {b['Bleu_1']:.3f} -> "
                   f"{c['Bleu_1']:.3f}   BLEU-4 {b['Bleu_4']:.3f} -> {c['Bleu_4']:.3f}")
     print(f"  checkpoint: {report['checkpoint']}")
-    return EXIT_PROMOTED if report["promoted"] else EXIT_REJECTED
+    if code == EXIT_AWAITING_REVIEW:
+        print(f"  review: python -m train review; python -m train approve {report['name']}")
+    return code
+
+
+VERDICTS = {
+    ModelStatus.ACTIVE: ("PROMOTED", EXIT_PROMOTED),
+    ModelStatus.REJECTED: ("REJECTED", EXIT_REJECTED),
+    ModelStatus.AWAITING_REVIEW: ("AWAITING REVIEW", EXIT_AWAITING_REVIEW),
+}

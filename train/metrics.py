@@ -29,6 +29,8 @@ class Scores:
     warnings: list[str] = field(default_factory=list)
     # Each image's CIDEr (pycocoevalcap's per-image scores), for paired comparisons of two models.
     per_image_cider: dict[str, float] = field(default_factory=dict)
+    # Each image's score under every metric computed (metric -> image -> value), same use.
+    per_image: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def java_available() -> bool:
@@ -62,18 +64,23 @@ def score(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str]
     gts = _tokenize_all(references, java)
     res = _tokenize_all({k: [v] for k, v in hypotheses.items()}, java)
     values: dict[str, float] = {}
-    per_image: dict[str, float] = {}
+    per_image: dict[str, dict[str, float]] = {}
     for scorer, names in _scorers(metrics, java):
         # pycocoevalcap prints diagnostics to stdout; keep stdout clean for --json output.
         with contextlib.redirect_stdout(sys.stderr):
             result, image_scores = scorer.compute_score(gts, res)  # type: ignore[attr-defined]
-        if isinstance(result, list):
+        if isinstance(result, list):  # BLEU: one corpus value and one list of image scores per n
             values.update({n: float(r) for n, r in zip(names, result, strict=True)})
+            per_image.update({n: _by_image(gts, s) for n, s in zip(names, image_scores, strict=True)})
         else:
             values[names[0]] = float(result)
-        if names == ["CIDEr"]:
-            per_image = {key: float(v) for key, v in zip(gts, image_scores, strict=True)}
-    return Scores({k: values[k] for k in METRIC_KEYS if k in values}, warnings, per_image)
+            per_image[names[0]] = _by_image(gts, image_scores)
+    kept = {k: per_image[k] for k in METRIC_KEYS if k in per_image}
+    return Scores({k: values[k] for k in METRIC_KEYS if k in values}, warnings, kept.get("CIDEr", {}), kept)
+
+
+def _by_image(gts: Mapping[str, object], image_scores: Sequence[float]) -> dict[str, float]:
+    return {key: float(v) for key, v in zip(gts, image_scores, strict=True)}
 
 
 def _scorers(metrics: Sequence[str], java: bool) -> list[tuple[object, list[str]]]:

@@ -19,6 +19,8 @@ from bot.handlers.corrections import on_cancel, on_text
 from bot.handlers.errors import on_error
 from bot.handlers.other import on_other
 from bot.handlers.photos import is_image_document, on_image
+from bot.review import CALLBACK_PREFIX as REVIEW_PREFIX
+from bot.review import on_review_button
 
 
 class _ImageDocument(filters.MessageFilter):
@@ -47,5 +49,6 @@ def register(app: Application) -> None:
     app.add_handler(MessageHandler(new & (filters.PHOTO | IMAGE_DOCUMENT), on_image))
     app.add_handler(MessageHandler(new & filters.TEXT, on_text))
     app.add_handler(MessageHandler(new, on_other))
+    app.add_handler(CallbackQueryHandler(on_review_button, pattern=f"^{REVIEW_PREFIX}"))
     app.add_handler(CallbackQueryHandler(on_button))
     app.add_error_handler(on_error)

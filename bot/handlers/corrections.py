@@ -9,7 +9,7 @@ from telegram import Message, Update
 
 from bot import texts
 from bot.handlers.common import Context, is_private, reply
-from storage import CorrectionRejected, PendingCorrection
+from storage import CorrectionRecord, CorrectionRejected, CorrectionStatus, PendingCorrection
 
 log = logging.getLogger("bot.corrections")
 
@@ -58,8 +58,20 @@ async def on_text(update: Update, context: Context) -> None:
         log.info("correction rejected caption=%d user=%d reason=%s", caption_id, user.id, err.code)
         await reply(context, message, texts.correction_rejected(err))
         return
-    log.info("correction saved caption=%d user=%d id=%d (%s)", caption_id, user.id, correction.id, how)
-    await reply(context, message, texts.correction_saved(correction.text))
+    log.info(
+        "correction saved caption=%d user=%d id=%d status=%s (%s)", caption_id, user.id, correction.id,
+        correction.status, how,
+    )
+    await reply(context, message, correction_answer(correction))
+
+
+def correction_answer(correction: CorrectionRecord) -> str:
+    """Thanks for an accepted correction; a neutral receipt for one screening flagged or holds."""
+    if correction.status != CorrectionStatus.ACCEPTED:
+        return texts.CORRECTION_RECEIVED
+    if correction.replaced:
+        return texts.correction_replaced(correction.text)
+    return texts.correction_saved(correction.text)
 
 
 def _is_prompt(pending: PendingCorrection, replied: Message) -> bool:
