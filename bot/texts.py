@@ -170,6 +170,7 @@ CAPTION_GONE = (
     "That caption is no longer stored (it may have been deleted with /forget). Send the photo again."
 )
 PHOTO_GONE = "I no longer have that photo. Send it again and I'll take another look."
+BUTTON_NOT_HERE = "This button doesn't belong to this message, so I ignored it."
 BUTTON_UNKNOWN = "This button is from an older version of me. Send the photo again to get fresh buttons."
 
 # ---------------------------------------------------------------- limits and bad input

@@ -140,7 +140,7 @@ def test_person_supplied_text_is_escaped() -> None:
 
 def test_button_answers_fit_in_a_callback_answer() -> None:
     for text in (texts.VOTE_UP_THANKS, texts.VOTE_DOWN_THANKS, texts.VOTE_UNCHANGED, texts.CAPTION_GONE,
-                 texts.PHOTO_GONE, texts.BUTTON_UNKNOWN, texts.ERROR, texts.CORRECTION_CALLBACK,
+                 texts.PHOTO_GONE, texts.BUTTON_UNKNOWN, texts.BUTTON_NOT_HERE, texts.ERROR, texts.CORRECTION_CALLBACK,
                  texts.ATTENTION_CALLBACK, texts.rate_limited(6, 59)):
         assert len(text) <= 200 and "<" not in text
 

@@ -39,12 +39,15 @@ async def on_button(update: Update, context: Context) -> None:
         await _forget(query, runtime, bool(action.confirm))
         return
     assert action.caption_id is not None
+    caption = await _bound_caption(query, runtime, action.caption_id)
+    if caption is None:
+        return
     if action.kind == "vote":
-        await _vote(query, runtime, action.caption_id, bool(action.up))
+        await _vote(query, runtime, caption.id, bool(action.up))
     elif action.kind == "correct":
-        await _correct(query, context, runtime, action.caption_id)
+        await _correct(query, context, runtime, caption)
     elif action.kind == "attention":
-        await _attention(query, context, runtime, action.caption_id)
+        await _attention(query, context, runtime, caption)
 
 
 async def _answer(query: CallbackQuery, text: str | None = None, show_alert: bool = False) -> None:
@@ -87,11 +90,38 @@ def _is_private(query: CallbackQuery) -> bool:
     return message is None or message.chat.type == ChatType.PRIVATE
 
 
-async def _caption_or_gone(query: CallbackQuery, runtime: Runtime, caption_id: int) -> CaptionRecord | None:
-    """The caption under the button, or None after telling the person it is no longer stored."""
-    caption = await runtime.storage.get_caption(caption_id)
+async def _bound_caption(query: CallbackQuery, runtime: Runtime, caption_id: int) -> CaptionRecord | None:
+    """The caption a button acts on, or None after telling the presser why not.
+
+    Callback data is chosen by the client, so a crafted press can name any caption id. The id
+    is honoured only when it is the caption stored for the very chat and message the button
+    was pressed under; anything else (another person's caption, a deleted one, a message
+    Telegram no longer gives us) is refused without reading or changing that caption.
+    """
+    message = _message(query)
+    if message is None:
+        await _answer(query, texts.CAPTION_GONE, show_alert=True)
+        return None
+    caption = await runtime.storage.find_caption_by_message(message.chat.id, message.message_id)
+    if caption is None:
+        caption = await _being_linked(runtime, caption_id, message.chat.id)
     if caption is None:
         await _gone(query)
+        return None
+    if caption.id != caption_id:
+        log.warning("button %r refused: message %d in chat %d shows caption %d (user %d)",
+                    query.data, message.message_id, message.chat.id, caption.id, query.from_user.id)
+        await _answer(query, texts.BUTTON_NOT_HERE, show_alert=True)
+        return None
+    return caption
+
+
+async def _being_linked(runtime: Runtime, caption_id: int, chat_id: int) -> CaptionRecord | None:
+    """A caption of this chat whose message is not linked yet (a press in the moment between
+    sending the caption and storing its message id): bound to the chat, not yet to a message."""
+    caption = await runtime.storage.get_caption(caption_id)
+    if caption is None or caption.chat_id != chat_id or caption.message_id is not None:
+        return None
     return caption
 
 
@@ -103,10 +133,8 @@ def _answer_place(query: CallbackQuery) -> tuple[int, ReplyParameters | None]:
     return message.chat.id, replying_to(message.message_id)
 
 
-async def _correct(query: CallbackQuery, context: Context, runtime: Runtime, caption_id: int) -> None:
-    caption = await _caption_or_gone(query, runtime, caption_id)
-    if caption is None:
-        return
+async def _correct(query: CallbackQuery, context: Context, runtime: Runtime, caption: CaptionRecord) -> None:
+    caption_id = caption.id
     user = query.from_user
     chat_id, reply_parameters = _answer_place(query)
     await _answer(query, texts.CORRECTION_CALLBACK)
@@ -132,10 +160,8 @@ def _mention(user: User, message: Message | None) -> str:
     return f'<a href="tg://user?id={user.id}">{escape(user.first_name or "you")}</a>, '
 
 
-async def _attention(query: CallbackQuery, context: Context, runtime: Runtime, caption_id: int) -> None:
-    caption = await _caption_or_gone(query, runtime, caption_id)
-    if caption is None:
-        return
+async def _attention(query: CallbackQuery, context: Context, runtime: Runtime, caption: CaptionRecord) -> None:
+    caption_id = caption.id
     user = query.from_user
     try:
         path = runtime.storage.resolve_photo_path(caption)

@@ -195,6 +195,6 @@ async def _answer(context: Context, runtime: Runtime, message: Message, notice: 
                                keyboards.caption_keyboard(caption.id))
     try:
         await storage.set_caption_message(caption.id, sent.chat.id, sent.message_id)
-    except Exception:  # the caption is shown and its buttons work; only reply-to-correct is lost
+    except Exception:  # the caption is shown; its buttons and reply-to-correct need this link
         log.exception("could not link caption %d to message %d", caption.id, sent.message_id)
 

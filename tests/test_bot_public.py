@@ -1,0 +1,79 @@
+"""Issue 12, a public bot: what strangers, careless or hostile, can and cannot do through it.
+
+The real bot and worker against the fake Bot API over real HTTP; each test plays its own people.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from bot import texts
+from bot.app import CaptionBot
+from tests.bot_support import bot_over_fake_api
+from tests.fake_telegram import FakeTelegram, Person
+from tests.helpers import photo_bytes
+
+pytestmark = [
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.timeout(300),
+    pytest.mark.filterwarnings("ignore:.*retry_after.*"),  # PTB's AIORateLimiter reads a deprecated field
+]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[FakeTelegram, CaptionBot]]:
+    async with bot_over_fake_api(tmp_path_factory.mktemp("public")) as pair:
+        yield pair
+
+
+async def captioned(fake: FakeTelegram, bot: CaptionBot, person: Person, seed: int) -> tuple[dict[str, Any], Any]:
+    """(the caption message, its stored record) for a photo the person sends."""
+    photo = await person.photo(photo_bytes(seed))
+    [answer] = await fake.wait_reply(photo)
+    assert answer["text"].startswith("📷"), answer["text"]
+    assert bot.storage is not None
+    storage = bot.storage
+
+    async def linked() -> Any:
+        return await storage.find_caption_by_message(answer["chat"]["id"], answer["message_id"])
+
+    for _ in range(200):
+        record = await linked()
+        if record is not None:
+            return answer, record
+        await asyncio.sleep(0.02)
+    raise AssertionError("the caption was never linked to its message")
+
+
+# ---------------------------------------------------------------------- buttons bound to their message
+
+
+async def test_forged_buttons_from_another_person_do_nothing(running: tuple[FakeTelegram, CaptionBot]) -> None:
+    fake, bot = running
+    assert bot.storage is not None
+    ana, bob = fake.person(1201, "Ana"), fake.person(1202, "Bob")
+    _, anas = await captioned(fake, bot, ana, seed=1)
+    bobs_message, bobs = await captioned(fake, bot, bob, seed=2)
+    photos_before = len(fake.calls_of("sendPhoto"))
+    sent_to_bob_before = len(fake.bot_messages(bob.id))
+
+    # Bob presses buttons on his own caption message whose data names Ana's caption.
+    for data in (f"a:{anas.id}", f"c:{anas.id}", f"v:{anas.id}:d", f"v:{anas.id}:u"):
+        answer = await fake.wait_answer(await bob.press_data(bobs_message, data))
+        assert answer == {"text": texts.BUTTON_NOT_HERE, "show_alert": True}, data
+
+    await asyncio.sleep(0.5)  # would anything follow?
+    assert len(fake.calls_of("sendPhoto")) == photos_before  # no attention picture of Ana's photo
+    assert len(fake.bot_messages(bob.id)) == sent_to_bob_before  # no ✏️ prompt quoting Ana's caption
+    assert all(anas.text not in str(c.params) for c in fake.calls if c.params.get("chat_id") == str(bob.id))
+    record = await bot.storage.get_caption(anas.id)
+    assert (record.votes_up, record.votes_down) == (0, 0)  # no vote stored as Bob's
+    assert await bot.storage.get_pending_correction(bob.id) is None  # nothing to store his text against
+    # His own buttons still work.
+    answer = await fake.wait_answer(await bob.press_data(bobs_message, f"v:{bobs.id}:u"))
+    assert answer["text"] == texts.VOTE_UP_THANKS
