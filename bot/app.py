@@ -26,6 +26,7 @@ from telegram.warnings import PTBDeprecationWarning
 from bot import texts
 from bot.config import bot_token
 from bot.handlers import register
+from bot.limits import InFlight, Limits
 from bot.model_updates import checkpoint_path, follow_promoted
 from bot.ratelimit import RateLimiter
 from bot.runtime import CONTEXT_TYPES, BotData, Runtime
@@ -67,6 +68,14 @@ def build_application(settings: Settings) -> Application[Any, Any, Any, Any, Bot
     return app
 
 
+def person_limits(settings: Settings) -> Limits:
+    return Limits(
+        photos=RateLimiter(settings.photos_per_minute),
+        actions=RateLimiter(settings.actions_per_minute),
+        in_flight=InFlight(settings.photos_in_flight),
+    )
+
+
 class CaptionBot:
     def __init__(self, settings: Settings, service_factory: ServiceFactory | None = None) -> None:
         self.settings = settings
@@ -96,7 +105,7 @@ class CaptionBot:
         log.info("storage open at %s", self.storage.data_dir)
         promoted, checkpoint = await self._startup_model(self.storage)
         self.service, serving_promoted = await self._start_service(checkpoint, promoted is not None)
-        self.runtime = Runtime(settings, self.storage, self.service, RateLimiter(settings.photos_per_minute))
+        self.runtime = Runtime(settings, self.storage, self.service, person_limits(settings))
         self.runtime.promoted_loaded = promoted if serving_promoted else None
         self.app.bot_data.attach(self.runtime)
         await self._register_commands()

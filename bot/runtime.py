@@ -16,7 +16,7 @@ from typing import Any
 
 from telegram.ext import CallbackContext, ContextTypes, ExtBot
 
-from bot.ratelimit import RateLimiter
+from bot.limits import Limits
 from captioner.serving.base import CaptionService
 from common.settings import Settings
 from storage import Storage
@@ -29,7 +29,7 @@ class Runtime:
     settings: Settings
     storage: Storage
     service: CaptionService
-    limiter: RateLimiter
+    limits: Limits
     started_at: float = field(default_factory=time.monotonic)
     captioned: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=1000))

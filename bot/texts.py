@@ -218,6 +218,13 @@ def rate_limited(limit: int, retry_after: float) -> str:
     )
 
 
+def actions_limited(limit: int, retry_after: float) -> str:
+    return (
+        f"🐢 Slow down a little: I take up to {limit} taps, commands and messages a minute per person. "
+        f"Try again in {_duration(retry_after)}."
+    )
+
+
 BUSY = "😮‍💨 I'm very busy right now. Please send the photo again in a minute."
 TIMEOUT = "⌛ That took too long, sorry. Please send the photo again in a minute."
 WORKER_FAILED = (

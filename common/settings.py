@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     # people and limits
     admin_ids: Annotated[frozenset[int], NoDecode] = Field(frozenset(), validation_alias="CAPTIONBOT_ADMIN_IDS")
     photos_per_minute: int = Field(6, ge=0, validation_alias="CAPTIONBOT_PHOTOS_PER_MINUTE")  # 0 = no limit
+    # button presses, commands and texts one person may send per minute (0 = no limit)
+    actions_per_minute: int = Field(30, ge=0, validation_alias="CAPTIONBOT_ACTIONS_PER_MINUTE")
+    # photos of one person downloaded, queued or captioned at once; the rest of an album waits
+    photos_in_flight: int = Field(2, gt=0, validation_alias="CAPTIONBOT_PHOTOS_IN_FLIGHT")
     max_file_mb: float = Field(BOT_API_DOWNLOAD_LIMIT / MB, gt=0, validation_alias="CAPTIONBOT_MAX_FILE_MB")
     max_megapixels: float | None = Field(None, gt=0, validation_alias="CAPTIONBOT_MAX_MEGAPIXELS")
     # tell people their queue position when this many are waiting; 0 = never

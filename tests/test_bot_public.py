@@ -77,3 +77,70 @@ async def test_forged_buttons_from_another_person_do_nothing(running: tuple[Fake
     # His own buttons still work.
     answer = await fake.wait_answer(await bob.press_data(bobs_message, f"v:{bobs.id}:u"))
     assert answer["text"] == texts.VOTE_UP_THANKS
+
+
+# ---------------------------------------------------------------------- limits on every action
+
+
+async def test_an_album_of_ten_gets_ten_captions_two_photos_at_a_time(
+        running: tuple[FakeTelegram, CaptionBot], monkeypatch: pytest.MonkeyPatch) -> None:
+    fake, bot = running
+    assert bot.runtime is not None and bot.settings.photos_per_minute < 10  # the default limit, 6
+    service = bot.runtime.service
+    original = service.caption
+    busy, most = 0, 0
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal busy, most
+        busy += 1
+        most = max(most, busy)
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            busy -= 1
+
+    monkeypatch.setattr(service, "caption", counted)
+    cai = fake.person(1210, "Cai")
+    photos = await cai.album([photo_bytes(20 + i) for i in range(10)])
+    for photo in photos:
+        [answer] = await fake.wait_reply(photo, timeout=120)
+        assert answer["text"].startswith("📷"), answer["text"]
+    assert most == bot.settings.photos_in_flight == 2  # never more of one person's photos in the queue
+    # The album paid the photo limit once: five more single photos still fit in this minute.
+    for seed in range(5):
+        [answer] = await fake.wait_reply(await cai.photo(photo_bytes(40 + seed)))
+        assert answer["text"].startswith("📷"), answer["text"]
+    [answer] = await fake.wait_reply(await cai.photo(photo_bytes(49)))
+    assert answer["text"].startswith("🐢"), answer["text"]
+
+
+async def test_presses_are_limited_per_person_with_a_friendly_answer(
+        running: tuple[FakeTelegram, CaptionBot]) -> None:
+    fake, bot = running
+    limit = bot.settings.actions_per_minute
+    dee, eve = fake.person(1211, "Dee"), fake.person(1212, "Eve")
+    message, record = await captioned(fake, bot, dee, seed=3)
+    answers = [await fake.wait_answer(await dee.press_data(message, f"v:{record.id}:u"))
+               for _ in range(limit + 1)]
+    assert all(a["text"] in (texts.VOTE_UP_THANKS, texts.VOTE_UNCHANGED) for a in answers[:limit])
+    assert answers[limit]["show_alert"] and answers[limit]["text"].startswith("🐢")
+    # Another person is not affected.
+    _, other = await captioned(fake, bot, eve, seed=4)
+    assert other is not None
+
+
+async def test_commands_and_texts_are_limited_and_the_limit_is_told_once(
+        running: tuple[FakeTelegram, CaptionBot]) -> None:
+    fake, bot = running
+    limit = bot.settings.actions_per_minute
+    fay = fake.person(1213, "Fay")
+    sent = [await fay.command("/help") for _ in range(limit)]
+    await fake.wait_reply(sent[-1])
+    extra = [await fay.command("/help"), await fay.text("hello?"), await fay.command("/privacy")]
+    [slow] = await fake.wait_reply(extra[0])
+    assert slow["text"].startswith("🐢") and "taps, commands and messages" in slow["text"]
+    await asyncio.sleep(0.5)
+    assert fake.replies_to(fay.id, extra[1]["message_id"]) == []  # told once, not once per message
+    assert fake.replies_to(fay.id, extra[2]["message_id"]) == []
+    # Photos have their own limit: still captioned.
+    await captioned(fake, bot, fay, seed=5)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import io
 import logging
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bot import keyboards, texts
+from bot.limits import ALBUM_MAX_PHOTOS, Albums, InFlight
 from bot.logs import MASK, RedactingFormatter, configure_logging
 from bot.ratelimit import RateLimiter
 from bot.service import service_config
@@ -182,3 +184,44 @@ def test_configure_logging_quiets_the_http_client() -> None:
         root.setLevel(saved[0])
         for handler, formatter in zip(root.handlers, saved[1], strict=False):
             handler.setFormatter(formatter)
+
+
+# ---------------------------------------------------------------------- issue 12 limits
+
+
+def test_an_album_pays_the_photo_limit_once_for_up_to_ten_photos() -> None:
+    now = [0.0]
+    albums = Albums(period=60, clock=lambda: now[0])
+    assert not albums.already_admitted(1, "g")  # the first photo pays
+    albums.admit(1, "g")
+    assert all(albums.already_admitted(1, "g") for _ in range(ALBUM_MAX_PHOTOS - 1))
+    assert not albums.already_admitted(1, "g")  # an 11th photo under the same id pays again
+    assert not albums.already_admitted(2, "g")  # another person's group id is theirs alone
+    assert not albums.already_admitted(1, None)
+    albums.admit(3, "h")
+    now[0] = 61
+    assert not albums.already_admitted(3, "h")  # an old album id does not open the gate forever
+
+
+async def test_in_flight_lets_two_photos_of_a_person_through_and_forgets_idle_people() -> None:
+    in_flight = InFlight(2)
+    inside, most = 0, 0
+    release = asyncio.Event()
+
+    async def one(person: int) -> None:
+        nonlocal inside, most
+        async with in_flight.slot(person):
+            inside += 1
+            most = max(most, inside)
+            await release.wait()
+            inside -= 1
+
+    tasks = [asyncio.create_task(one(7)) for _ in range(5)]
+    await asyncio.sleep(0.05)
+    assert inside == 2
+    other = asyncio.create_task(one(8))  # someone else is not held up by person 7
+    await asyncio.sleep(0.05)
+    assert inside == 3
+    release.set()
+    await asyncio.gather(*tasks, other)
+    assert most == 3 and not in_flight._slots

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from telegram import Message
-from telegram.ext import Application, CallbackQueryHandler, CommandHandler, MessageHandler, filters
+from telegram import Message, Update
+from telegram.ext import Application, CallbackQueryHandler, CommandHandler, MessageHandler, TypeHandler, filters
 
 from bot.handlers.buttons import on_button
 from bot.handlers.commands import (
@@ -17,6 +17,7 @@ from bot.handlers.commands import (
 )
 from bot.handlers.corrections import on_cancel, on_text
 from bot.handlers.errors import on_error
+from bot.handlers.gate import limit_actions
 from bot.handlers.other import on_other
 from bot.handlers.photos import is_image_document, on_image
 
@@ -36,6 +37,7 @@ IMAGE_DOCUMENT = _ImageDocument(name="ImageDocument")
 
 def register(app: Application) -> None:
     new = filters.UpdateType.MESSAGE  # edits and channel posts are not answered
+    app.add_handler(TypeHandler(Update, limit_actions), group=-1)  # before any handler below
     app.add_handler(CommandHandler("start", on_start, filters=new))
     app.add_handler(CommandHandler("help", on_help, filters=new))
     app.add_handler(CommandHandler("privacy", on_privacy, filters=new))

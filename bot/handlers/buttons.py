@@ -104,7 +104,7 @@ async def _bound_caption(query: CallbackQuery, runtime: Runtime, caption_id: int
         return None
     caption = await runtime.storage.find_caption_by_message(message.chat.id, message.message_id)
     if caption is None:
-        caption = await _being_linked(runtime, caption_id, message.chat.id)
+        caption = await _being_linked(runtime, caption_id, message)
     if caption is None:
         await _gone(query)
         return None
@@ -116,13 +116,13 @@ async def _bound_caption(query: CallbackQuery, runtime: Runtime, caption_id: int
     return caption
 
 
-async def _being_linked(runtime: Runtime, caption_id: int, chat_id: int) -> CaptionRecord | None:
-    """A caption of this chat whose message is not linked yet (a press in the moment between
-    sending the caption and storing its message id): bound to the chat, not yet to a message."""
+async def _being_linked(runtime: Runtime, caption_id: int, message: Message) -> CaptionRecord | None:
+    """A caption of this chat whose message is being linked (a press in the moment between
+    sending the caption and storing its message id, or linked since the first look)."""
     caption = await runtime.storage.get_caption(caption_id)
-    if caption is None or caption.chat_id != chat_id or caption.message_id is not None:
+    if caption is None or caption.chat_id != message.chat.id:
         return None
-    return caption
+    return caption if caption.message_id in (None, message.message_id) else None
 
 
 def _answer_place(query: CallbackQuery) -> tuple[int, ReplyParameters | None]:
@@ -169,9 +169,10 @@ async def _attention(query: CallbackQuery, context: Context, runtime: Runtime, c
     except OSError:
         await _gone(query, texts.PHOTO_GONE)
         return
-    retry_after = runtime.limiter.acquire(user.id)
+    photos = runtime.limits.photos
+    retry_after = photos.acquire(user.id)
     if retry_after:
-        await _answer(query, texts.rate_limited(runtime.limiter.limit, retry_after), show_alert=True)
+        await _answer(query, texts.rate_limited(photos.limit, retry_after), show_alert=True)
         return
     await _answer(query, texts.ATTENTION_CALLBACK)
     chat_id, reply_parameters = _answer_place(query)

@@ -100,12 +100,29 @@ async def on_image(update: Update, context: Context) -> None:
         log.info("photo refused %s: declared size %s bytes", ids, image.file_size)
         await reply(context, message, problem)
         return
-    retry_after = runtime.limiter.acquire(user.id)
+    retry_after = _photo_rate_limit(runtime, user.id, message.media_group_id)
     if retry_after:
         log.info("photo rate-limited %s: retry in %.0f s", ids, retry_after)
-        await reply(context, message, texts.rate_limited(runtime.limiter.limit, retry_after))
+        await reply(context, message, texts.rate_limited(runtime.limits.photos.limit, retry_after))
         return
+    async with runtime.limits.in_flight.slot(user.id):
+        await _serve(context, runtime, message, image, ids, started)
 
+
+def _photo_rate_limit(runtime: Runtime, person: int, media_group_id: str | None) -> float:
+    """Seconds until this photo may be sent (0: go ahead); an album pays once for up to 10 photos."""
+    albums = runtime.limits.albums
+    if albums.already_admitted(person, media_group_id):
+        return 0.0
+    retry_after = runtime.limits.photos.acquire(person)
+    if not retry_after:
+        albums.admit(person, media_group_id)
+    return retry_after
+
+
+async def _serve(context: Context, runtime: Runtime, message: Message, image: Incoming, ids: str,
+                 started: float) -> None:
+    """Download, caption and answer one admitted photo."""
     send_chat_action(context, runtime, message.chat.id, ChatAction.TYPING)
     data = await _download(context, image, runtime)
     downloaded = time.monotonic()
