@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_PIXELS = 16_000_000  # a 16 MP phone photo; above it decoding costs more than it brings
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO"})
 
 Details = dict[str, int | str]
@@ -95,16 +95,34 @@ class ImageLimits:
 
 def load_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
     """Decode ``data`` into an upright 8-bit RGB image, or raise an :class:`ImageError`."""
+    return load_image_for(data, limits)[0]
+
+
+def load_image_for(data: bytes, limits: ImageLimits | None = None,
+                   draft_to: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """(the upright RGB image, its full upright size in pixels) for ``data``.
+
+    With ``draft_to``, a JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale, the smallest that
+    still covers ``draft_to`` x ``draft_to`` pixels: a 16 MP photo then costs a fraction of its
+    full decode, and the model, which squashes every photo to its input size, sees the same
+    picture. Other formats are decoded in full.
+    """
     limits = limits or ImageLimits()
     if len(data) > limits.max_bytes:
         raise image_error(ImageProblem.TOO_MANY_BYTES, size=len(data), limit=limits.max_bytes)
     if not data:
         raise image_error(ImageProblem.EMPTY)
     image = _open(data, limits)
-    _check_pixels(image.size, limits)
+    full_size = image.size
+    _check_pixels(full_size, limits)
+    if draft_to is not None and image.format in ("JPEG", "MPO"):
+        image.draft(None, (draft_to, draft_to))  # None keeps the mode
     image = _decode_first_frame(image, limits)
+    decoded_size = image.size
     image = ImageOps.exif_transpose(image)
-    return _to_rgb(image)
+    turned = decoded_size[0] != decoded_size[1] and image.size == (decoded_size[1], decoded_size[0])
+    upright = (full_size[1], full_size[0]) if turned else full_size
+    return _to_rgb(image), upright
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:

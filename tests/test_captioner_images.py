@@ -15,6 +15,7 @@ from captioner.images import (
     UnsupportedImageError,
     image_error,
     load_image,
+    load_image_for,
 )
 from captioner.inference import to_model_input
 from tests.helpers import photo_bytes
@@ -131,3 +132,26 @@ def test_model_input_shape_and_normalisation() -> None:
     tensor = to_model_input(image, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert tuple(tensor.shape) == (3, 32, 32)
     assert tensor[0].allclose(tensor.new_ones(())) and tensor[1].allclose(-tensor.new_ones(()))
+
+
+def test_images_above_16_megapixels_are_refused_by_default() -> None:
+    over = _encode(Image.new("L", (4001, 4000)), "PNG")  # 16.004 MP
+    with pytest.raises(ImageTooLargeError) as info:
+        load_image(over)
+    assert info.value.details == {"limit": 16_000_000}
+    assert load_image(_encode(Image.new("L", (4000, 4000)), "PNG")).size == (4000, 4000)
+
+
+def test_a_large_jpeg_is_decoded_in_draft_mode_and_reports_its_full_upright_size() -> None:
+    picture = Image.effect_noise((4000, 3000), 40).convert("RGB")
+    data = _encode(picture, "JPEG")
+    image, size = load_image_for(data, draft_to=256)
+    assert size == (4000, 3000)
+    assert image.size == (500, 375)  # 1/8 scale: the smallest that still covers 256 x 256
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view"
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", exif=exif)
+    image, size = load_image_for(buffer.getvalue(), draft_to=256)
+    assert size == (3000, 4000) and image.size == (375, 500)
+    assert load_image_for(data)[0].size == (4000, 3000)  # without a draft size: the full decode
