@@ -26,7 +26,7 @@ from telegram.warnings import PTBDeprecationWarning
 from bot import texts
 from bot.config import bot_token
 from bot.handlers import register
-from bot.limits import InFlight, Limits
+from bot.limits import Admission, InFlight, Limits
 from bot.model_updates import checkpoint_path, follow_promoted
 from bot.ratelimit import RateLimiter
 from bot.runtime import CONTEXT_TYPES, BotData, Runtime
@@ -73,6 +73,8 @@ def person_limits(settings: Settings) -> Limits:
         photos=RateLimiter(settings.photos_per_minute),
         actions=RateLimiter(settings.actions_per_minute),
         in_flight=InFlight(settings.photos_in_flight),
+        admission=Admission.for_settings(service_config(settings, None).queue_capacity,
+                                         settings.concurrent_updates),
     )
 
 

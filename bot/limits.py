@@ -9,6 +9,9 @@
 * :class:`InFlight`: at most N photos of one person are downloaded, queued or captioned at once;
   the rest of an album or burst waits its turn in the bot, so one person never fills the
   caption queue and others' photos get their places in it.
+* :class:`Admission`: the bot's own count of photos in hand (from admission to answer). Beyond
+  it a photo is told "busy" at once. It is kept below the number of updates handled at once, so
+  python-telegram-bot's concurrency cap never holds photos in silence while the queue is full.
 """
 
 from __future__ import annotations
@@ -79,6 +82,34 @@ class InFlight:
                 del self._slots[person]
 
 
+# Update handlers kept free of photos (a quarter, 1 to 16): for "busy" answers, buttons and
+# commands under load.
+RESERVED_HANDLERS = 16
+
+
+class Admission:
+    """At most ``capacity`` photos in hand at once; :meth:`enter` says whether this one is."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self.in_hand = 0
+
+    @classmethod
+    def for_settings(cls, queue_capacity: int, concurrent_updates: int) -> Admission:
+        """No more photos than the queue holds, nor than the handlers that leave some free."""
+        reserved = max(1, min(RESERVED_HANDLERS, concurrent_updates // 4))
+        return cls(min(queue_capacity, concurrent_updates - reserved))
+
+    def enter(self) -> bool:
+        if self.in_hand >= self.capacity:
+            return False
+        self.in_hand += 1
+        return True
+
+    def leave(self) -> None:
+        self.in_hand -= 1
+
+
 @dataclass
 class Limits:
     """Every per-person limit the bot keeps, built from the settings."""
@@ -86,6 +117,7 @@ class Limits:
     photos: RateLimiter
     actions: RateLimiter
     in_flight: InFlight
+    admission: Admission
     albums: Albums = field(default_factory=Albums)
     _told: dict[int, float] = field(default_factory=dict)
 

@@ -176,9 +176,11 @@ BUTTON_UNKNOWN = "This button is from an older version of me. Send the photo aga
 # ---------------------------------------------------------------- limits and bad input
 
 
-def file_too_big_for_telegram(size: int) -> str:
+def file_too_big_for_telegram(size: int | None) -> str:
+    """``size`` None: Telegram refused the file as too big without saying how big it is."""
+    this = f"This file is {_mb(size)}" if size is not None else "This file is too big"
     return (
-        f"😕 This file is {_mb(size)}; Telegram lets bots download files up to 20 MB. "
+        f"😕 {this}; Telegram lets bots download files up to 20 MB. "
         "Please send it as a photo (Telegram compresses it) or a smaller file."
     )
 

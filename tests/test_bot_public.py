@@ -144,3 +144,19 @@ async def test_commands_and_texts_are_limited_and_the_limit_is_told_once(
     assert fake.replies_to(fay.id, extra[2]["message_id"]) == []
     # Photos have their own limit: still captioned.
     await captioned(fake, bot, fay, seed=5)
+
+
+# ---------------------------------------------------------------------- overload and edges in words
+
+
+async def test_a_file_too_big_for_telegram_is_not_given_a_made_up_size(
+        running: tuple[FakeTelegram, CaptionBot]) -> None:
+    fake, _ = running
+    gil = fake.person(1220, "Gil")
+    stored = fake.add_file(photo_bytes(6), "documents", "jpg", declared_size=25 * 1024 * 1024)
+    # Telegram did not declare the size in the message; getFile then refuses the file as too big.
+    message = await gil._send(document={"file_id": stored.file_id, "file_unique_id": stored.file_unique_id,
+                                        "file_name": "huge.jpg", "mime_type": "image/jpeg"})
+    [answer] = await fake.wait_reply(message)
+    assert answer["text"] == texts.file_too_big_for_telegram(None)
+    assert "20.0 MB" not in answer["text"] and "25" not in answer["text"]  # no size claimed for the file

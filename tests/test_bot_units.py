@@ -8,11 +8,15 @@ import inspect
 import io
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from telegram import Update
+from telegram.error import NetworkError, TimedOut
 
 from bot import keyboards, texts
-from bot.limits import ALBUM_MAX_PHOTOS, Albums, InFlight
+from bot.handlers.errors import on_error
+from bot.limits import ALBUM_MAX_PHOTOS, Admission, Albums, InFlight
 from bot.logs import MASK, RedactingFormatter, configure_logging
 from bot.ratelimit import RateLimiter
 from bot.service import service_config
@@ -225,3 +229,31 @@ async def test_in_flight_lets_two_photos_of_a_person_through_and_forgets_idle_pe
     release.set()
     await asyncio.gather(*tasks, other)
     assert most == 3 and not in_flight._slots
+
+
+def test_admission_keeps_handlers_free_for_busy_answers_whatever_the_settings() -> None:
+    assert Admission.for_settings(64, 64).capacity == 48  # the defaults: 16 handlers stay free
+    assert Admission.for_settings(64, 12).capacity == 9
+    assert Admission.for_settings(2, 12).capacity == 2
+    assert Admission.for_settings(2, 2).capacity == 1
+    admission = Admission(2)
+    assert admission.enter() and admission.enter() and not admission.enter()
+    admission.leave()
+    assert admission.enter()
+
+
+async def test_a_send_that_timed_out_is_not_followed_by_an_apology() -> None:
+    """A Telegram stall: the caption's sendMessage timed out (it may have been delivered)."""
+    sent: list[str] = []
+
+    async def send_message(chat_id: int, text: str, **_: object) -> None:
+        sent.append(text)
+
+    update = Update.de_json({"update_id": 1, "message": {
+        "message_id": 5, "date": 0, "chat": {"id": 77, "type": "private"},
+        "from": {"id": 77, "is_bot": False, "first_name": "Hal"}, "text": "x"}}, None)
+    for error, told in ((TimedOut(), []), (NetworkError("connection reset"), [texts.ERROR])):
+        sent.clear()
+        context = SimpleNamespace(error=error, bot=SimpleNamespace(send_message=send_message))
+        await on_error(update, context)  # type: ignore[arg-type]
+        assert sent == told

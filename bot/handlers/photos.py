@@ -105,8 +105,16 @@ async def on_image(update: Update, context: Context) -> None:
         log.info("photo rate-limited %s: retry in %.0f s", ids, retry_after)
         await reply(context, message, texts.rate_limited(runtime.limits.photos.limit, retry_after))
         return
-    async with runtime.limits.in_flight.slot(user.id):
-        await _serve(context, runtime, message, image, ids, started)
+    admission = runtime.limits.admission
+    if not admission.enter():
+        log.info("photo refused %s: %d photos in hand, the most the bot takes", ids, admission.in_hand)
+        await reply(context, message, texts.BUSY)
+        return
+    try:
+        async with runtime.limits.in_flight.slot(user.id):
+            await _serve(context, runtime, message, image, ids, started)
+    finally:
+        admission.leave()
 
 
 def _photo_rate_limit(runtime: Runtime, person: int, media_group_id: str | None) -> float:
@@ -183,7 +191,7 @@ async def _download(context: Context, image: Incoming, runtime: Runtime) -> byte
         data = bytes(await file.download_as_bytearray())
     except BadRequest as err:
         if "too big" in str(err).lower():
-            return texts.file_too_big_for_telegram(image.file_size or BOT_API_DOWNLOAD_LIMIT + 1)
+            return texts.file_too_big_for_telegram(image.file_size)  # None: size not declared
         log.warning("download of %s failed: %s", image.file_unique_id, err)
         return texts.DOWNLOAD_FAILED
     except (NetworkError, TelegramError, OSError) as err:
