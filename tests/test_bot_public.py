@@ -114,6 +114,22 @@ async def test_an_album_of_ten_gets_ten_captions_two_photos_at_a_time(
     assert answer["text"].startswith("🐢"), answer["text"]
 
 
+async def test_one_persons_album_does_not_delay_another_persons_photo(
+        running: tuple[FakeTelegram, CaptionBot]) -> None:
+    fake, _ = running
+    ivy, jon = fake.person(1214, "Ivy"), fake.person(1215, "Jon")
+    album = await ivy.album([photo_bytes(60 + i) for i in range(10)])
+    single = await jon.photo(photo_bytes(70))
+    [jons] = await fake.wait_reply(single, timeout=120)
+    ivys = [(await fake.wait_reply(photo, timeout=120))[0] for photo in album]
+    sent_at = {m["message_id"]: fake.latency(p, m) + fake.delivered_at[fake.update_of[(p["chat"]["id"],
+                                                                                        p["message_id"])]]
+               for p, m in [*zip(album, ivys, strict=True), (single, jons)]}
+    later = [m for m in ivys if sent_at[m["message_id"]] > sent_at[jons["message_id"]]]
+    # Jon's photo went into the queue behind at most two of Ivy's, not behind all ten.
+    assert len(later) >= 6, (len(later), jons["text"])
+
+
 async def test_presses_are_limited_per_person_with_a_friendly_answer(
         running: tuple[FakeTelegram, CaptionBot]) -> None:
     fake, bot = running
