@@ -107,7 +107,8 @@ class CaptionBot:
         log.info("storage open at %s", self.storage.data_dir)
         promoted, checkpoint = await self._startup_model(self.storage)
         self.service, serving_promoted = await self._start_service(checkpoint, promoted is not None)
-        self.runtime = Runtime(settings, self.storage, self.service, person_limits(settings))
+        self.runtime = Runtime(settings, self.storage, self.service, person_limits(settings),
+                               service_config(settings, None).image_limits)
         self.runtime.promoted_loaded = promoted if serving_promoted else None
         self.app.bot_data.attach(self.runtime)
         await self._register_commands()

@@ -10,13 +10,14 @@ bot's business (``bot/texts.py``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 16_000_000  # a 16 MP phone photo; above it decoding costs more than it brings
@@ -123,6 +124,41 @@ def load_image_for(data: bytes, limits: ImageLimits | None = None,
     turned = decoded_size[0] != decoded_size[1] and image.size == (decoded_size[1], decoded_size[0])
     upright = (full_size[1], full_size[0]) if turned else full_size
     return _to_rgb(image), upright
+
+
+STORED_MAX_SIDE = 1024  # longest side of a stored photo, in pixels
+STORED_JPEG_QUALITY = 85
+
+
+def storable_jpeg(data: bytes, limits: ImageLimits | None = None, max_side: int = STORED_MAX_SIDE) -> bytes:
+    """The photo as it may be kept: an upright sRGB JPEG, longest side at most ``max_side``, and
+    no metadata at all (no EXIF, so no GPS position or camera serial; no ICC profile, as the
+    colours are converted to sRGB first). Raises :class:`ImageError` like :func:`load_image`."""
+    profile = _icc_profile(data)
+    image, _ = load_image_for(data, limits, draft_to=max_side)
+    if profile is not None:
+        image = _to_srgb(image, profile)
+    image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=STORED_JPEG_QUALITY)  # writes no EXIF or ICC unless given them
+    return buffer.getvalue()
+
+
+def _icc_profile(data: bytes) -> bytes | None:
+    with contextlib.suppress(Exception), Image.open(io.BytesIO(data)) as image:
+        profile = image.info.get("icc_profile")
+        return bytes(profile) if profile else None
+    return None
+
+
+def _to_srgb(image: Image.Image, profile: bytes) -> Image.Image:
+    """The image's colours converted from its embedded profile to sRGB (unchanged if unreadable)."""
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        converted = ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return image
+    return converted if converted is not None else image
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:

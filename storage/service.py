@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +25,7 @@ from storage import captions, config, corrections, forget, model_versions, peopl
 from storage import migrate as migrations
 from storage import stats as statistics
 from storage.engine import create_engine, sqlite_file
-from storage.photos import PhotoStore, sha256_hex
+from storage.photos import FOLDER_MODE, PhotoStore, sha256_hex
 from storage.records import CaptionRecord, ForgetReport, PhotoRecord, TrainingExample
 from storage.transactions import Transactions
 
@@ -240,7 +241,16 @@ class Storage:
     list_model_versions = _reading(model_versions.list_model_versions)
 
 
+DATABASE_MODE = 0o600  # the database holds who sent what: the bot's own user only
+
+
 def _prepare_folders(directory: Path, db_file: Path | None) -> None:
-    config.photos_dir(directory).mkdir(parents=True, exist_ok=True)
+    """The data and photo folders (0700) and the SQLite file (0600), tightened if older and looser."""
+    photos = config.photos_dir(directory)
+    photos.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+    for folder in {directory, photos}:
+        os.chmod(folder, FOLDER_MODE)
     if db_file is not None:
-        db_file.parent.mkdir(parents=True, exist_ok=True)
+        db_file.parent.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+        os.close(os.open(db_file, os.O_CREAT | os.O_WRONLY, DATABASE_MODE))  # SQLite takes an empty file
+        os.chmod(db_file, DATABASE_MODE)

@@ -6,11 +6,14 @@ The real bot and worker against the fake Bot API over real HTTP; each test plays
 from __future__ import annotations
 
 import asyncio
+import io
+import stat
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import pytest_asyncio
+from PIL import Image
 
 from bot import texts
 from bot.app import CaptionBot
@@ -176,3 +179,38 @@ async def test_a_file_too_big_for_telegram_is_not_given_a_made_up_size(
     [answer] = await fake.wait_reply(message)
     assert answer["text"] == texts.file_too_big_for_telegram(None)
     assert "20.0 MB" not in answer["text"] and "25" not in answer["text"]  # no size claimed for the file
+
+
+# ---------------------------------------------------------------------- photos stored safely
+
+
+async def test_a_photo_is_stored_small_without_metadata_and_private(
+        running: tuple[FakeTelegram, CaptionBot]) -> None:
+    fake, bot = running
+    assert bot.storage is not None
+    kai = fake.person(1230, "Kai")
+    exif = Image.Exif()
+    exif[0x8825] = {2: (51.0, 30.0, 0.0), 1: "N"}  # GPS latitude, as phones write it
+    buffer = io.BytesIO()
+    Image.effect_noise((2400, 1800), 30).convert("RGB").save(buffer, "JPEG", exif=exif)
+    sent = await kai.document(buffer.getvalue(), mime_type="image/jpeg", file_name="IMG_0001.jpg")
+    [answer] = await fake.wait_reply(sent)
+    assert answer["text"].startswith("📷"), answer["text"]
+    record = None
+    for _ in range(200):
+        record = await bot.storage.find_caption_by_message(kai.id, answer["message_id"])
+        if record is not None:
+            break
+        await asyncio.sleep(0.02)
+    assert record is not None
+    path = bot.storage.resolve_photo_path(record)
+    with Image.open(path) as stored:
+        assert stored.format == "JPEG" and stored.size == (1024, 768)
+        assert not stored.getexif() and "icc_profile" not in stored.info
+    data_dir = bot.storage.data_dir
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for folder in (path.parent, path.parent.parent, data_dir):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    for database in data_dir.glob("*.db*"):
+        assert stat.S_IMODE(database.stat().st_mode) == 0o600, database
+    assert list(data_dir.glob("*.db"))

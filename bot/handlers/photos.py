@@ -14,7 +14,7 @@ from telegram.error import BadRequest, NetworkError, TelegramError
 from bot import keyboards, texts
 from bot.handlers.common import Context, edit_or_reply, reply, send_chat_action
 from bot.runtime import Runtime
-from captioner.images import ImageError
+from captioner.images import ImageError, storable_jpeg
 from captioner.serving.base import (
     CaptionResult,
     QueueFullError,
@@ -207,8 +207,9 @@ async def _answer(context: Context, runtime: Runtime, message: Message, notice: 
     user = message.from_user
     sender = user.id if user is not None else message.chat.id
     storage = runtime.storage
+    kept = await asyncio.to_thread(storable_jpeg, data, runtime.image_limits)
     photo = await storage.record_photo(
-        data, width=result.width, height=result.height,
+        kept, width=result.width, height=result.height,
         telegram_file_unique_id=image.file_unique_id, sender_telegram_id=sender,
     )
     caption = await storage.record_caption(
