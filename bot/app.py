@@ -31,6 +31,7 @@ from bot.model_updates import checkpoint_path, follow_promoted
 from bot.ratelimit import RateLimiter
 from bot.runtime import CONTEXT_TYPES, BotData, Runtime
 from bot.service import ServiceFactory, create_service, service_config
+from bot.upkeep import sweep_daily
 from captioner.serving.base import CaptionService, ModelLoadError
 from common.settings import Settings
 from storage import Storage
@@ -88,6 +89,7 @@ class CaptionBot:
         self.runtime: Runtime | None = None
         self._initialized = False
         self._follower: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start everything; on failure, undo what was started and re-raise."""
@@ -115,6 +117,7 @@ class CaptionBot:
         assert self.app.updater is not None
         await self.app.updater.start_polling(timeout=POLL_TIMEOUT, allowed_updates=ALLOWED_UPDATES)
         await self.app.start()
+        self._sweeper = asyncio.create_task(sweep_daily(self.runtime), name="retention-sweep")
         if settings.model_poll_seconds > 0:
             self._follower = asyncio.create_task(
                 follow_promoted(self.runtime, settings.model_poll_seconds), name="follow-promoted-model"
@@ -176,11 +179,12 @@ class CaptionBot:
             await app.updater.stop()
         if app.running:
             await app.stop()  # waits for the handlers in flight (their captions are still served)
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
-            self._follower = None
+        for task in (self._follower, self._sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._follower = self._sweeper = None
         if self.service is not None:
             try:
                 await self.service.close(drain_timeout=self._request_timeout())

@@ -38,6 +38,7 @@ class Runtime:
     promoted_loaded: str | None = None  # name of the promoted model version now serving, if any
     # "name@path" -> error: versions that failed to load, not retried by the poll
     failed_models: dict[str, str] = field(default_factory=dict)
+    disk_low_told: bool = False  # operators were told the disk is below the floor (until it recovers)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _chat_actions: dict[tuple[int, str], float] = field(default_factory=dict)
 

@@ -280,6 +280,13 @@ def _count(n: int, noun: str) -> str:
 # ---------------------------------------------------------------- operators
 
 
+def disk_low(free: int, floor: int) -> str:
+    return (
+        f"⚠️ The data folder has {_mb(free)} free, below the floor of {_mb(floor)}. I keep captioning "
+        "but store no photos or captions (they come without buttons) until there is room again."
+    )
+
+
 def admin_only(command: str) -> str:
     return f"Sorry, /{escape(command)} is only for the people who run this bot."
 

@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     # tell people their queue position when this many are waiting; 0 = never
     queue_notice_at: int = Field(3, ge=0, validation_alias="CAPTIONBOT_QUEUE_NOTICE_AT")
     concurrent_updates: int = Field(64, gt=0, validation_alias="CAPTIONBOT_CONCURRENT_UPDATES")
+    # stored photos: retention, per-person quota, and the free disk below which nothing is stored
+    photo_retention_days: float = Field(30.0, gt=0, validation_alias="CAPTIONBOT_PHOTO_RETENTION_DAYS")
+    trained_photo_retention_days: float = Field(
+        365.0, gt=0, validation_alias="CAPTIONBOT_TRAINED_PHOTO_RETENTION_DAYS")
+    photo_quota_mb: float = Field(50.0, gt=0, validation_alias="CAPTIONBOT_PHOTO_QUOTA_MB")
+    min_free_disk_mb: float = Field(2048.0, ge=0, validation_alias="CAPTIONBOT_MIN_FREE_DISK_MB")
     log_level: str = Field("INFO", validation_alias="CAPTIONBOT_LOG_LEVEL")
 
     @field_validator("token", mode="before")
@@ -109,7 +115,8 @@ class Settings(BaseSettings):
         return lowered
 
     @field_validator("batch_wait_ms", "request_timeout", "model_poll_seconds", "max_file_mb",
-                     "max_megapixels")
+                     "max_megapixels", "photo_retention_days", "trained_photo_retention_days",
+                     "photo_quota_mb", "min_free_disk_mb")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
@@ -138,6 +145,14 @@ class Settings(BaseSettings):
         if upper not in LOG_LEVELS:
             raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
         return upper
+
+    @property
+    def photo_quota_bytes(self) -> int:
+        return int(self.photo_quota_mb * MB)
+
+    @property
+    def min_free_disk_bytes(self) -> int:
+        return int(self.min_free_disk_mb * MB)
 
     @property
     def max_file_bytes(self) -> int:

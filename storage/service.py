@@ -21,7 +21,7 @@ from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from storage import captions, config, corrections, forget, model_versions, people
+from storage import captions, config, corrections, forget, model_versions, people, retention
 from storage import migrate as migrations
 from storage import stats as statistics
 from storage.engine import create_engine, sqlite_file
@@ -224,6 +224,27 @@ class Storage:
             return 0
         known = await self._tx.read(forget.referenced_paths)
         return await self._delete_unreferenced_files([rel for rel in on_disk if rel not in known])
+
+    async def apply_retention(self, untouched_days: float, trained_days: float,
+                              now: datetime | None = None) -> int:
+        """Delete the photos (rows, captions, votes, corrections, files) whose retention is over;
+        returns how many photos went. See ``storage.retention``."""
+        moment = now or datetime.now(UTC)
+        return await self._delete_photos(
+            lambda session: retention.expired_photos(session, moment, untouched_days, trained_days))
+
+    async def enforce_quota(self, telegram_id: int, quota_bytes: int) -> int:
+        """Delete a person's oldest photos beyond their quota; returns how many went."""
+        return await self._delete_photos(
+            lambda session: retention.over_quota_photos(session, telegram_id, quota_bytes))
+
+    async def _delete_photos(self, choose: Callable[[AsyncSession], Awaitable[list[int]]]) -> int:
+        async def chosen_and_deleted(session: AsyncSession) -> tuple[int, list[str]]:
+            return await retention.delete_photos(session, await choose(session))
+
+        deleted, rel_paths = await self._tx.write(chosen_and_deleted)
+        await self._delete_unreferenced_files(rel_paths)
+        return deleted
 
     async def _delete_unreferenced_files(self, rel_paths: list[str]) -> int:
         if not rel_paths:

@@ -9,6 +9,7 @@ import asyncio
 import io
 import stat
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from PIL import Image
 
 from bot import texts
 from bot.app import CaptionBot
-from tests.bot_support import bot_over_fake_api
+from tests.bot_support import ADMIN_ID, bot_over_fake_api
 from tests.fake_telegram import FakeTelegram, Person
 from tests.helpers import photo_bytes
 
@@ -214,3 +215,18 @@ async def test_a_photo_is_stored_small_without_metadata_and_private(
     for database in data_dir.glob("*.db*"):
         assert stat.S_IMODE(database.stat().st_mode) == 0o600, database
     assert list(data_dir.glob("*.db"))
+
+
+async def test_below_the_disk_floor_captions_go_out_and_nothing_is_stored(tmp_path: Path) -> None:
+    async with bot_over_fake_api(tmp_path, min_free_disk_mb=1e12, admin_ids=frozenset({ADMIN_ID})) as (fake, bot):
+        assert bot.storage is not None
+        fake.person(ADMIN_ID, "Operator")
+        lea = fake.person(1240, "Lea")
+        for seed in (7, 8):
+            [answer] = await fake.wait_reply(await lea.photo(photo_bytes(seed)))
+            assert answer["text"].startswith("📷") and "reply_markup" not in answer
+        warnings = [m for m in fake.bot_messages(ADMIN_ID) if m["text"].startswith("⚠️")]
+        assert len(warnings) == 1 and "below the floor" in warnings[0]["text"]  # told once
+        stats = await bot.storage.stats()
+        assert (stats.photos, stats.captions) == (0, 0)
+        assert not list((bot.storage.data_dir / "photos").rglob("*.jpg"))

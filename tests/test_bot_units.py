@@ -106,7 +106,7 @@ def _all_texts() -> list[str]:
         "current_text": "a cat",
         "position": 4, "wait_seconds": 12.3, "size": 25 * 1024 * 1024, "limit": 6, "reason": "bad <x>",
         "retry_after": 42.0, "file_name": "<cv>.pdf", "mime_type": "application/pdf", "votes": 1,
-        "corrections": 2, "captions": 3, "photos": 4, "command": "stats",
+        "corrections": 2, "captions": 3, "photos": 4, "command": "stats", "free": 1 << 30, "floor": 2 << 30,
     }
     out: list[str] = []
     for name, value in vars(texts).items():
@@ -146,8 +146,9 @@ def test_person_supplied_text_is_escaped() -> None:
 
 def test_button_answers_fit_in_a_callback_answer() -> None:
     for text in (texts.VOTE_UP_THANKS, texts.VOTE_DOWN_THANKS, texts.VOTE_UNCHANGED, texts.CAPTION_GONE,
-                 texts.PHOTO_GONE, texts.BUTTON_UNKNOWN, texts.BUTTON_NOT_HERE, texts.ERROR, texts.CORRECTION_CALLBACK,
-                 texts.ATTENTION_CALLBACK, texts.rate_limited(6, 59)):
+                 texts.PHOTO_GONE, texts.BUTTON_UNKNOWN, texts.BUTTON_NOT_HERE, texts.ERROR,
+                 texts.CORRECTION_CALLBACK, texts.ATTENTION_CALLBACK, texts.rate_limited(6, 59),
+                 texts.actions_limited(30, 59)):
         assert len(text) <= 200 and "<" not in text
 
 

@@ -14,6 +14,7 @@ from telegram.error import BadRequest, NetworkError, TelegramError
 from bot import keyboards, texts
 from bot.handlers.common import Context, edit_or_reply, reply, send_chat_action
 from bot.runtime import Runtime
+from bot.upkeep import may_store
 from captioner.images import ImageError, storable_jpeg
 from captioner.serving.base import (
     CaptionResult,
@@ -207,6 +208,9 @@ async def _answer(context: Context, runtime: Runtime, message: Message, notice: 
     user = message.from_user
     sender = user.id if user is not None else message.chat.id
     storage = runtime.storage
+    if not await may_store(runtime, context.bot):
+        await edit_or_reply(context, message, notice, texts.caption(result.text))
+        return
     kept = await asyncio.to_thread(storable_jpeg, data, runtime.image_limits)
     photo = await storage.record_photo(
         kept, width=result.width, height=result.height,
@@ -223,4 +227,7 @@ async def _answer(context: Context, runtime: Runtime, message: Message, notice: 
         await storage.set_caption_message(caption.id, sent.chat.id, sent.message_id)
     except Exception:  # the caption is shown; its buttons and reply-to-correct need this link
         log.exception("could not link caption %d to message %d", caption.id, sent.message_id)
+    dropped = await storage.enforce_quota(sender, runtime.settings.photo_quota_bytes)
+    if dropped:
+        log.info("quota: %d older photos of user %d deleted", dropped, sender)
 
