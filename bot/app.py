@@ -26,6 +26,7 @@ from telegram.warnings import PTBDeprecationWarning
 from bot import texts
 from bot.config import bot_token
 from bot.handlers import register
+from bot.inbox import replay_inbox
 from bot.limits import Admission, InFlight, Limits
 from bot.model_updates import checkpoint_path, follow_promoted
 from bot.ratelimit import RateLimiter
@@ -117,6 +118,7 @@ class CaptionBot:
         assert self.app.updater is not None
         await self.app.updater.start_polling(timeout=POLL_TIMEOUT, allowed_updates=ALLOWED_UPDATES)
         await self.app.start()
+        await replay_inbox(self.app)
         self._sweeper = asyncio.create_task(sweep_daily(self.runtime), name="retention-sweep")
         if settings.model_poll_seconds > 0:
             self._follower = asyncio.create_task(

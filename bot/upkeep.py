@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+from datetime import timedelta
 
 from telegram import Bot
 from telegram.error import TelegramError
@@ -15,6 +16,7 @@ from bot.runtime import Runtime
 log = logging.getLogger("bot.upkeep")
 
 SWEEP_EVERY = 24 * 3600.0  # seconds
+INBOX_KEPT = timedelta(days=1)  # answered requests are remembered this long (redelivered updates)
 
 
 async def sweep_daily(runtime: Runtime, every: float = SWEEP_EVERY) -> None:
@@ -25,6 +27,7 @@ async def sweep_daily(runtime: Runtime, every: float = SWEEP_EVERY) -> None:
             expired = await runtime.storage.apply_retention(settings.photo_retention_days,
                                                             settings.trained_photo_retention_days)
             orphans = await runtime.storage.sweep_orphan_files()
+            await runtime.storage.inbox_prune(INBOX_KEPT)
             log.info("retention sweep: %d photos past retention deleted, %d unreferenced files", expired, orphans)
         except asyncio.CancelledError:
             raise

@@ -21,6 +21,7 @@ __all__ = [
     "DayCount",
     "ExportReport",
     "ForgetReport",
+    "InboxItem",
     "ModelStatus",
     "ModelVersionRecord",
     "PendingCorrection",
@@ -226,3 +227,17 @@ class ForgetReport:
     photos: int = 0
     files_deleted: int = 0
     pending: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class InboxItem:
+    """A photo request as it arrived: enough to download and answer it again after a crash."""
+
+    chat_id: int
+    chat_type: str
+    message_id: int
+    sender_id: int
+    kind: str  # "photo" or "document"
+    file_id: str
+    file_unique_id: str
+    file_size: int | None

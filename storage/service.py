@@ -21,7 +21,7 @@ from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from storage import captions, config, corrections, forget, model_versions, people, retention
+from storage import captions, config, corrections, forget, inbox, model_versions, people, retention
 from storage import migrate as migrations
 from storage import stats as statistics
 from storage.engine import create_engine, sqlite_file
@@ -250,6 +250,13 @@ class Storage:
         if not rel_paths:
             return 0
         return await self._tx.write(lambda session: forget.delete_unreferenced_files(session, self.photos, rel_paths))
+
+    # ------------------------------------------------------------------ the durable inbox
+
+    inbox_receive = _writing(inbox.receive)
+    inbox_answered = _writing(inbox.mark_answered)
+    inbox_take_for_replay = _writing(inbox.take_for_replay)
+    inbox_prune = _writing(inbox.prune)
 
     # ------------------------------------------------------------------ statistics and model versions
 

@@ -25,6 +25,7 @@ from captioner.serving.base import (
     WorkerCrashedError,
 )
 from common.settings import BOT_API_DOWNLOAD_LIMIT
+from storage import InboxItem
 
 log = logging.getLogger("bot.photos")
 
@@ -85,6 +86,7 @@ def size_problem(size: int | None, runtime: Runtime) -> str | None:
 
 
 async def on_image(update: Update, context: Context) -> None:
+    """Write the request to the durable inbox first, then answer it, then mark it answered."""
     message = update.effective_message
     user = update.effective_user
     if message is None or user is None:
@@ -92,16 +94,43 @@ async def on_image(update: Update, context: Context) -> None:
     image = incoming_image(message)
     if image is None:
         return
+    storage = context.bot_data.runtime.storage
+    item = InboxItem(message.chat.id, message.chat.type, message.message_id, user.id, image.kind,
+                     image.file_id, image.file_unique_id, image.file_size)
+    try:
+        fresh = await storage.inbox_receive(item)
+    except Exception:  # storage trouble must not stop the caption; only crash safety is lost
+        log.exception("could not write update %d to the inbox", update.update_id)
+        fresh = True
+    if not fresh:
+        log.info("update %d: message %d is already in the inbox (redelivered); left to it",
+                 update.update_id, message.message_id)
+        return
+    await answer_request(context, message, user.id, image, f"update={update.update_id}")
+
+
+async def answer_request(context: Context, message: Message, sender: int, image: Incoming, origin: str) -> None:
+    """Answer one photo request (a new update, or one replayed from the inbox) and mark it answered."""
+    try:
+        await _handle(context, message, sender, image, origin)
+    finally:
+        try:
+            await context.bot_data.runtime.storage.inbox_answered(message.chat.id, message.message_id)
+        except Exception:
+            log.exception("could not mark message %d of chat %d answered", message.message_id, message.chat.id)
+
+
+async def _handle(context: Context, message: Message, sender: int, image: Incoming, origin: str) -> None:
     runtime = context.bot_data.runtime
     started = time.monotonic()
-    ids = f"update={update.update_id} chat={message.chat.id} user={user.id} msg={message.message_id}"
+    ids = f"{origin} chat={message.chat.id} user={sender} msg={message.message_id}"
 
     problem = size_problem(image.file_size, runtime)
     if problem is not None:
         log.info("photo refused %s: declared size %s bytes", ids, image.file_size)
         await reply(context, message, problem)
         return
-    retry_after = _photo_rate_limit(runtime, user.id, message.media_group_id)
+    retry_after = _photo_rate_limit(runtime, sender, message.media_group_id)
     if retry_after:
         log.info("photo rate-limited %s: retry in %.0f s", ids, retry_after)
         await reply(context, message, texts.rate_limited(runtime.limits.photos.limit, retry_after))
@@ -112,7 +141,7 @@ async def on_image(update: Update, context: Context) -> None:
         await reply(context, message, texts.BUSY)
         return
     try:
-        async with runtime.limits.in_flight.slot(user.id):
+        async with runtime.limits.in_flight.slot(sender):
             await _serve(context, runtime, message, image, ids, started)
     finally:
         admission.leave()
