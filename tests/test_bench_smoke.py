@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from bench.report import ROOT, absolute_paths, command_line, relative
+from common.settings import Settings
 from tests.bot_support import fast_checkpoint
 from tests.helpers import photo_bytes
 
@@ -141,3 +142,13 @@ def test_photo_storage_bench_measures_bytes_before_and_after_reencoding(tmp_path
     assert large["photos"] == 2 and large["largest_stored_side"] == 1024
     assert large["bytes_after"] < large["bytes_before"]
     assert document["flickr8k_as_they_are"]["photos"] == 3
+
+
+def test_bot_burst_bench_reports_time_to_first_reply_with_default_limits(tmp_path: Path) -> None:
+    out = tmp_path / "burst.json"
+    document = run_bench("bot_burst.py", out, "--tiny", "--people", "2", "--per-person", "2", "--threads", "1",
+                         "--out", str(out))
+    assert_reports_its_run(document, "bot_burst.py", tmp_path)
+    assert document["photos"] == 4 and document["first_reply_ms"]["samples"] == 4
+    assert document["first_reply_kinds"] == {"caption": 4}
+    assert document["settings"]["photos_per_minute"] == Settings().photos_per_minute
