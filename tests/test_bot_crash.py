@@ -19,6 +19,21 @@ from tests.test_bot_process import BotProcess, clean_env
 pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore:.*retry_after.*")]
 
 
+SECRET = TOKEN.split(":", 1)[1]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def environment_of(pid: int) -> str:
+    """The environment a process was started with (as the kernel keeps it)."""
+    return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+
+
 @pytest_asyncio.fixture
 async def fake() -> AsyncIterator[FakeTelegram]:
     server = FakeTelegram(TOKEN)
@@ -60,6 +75,10 @@ async def test_a_photo_received_just_before_kill_9_is_answered_once_after_the_re
     try:
         [answer] = await fake.wait_reply(photo, timeout=120)
         assert answer["text"].startswith("📷"), answer["text"]
+        # The token was read once and removed from the environment the caption worker inherits.
+        assert bot.process is not None
+        workers = children(bot.process.pid)
+        assert workers and all(SECRET not in environment_of(pid) for pid in workers)
         assert await bot.stop() == 0
     finally:
         bot.kill()

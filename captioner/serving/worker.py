@@ -53,6 +53,7 @@ from .protocol import (
     Shutdown,
     WorkerSettings,
 )
+from .spawn import clean_environment
 
 log = logging.getLogger("captioner.serving.worker")
 
@@ -393,6 +394,7 @@ def _exit(code: int) -> None:
 
 def worker_main(settings: WorkerSettings, requests: Connection, results: Connection) -> None:
     """Entry point of the worker process (started with the spawn method)."""
+    clean_environment()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which shuts us down
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s caption-worker[%(process)d] %(levelname)s %(message)s")
