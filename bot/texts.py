@@ -64,7 +64,9 @@ HELP = (
     "Send me a <b>photo</b>, an <b>image file</b> (JPEG, PNG, WebP, GIF) or an <b>album</b>, "
     "and I'll describe each picture in one sentence.\n\n"
     + _BUTTONS_HELP
-    + "\n\n/cancel stops a correction you started\n"
+    + "\n\nIn a group I caption a photo only when asked: reply to it with /caption, or mention me in "
+    "its caption. Corrections are taken in private chats only."
+    "\n\n/cancel stops a correction you started\n"
     "/privacy what I store and why\n"
     "/forget delete everything I stored about you"
 )
@@ -148,6 +150,10 @@ def correction_rejected(err: CorrectionRejected) -> str:
     return f"🤔 {escape(reason)}\nReply again with a new caption, or /cancel."
 
 
+CORRECT_IN_PRIVATE = "Corrections are taken in a private chat with me: send me the photo there and tap ✏️."
+CAPTION_HOW = (
+    "To get a caption, reply to a photo with /caption (in a group you can also mention me in the photo's caption)."
+)
 REPLY_NOT_CAPTION = "To correct a caption, reply to the caption message itself, or tap ✏️ under it."
 CANCELLED = "OK, correction cancelled."
 NOTHING_TO_CANCEL = "There's nothing to cancel. Send me a photo whenever you like."

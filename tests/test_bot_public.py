@@ -230,3 +230,23 @@ async def test_below_the_disk_floor_captions_go_out_and_nothing_is_stored(tmp_pa
         stats = await bot.storage.stats()
         assert (stats.photos, stats.captions) == (0, 0)
         assert not list((bot.storage.data_dir / "photos").rglob("*.jpg"))
+
+
+# ---------------------------------------------------------------------- groups
+
+
+async def test_in_a_group_a_photo_is_captioned_when_the_bot_is_mentioned(
+        running: tuple[FakeTelegram, CaptionBot]) -> None:
+    fake, bot = running
+    assert bot.storage is not None
+    group = fake.group(-1250)
+    max_ = fake.person(1251, "Max").in_chat(group)
+    before = await bot.storage.stats()
+    quiet = await max_.photo(photo_bytes(80))
+    asked = await max_.photo(photo_bytes(81), caption=f"what is this @{fake.bot_username}?")
+    [answer] = await fake.wait_reply(asked)
+    assert answer["text"].startswith("📷")
+    await asyncio.sleep(0.5)
+    assert fake.replies_to(group["id"], quiet["message_id"]) == []
+    after = await bot.storage.stats()
+    assert after.photos - before.photos == 1  # the photo nobody asked about left no trace

@@ -19,7 +19,7 @@ from bot.handlers.corrections import on_cancel, on_text
 from bot.handlers.errors import on_error
 from bot.handlers.gate import limit_actions
 from bot.handlers.other import on_other
-from bot.handlers.photos import is_image_document, on_image
+from bot.handlers.photos import is_image_document, on_caption_command, on_image
 
 
 class _ImageDocument(filters.MessageFilter):
@@ -43,6 +43,7 @@ def register(app: Application) -> None:
     app.add_handler(CommandHandler("privacy", on_privacy, filters=new))
     app.add_handler(CommandHandler("forget", on_forget, filters=new))
     app.add_handler(CommandHandler("cancel", on_cancel, filters=new))
+    app.add_handler(CommandHandler("caption", on_caption_command, filters=new))
     app.add_handler(CommandHandler("stats", on_stats, filters=new))
     app.add_handler(CommandHandler("reload", on_reload, filters=new))
     app.add_handler(MessageHandler(new & filters.COMMAND, on_unknown_command))

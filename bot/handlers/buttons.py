@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from html import escape
 
-from telegram import CallbackQuery, ForceReply, Message, ReplyParameters, Update, User
+from telegram import CallbackQuery, ForceReply, Message, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatType
 from telegram.error import BadRequest
 
@@ -134,13 +133,16 @@ def _answer_place(query: CallbackQuery) -> tuple[int, ReplyParameters | None]:
 
 
 async def _correct(query: CallbackQuery, context: Context, runtime: Runtime, caption: CaptionRecord) -> None:
+    if not _is_private(query):
+        await _answer(query, texts.CORRECT_IN_PRIVATE, show_alert=True)
+        return
     caption_id = caption.id
     user = query.from_user
     chat_id, reply_parameters = _answer_place(query)
     await _answer(query, texts.CORRECTION_CALLBACK)
     prompt = await context.bot.send_message(
         chat_id,
-        _mention(user, _message(query)) + texts.correction_prompt(caption.text),
+        texts.correction_prompt(caption.text),
         reply_parameters=reply_parameters,
         reply_markup=ForceReply(selective=True, input_field_placeholder=texts.CORRECTION_PROMPT_PLACEHOLDER),
     )
@@ -151,13 +153,6 @@ async def _correct(query: CallbackQuery, context: Context, runtime: Runtime, cap
                                                     message_id=prompt.message_id), "retracting prompt")
         return
     log.info("correction started caption=%d user=%d prompt=%d", caption_id, user.id, prompt.message_id)
-
-
-def _mention(user: User, message: Message | None) -> str:
-    """In groups, name the person so that the selective ForceReply opens on their keyboard only."""
-    if message is None or message.chat.type == ChatType.PRIVATE:
-        return ""
-    return f'<a href="tg://user?id={user.id}">{escape(user.first_name or "you")}</a>, '
 
 
 async def _attention(query: CallbackQuery, context: Context, runtime: Runtime, caption: CaptionRecord) -> None:

@@ -12,7 +12,7 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, NetworkError, TelegramError
 
 from bot import keyboards, texts
-from bot.handlers.common import Context, edit_or_reply, reply, send_chat_action
+from bot.handlers.common import Context, edit_or_reply, is_private, reply, send_chat_action
 from bot.runtime import Runtime
 from bot.upkeep import may_store
 from captioner.images import ImageError, storable_jpeg
@@ -94,8 +94,20 @@ async def on_image(update: Update, context: Context) -> None:
     image = incoming_image(message)
     if image is None:
         return
+    if not is_private(message) and not mentions_bot(message, context.bot.username):
+        return  # in a group the bot captions only when asked: a mention, or /caption in reply
+    await take_request(update, context, message, user.id, image)
+
+
+def mentions_bot(message: Message, username: str | None) -> bool:
+    text = (message.caption or message.text or "").lower()
+    return bool(username) and f"@{username}".lower() in text
+
+
+async def take_request(update: Update, context: Context, message: Message, sender: int, image: Incoming) -> None:
+    """Write the request to the durable inbox, then answer it (unless already in the inbox)."""
     storage = context.bot_data.runtime.storage
-    item = InboxItem(message.chat.id, message.chat.type, message.message_id, user.id, image.kind,
+    item = InboxItem(message.chat.id, message.chat.type, message.message_id, sender, image.kind,
                      image.file_id, image.file_unique_id, image.file_size)
     try:
         fresh = await storage.inbox_receive(item)
@@ -106,7 +118,7 @@ async def on_image(update: Update, context: Context) -> None:
         log.info("update %d: message %d is already in the inbox (redelivered); left to it",
                  update.update_id, message.message_id)
         return
-    await answer_request(context, message, user.id, image, f"update={update.update_id}")
+    await answer_request(context, message, sender, image, f"update={update.update_id}")
 
 
 async def answer_request(context: Context, message: Message, sender: int, image: Incoming, origin: str) -> None:
@@ -142,7 +154,7 @@ async def _handle(context: Context, message: Message, sender: int, image: Incomi
         return
     try:
         async with runtime.limits.in_flight.slot(sender):
-            await _serve(context, runtime, message, image, ids, started)
+            await _serve(context, runtime, message, sender, image, ids, started)
     finally:
         admission.leave()
 
@@ -158,8 +170,8 @@ def _photo_rate_limit(runtime: Runtime, person: int, media_group_id: str | None)
     return retry_after
 
 
-async def _serve(context: Context, runtime: Runtime, message: Message, image: Incoming, ids: str,
-                 started: float) -> None:
+async def _serve(context: Context, runtime: Runtime, message: Message, sender: int, image: Incoming,
+                 ids: str, started: float) -> None:
     """Download, caption and answer one admitted photo."""
     send_chat_action(context, runtime, message.chat.id, ChatAction.TYPING)
     data = await _download(context, image, runtime)
@@ -191,7 +203,7 @@ async def _serve(context: Context, runtime: Runtime, message: Message, image: In
         return
     captioned = time.monotonic()
     try:
-        await _answer(context, runtime, message, notice, image, data, result,
+        await _answer(context, runtime, message, sender, notice, image, data, result,
                       latency_ms=(captioned - started) * 1000)
     except TelegramError:
         raise
@@ -231,11 +243,9 @@ async def _download(context: Context, image: Incoming, runtime: Runtime) -> byte
     return problem if problem is not None else data
 
 
-async def _answer(context: Context, runtime: Runtime, message: Message, notice: Message | None,
+async def _answer(context: Context, runtime: Runtime, message: Message, sender: int, notice: Message | None,
                   image: Incoming, data: bytes, result: CaptionResult, latency_ms: float) -> None:
     """Store the photo and caption, then post the caption with its buttons."""
-    user = message.from_user
-    sender = user.id if user is not None else message.chat.id
     storage = runtime.storage
     if not await may_store(runtime, context.bot):
         await edit_or_reply(context, message, notice, texts.caption(result.text))
@@ -260,3 +270,16 @@ async def _answer(context: Context, runtime: Runtime, message: Message, notice: 
     if dropped:
         log.info("quota: %d older photos of user %d deleted", dropped, sender)
 
+
+
+async def on_caption_command(update: Update, context: Context) -> None:
+    """/caption in reply to a photo: how a group asks for a caption (works in private chats too)."""
+    message, user = update.effective_message, update.effective_user
+    if message is None or user is None:
+        return
+    photo = message.reply_to_message
+    image = incoming_image(photo) if photo is not None else None
+    if photo is None or image is None:
+        await reply(context, message, texts.CAPTION_HOW)
+        return
+    await take_request(update, context, photo, user.id, image)
