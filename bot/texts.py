@@ -71,18 +71,34 @@ HELP = (
     "/forget delete everything I stored about you"
 )
 
-PRIVACY = (
-    "<b>What I store</b>\n"
-    "• the photos you send me, and the captions I wrote for them\n"
-    "• your 👍/👎 votes and the corrections you type\n"
-    "• your Telegram user id (to link the above to you), and your app language if you used /start\n\n"
-    "<b>What for</b>\n"
-    "Corrections and well-rated captions are used to train the next version of the captioning "
-    "model. Nothing is shared with anyone else, and nothing is used for advertising.\n\n"
-    "<b>Deleting</b>\n"
-    "/forget deletes your votes, corrections, captions, and the photos only you sent. "
-    "It takes effect at once."
-)
+def privacy(retention_days: float, trained_retention_days: float) -> str:
+    """What is kept, for how long, who sees it, and what /forget does and does not undo."""
+    return (
+        "<b>What I store</b>\n"
+        "• the photos you send me, re-encoded small (at most 1024 px) without location or camera data, "
+        "and the captions I wrote for them\n"
+        "• your 👍/👎 votes and the corrections you type\n"
+        "• your Telegram user id (to link the above to you), and your app language if you used /start\n"
+        "• in groups: only photos someone asked me to caption, linked to the person who asked\n\n"
+        "<b>For how long</b>\n"
+        f"• photos nobody corrected: {_days(retention_days)}, then they are deleted with their captions "
+        "and votes\n"
+        "• photos with corrections: until a model has trained on them, then "
+        f"{_days(trained_retention_days)}\n\n"
+        "<b>Who can see it</b>\n"
+        "Only the people who run this bot. Corrections and well-rated captions are used to train the "
+        "next version of the captioning model; nothing is shared or used for advertising.\n\n"
+        "<b>Deleting</b>\n"
+        "/forget deletes at once your votes, corrections, captions, the photos only you sent and "
+        "any photo still waiting for an answer. Your user id stays, marked as forgotten. A model "
+        "already trained on your corrections keeps what it learned; later models are trained "
+        "without them. Copies an operator exported for training before are not changed."
+    )
+
+
+def _days(days: float) -> str:
+    return f"{days:g} day" + ("" if days == 1 else "s")
+
 
 # ---------------------------------------------------------------- captions
 

@@ -107,6 +107,7 @@ def _all_texts() -> list[str]:
         "position": 4, "wait_seconds": 12.3, "size": 25 * 1024 * 1024, "limit": 6, "reason": "bad <x>",
         "retry_after": 42.0, "file_name": "<cv>.pdf", "mime_type": "application/pdf", "votes": 1,
         "corrections": 2, "captions": 3, "photos": 4, "command": "stats", "free": 1 << 30, "floor": 2 << 30,
+        "retention_days": 30.0, "trained_retention_days": 365.0, "days": 1.0,
     }
     out: list[str] = []
     for name, value in vars(texts).items():
@@ -258,3 +259,9 @@ async def test_a_send_that_timed_out_is_not_followed_by_an_apology() -> None:
         context = SimpleNamespace(error=error, bot=SimpleNamespace(send_message=send_message))
         await on_error(update, context)  # type: ignore[arg-type]
         assert sent == told
+
+
+def test_privacy_states_the_retention_the_bot_runs_with() -> None:
+    text = parse_html(texts.privacy(30, 365))
+    assert "30 days" in text and "365 days" in text and "1024 px" in text
+    assert "keeps what it learned" in text and "marked as forgotten" in text

@@ -100,3 +100,17 @@ def test_storage_sweep_command_applies_retention(tmp_path: Path, capsys: pytest.
             return [p for p in (old, new) if await store.get_photo(p) is not None]
 
     assert asyncio.run(remaining()) == [new]
+
+
+async def test_forget_leaves_nothing_of_the_person_in_the_inbox(store: Storage) -> None:
+    from storage import InboxItem
+    from storage.models import InboxEntry
+
+    for message_id, sender in ((1, ALICE), (2, ALICE), (3, BOB)):
+        item = InboxItem(sender, "private", message_id, sender, "photo", f"f{message_id}", f"u{message_id}", 10)
+        assert await store.inbox_receive(item)
+    await add_caption(store, await add_photo(store, b"alice's"))  # so that Alice has a person row
+    await store.forget_person(ALICE)
+    async with store.engine.connect() as connection:
+        senders = (await connection.execute(select(InboxEntry.sender_id))).scalars().all()
+    assert list(senders) == [BOB]
