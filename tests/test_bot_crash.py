@@ -4,17 +4,16 @@ once, by the next run, from the durable inbox (a real bot process against the fa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from storage import Storage
 from tests.bot_support import TOKEN, fast_checkpoint
 from tests.fake_telegram import FakeTelegram
 from tests.helpers import photo_bytes
 from tests.test_bot_process import BotProcess, clean_env
+from tests.test_bot_process import fake as fake  # the fake Bot API fixture
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore:.*retry_after.*")]
 
@@ -32,16 +31,6 @@ def children(pid: int) -> list[int]:
 def environment_of(pid: int) -> str:
     """The environment a process was started with (as the kernel keeps it)."""
     return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
-
-
-@pytest_asyncio.fixture
-async def fake() -> AsyncIterator[FakeTelegram]:
-    server = FakeTelegram(TOKEN)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.close()
 
 
 async def test_a_photo_received_just_before_kill_9_is_answered_once_after_the_restart(

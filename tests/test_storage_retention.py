@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,17 +13,9 @@ from storage import Storage
 from storage import __main__ as storage_cli
 from storage.models import Caption, Correction, Photo, PhotoSender, Vote
 from tests.test_storage_api import ALICE, BOB, add_caption, add_photo
+from tests.test_storage_api import store as store  # the temporary-storage fixture
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Storage]:
-    storage = await Storage.open(data_dir=tmp_path / "data", database_url=None)
-    try:
-        yield storage
-    finally:
-        await storage.close()
 
 
 async def age(store: Storage, photo_id: int, days: float) -> None:
