@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"captionbot: configuration error: {err}\nSee .env.example for every setting.", file=sys.stderr)
         return 2
+    # Read once: from here on only the settings object holds it, not the environment that child
+    # processes (the caption worker) inherit.
+    os.environ.pop(Settings.variables()["token"], None)
 
     from bot.logs import configure_logging
 

@@ -26,11 +26,14 @@ from telegram.warnings import PTBDeprecationWarning
 from bot import texts
 from bot.config import bot_token
 from bot.handlers import register
+from bot.inbox import replay_inbox
+from bot.limits import Admission, InFlight, Limits
 from bot.model_updates import checkpoint_path, follow_promoted
 from bot.ratelimit import RateLimiter
 from bot.review import notify_waiting
 from bot.runtime import CONTEXT_TYPES, BotData, Runtime
 from bot.service import ServiceFactory, create_service, service_config
+from bot.upkeep import sweep_daily
 from captioner.serving.base import CaptionService, ModelLoadError
 from common.settings import Settings
 from storage import Storage
@@ -69,6 +72,16 @@ def build_application(settings: Settings) -> Application[Any, Any, Any, Any, Bot
     return app
 
 
+def person_limits(settings: Settings) -> Limits:
+    return Limits(
+        photos=RateLimiter(settings.photos_per_minute),
+        actions=RateLimiter(settings.actions_per_minute),
+        in_flight=InFlight(settings.photos_in_flight),
+        admission=Admission.for_settings(service_config(settings, None).queue_capacity,
+                                         settings.concurrent_updates),
+    )
+
+
 class CaptionBot:
     def __init__(self, settings: Settings, service_factory: ServiceFactory | None = None) -> None:
         self.settings = settings
@@ -79,6 +92,7 @@ class CaptionBot:
         self.runtime: Runtime | None = None
         self._initialized = False
         self._follower: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start everything; on failure, undo what was started and re-raise."""
@@ -101,13 +115,16 @@ class CaptionBot:
         log.info("storage open at %s", self.storage.data_dir)
         promoted, checkpoint = await self._startup_model(self.storage)
         self.service, serving_promoted = await self._start_service(checkpoint, promoted is not None)
-        self.runtime = Runtime(settings, self.storage, self.service, RateLimiter(settings.photos_per_minute))
+        self.runtime = Runtime(settings, self.storage, self.service, person_limits(settings),
+                               service_config(settings, None).image_limits)
         self.runtime.promoted_loaded = promoted if serving_promoted else None
         self.app.bot_data.attach(self.runtime)
         await self._register_commands()
         assert self.app.updater is not None
         await self.app.updater.start_polling(timeout=POLL_TIMEOUT, allowed_updates=ALLOWED_UPDATES)
         await self.app.start()
+        await replay_inbox(self.app)
+        self._sweeper = asyncio.create_task(sweep_daily(self.runtime), name="retention-sweep")
         if settings.model_poll_seconds > 0:
             self._follower = asyncio.create_task(
                 follow_promoted(self.runtime, settings.model_poll_seconds, self._notify_reviews),
@@ -174,11 +191,12 @@ class CaptionBot:
             await app.updater.stop()
         if app.running:
             await app.stop()  # waits for the handlers in flight (their captions are still served)
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
-            self._follower = None
+        for task in (self._follower, self._sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._follower = self._sweeper = None
         if self.service is not None:
             try:
                 await self.service.close(drain_timeout=self._request_timeout())

@@ -16,7 +16,8 @@ from typing import Any
 
 from telegram.ext import CallbackContext, ContextTypes, ExtBot
 
-from bot.ratelimit import RateLimiter
+from bot.limits import Limits
+from captioner.images import ImageLimits
 from captioner.serving.base import CaptionService
 from common.settings import Settings
 from storage import Storage
@@ -29,13 +30,15 @@ class Runtime:
     settings: Settings
     storage: Storage
     service: CaptionService
-    limiter: RateLimiter
+    limits: Limits
+    image_limits: ImageLimits = field(default_factory=ImageLimits)  # the worker's, for re-encoding
     started_at: float = field(default_factory=time.monotonic)
     captioned: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
     promoted_loaded: str | None = None  # name of the promoted model version now serving, if any
     # "name@path" -> error: versions that failed to load, not retried by the poll
     failed_models: dict[str, str] = field(default_factory=dict)
+    disk_low_told: bool = False  # operators were told the disk is below the floor (until it recovers)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # candidates awaiting review the admins were told about, and the review messages' (chat, message)
     # -> model version id: Approve / Reject work only under the message sent for that candidate

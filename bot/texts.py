@@ -65,23 +65,41 @@ HELP = (
     "Send me a <b>photo</b>, an <b>image file</b> (JPEG, PNG, WebP, GIF) or an <b>album</b>, "
     "and I'll describe each picture in one sentence.\n\n"
     + _BUTTONS_HELP
-    + "\n\n/cancel stops a correction you started\n"
+    + "\n\nIn a group I caption a photo only when asked: reply to it with /caption, or mention me in "
+    "its caption. Corrections are taken in private chats only."
+    "\n\n/cancel stops a correction you started\n"
     "/privacy what I store and why\n"
     "/forget delete everything I stored about you"
 )
 
-PRIVACY = (
-    "<b>What I store</b>\n"
-    "• the photos you send me, and the captions I wrote for them\n"
-    "• your 👍/👎 votes and the corrections you type\n"
-    "• your Telegram user id (to link the above to you), and your app language if you used /start\n\n"
-    "<b>What for</b>\n"
-    "Corrections and well-rated captions are used to train the next version of the captioning "
-    "model. Nothing is shared with anyone else, and nothing is used for advertising.\n\n"
-    "<b>Deleting</b>\n"
-    "/forget deletes your votes, corrections, captions, and the photos only you sent. "
-    "It takes effect at once."
-)
+def privacy(retention_days: float, trained_retention_days: float) -> str:
+    """What is kept, for how long, who sees it, and what /forget does and does not undo."""
+    return (
+        "<b>What I store</b>\n"
+        "• the photos you send me, re-encoded small (at most 1024 px) without location or camera data, "
+        "and the captions I wrote for them\n"
+        "• your 👍/👎 votes and the corrections you type\n"
+        "• your Telegram user id (to link the above to you), and your app language if you used /start\n"
+        "• in groups: only photos someone asked me to caption, linked to the person who asked\n\n"
+        "<b>For how long</b>\n"
+        f"• photos nobody corrected: {_days(retention_days)}, then they are deleted with their captions "
+        "and votes\n"
+        "• photos with corrections: until a model has trained on them, then "
+        f"{_days(trained_retention_days)}\n\n"
+        "<b>Who can see it</b>\n"
+        "Only the people who run this bot. Corrections and well-rated captions are used to train the "
+        "next version of the captioning model; nothing is shared or used for advertising.\n\n"
+        "<b>Deleting</b>\n"
+        "/forget deletes at once your votes, corrections, captions, the photos only you sent and "
+        "any photo still waiting for an answer. Your user id stays, marked as forgotten. A model "
+        "already trained on your corrections keeps what it learned; later models are trained "
+        "without them. Copies an operator exported for training before are not changed."
+    )
+
+
+def _days(days: float) -> str:
+    return f"{days:g} day" + ("" if days == 1 else "s")
+
 
 # ---------------------------------------------------------------- captions
 
@@ -162,6 +180,10 @@ def correction_rejected(err: CorrectionRejected) -> str:
     return f"🤔 {escape(reason)}\nReply again with a new caption, or /cancel."
 
 
+CORRECT_IN_PRIVATE = "Corrections are taken in a private chat with me: send me the photo there and tap ✏️."
+CAPTION_HOW = (
+    "To get a caption, reply to a photo with /caption (in a group you can also mention me in the photo's caption)."
+)
 REPLY_NOT_CAPTION = "To correct a caption, reply to the caption message itself, or tap ✏️ under it."
 CANCELLED = "OK, correction cancelled."
 NOTHING_TO_CANCEL = "There's nothing to cancel. Send me a photo whenever you like."
@@ -184,14 +206,17 @@ CAPTION_GONE = (
     "That caption is no longer stored (it may have been deleted with /forget). Send the photo again."
 )
 PHOTO_GONE = "I no longer have that photo. Send it again and I'll take another look."
+BUTTON_NOT_HERE = "This button doesn't belong to this message, so I ignored it."
 BUTTON_UNKNOWN = "This button is from an older version of me. Send the photo again to get fresh buttons."
 
 # ---------------------------------------------------------------- limits and bad input
 
 
-def file_too_big_for_telegram(size: int) -> str:
+def file_too_big_for_telegram(size: int | None) -> str:
+    """``size`` None: Telegram refused the file as too big without saying how big it is."""
+    this = f"This file is {_mb(size)}" if size is not None else "This file is too big"
     return (
-        f"😕 This file is {_mb(size)}; Telegram lets bots download files up to 20 MB. "
+        f"😕 {this}; Telegram lets bots download files up to 20 MB. "
         "Please send it as a photo (Telegram compresses it) or a smaller file."
     )
 
@@ -228,6 +253,13 @@ def rate_limited(limit: int, retry_after: float) -> str:
     return (
         f"🐢 Slow down a little: I caption up to {limit} photos a minute per person. "
         f"Please send this one again in {_duration(retry_after)}."
+    )
+
+
+def actions_limited(limit: int, retry_after: float) -> str:
+    return (
+        f"🐢 Slow down a little: I take up to {limit} taps, commands and messages a minute per person. "
+        f"Try again in {_duration(retry_after)}."
     )
 
 
@@ -282,6 +314,13 @@ def _count(n: int, noun: str) -> str:
 
 
 # ---------------------------------------------------------------- operators
+
+
+def disk_low(free: int, floor: int) -> str:
+    return (
+        f"⚠️ The data folder has {_mb(free)} free, below the floor of {_mb(floor)}. I keep captioning "
+        "but store no photos or captions (they come without buttons) until there is room again."
+    )
 
 
 def admin_only(command: str) -> str:

@@ -10,16 +10,17 @@ bot's business (``bot/texts.py``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_PIXELS = 16_000_000  # a 16 MP phone photo; above it decoding costs more than it brings
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO"})
 
 Details = dict[str, int | str]
@@ -95,16 +96,69 @@ class ImageLimits:
 
 def load_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
     """Decode ``data`` into an upright 8-bit RGB image, or raise an :class:`ImageError`."""
+    return load_image_for(data, limits)[0]
+
+
+def load_image_for(data: bytes, limits: ImageLimits | None = None,
+                   draft_to: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """(the upright RGB image, its full upright size in pixels) for ``data``.
+
+    With ``draft_to``, a JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale, the smallest that
+    still covers ``draft_to`` x ``draft_to`` pixels: a 16 MP photo then costs a fraction of its
+    full decode, and the model, which squashes every photo to its input size, sees the same
+    picture. Other formats are decoded in full.
+    """
     limits = limits or ImageLimits()
     if len(data) > limits.max_bytes:
         raise image_error(ImageProblem.TOO_MANY_BYTES, size=len(data), limit=limits.max_bytes)
     if not data:
         raise image_error(ImageProblem.EMPTY)
     image = _open(data, limits)
-    _check_pixels(image.size, limits)
+    full_size = image.size
+    _check_pixels(full_size, limits)
+    if draft_to is not None and image.format in ("JPEG", "MPO"):
+        image.draft(None, (draft_to, draft_to))  # None keeps the mode
     image = _decode_first_frame(image, limits)
+    decoded_size = image.size
     image = ImageOps.exif_transpose(image)
-    return _to_rgb(image)
+    turned = decoded_size[0] != decoded_size[1] and image.size == (decoded_size[1], decoded_size[0])
+    upright = (full_size[1], full_size[0]) if turned else full_size
+    return _to_rgb(image), upright
+
+
+STORED_MAX_SIDE = 1024  # longest side of a stored photo, in pixels
+STORED_JPEG_QUALITY = 85
+
+
+def storable_jpeg(data: bytes, limits: ImageLimits | None = None, max_side: int = STORED_MAX_SIDE) -> bytes:
+    """The photo as it may be kept: an upright sRGB JPEG, longest side at most ``max_side``, and
+    no metadata at all (no EXIF, so no GPS position or camera serial; no ICC profile, as the
+    colours are converted to sRGB first). Raises :class:`ImageError` like :func:`load_image`."""
+    profile = _icc_profile(data)
+    image, _ = load_image_for(data, limits, draft_to=max_side)
+    if profile is not None:
+        image = _to_srgb(image, profile)
+    image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=STORED_JPEG_QUALITY)  # writes no EXIF or ICC unless given them
+    return buffer.getvalue()
+
+
+def _icc_profile(data: bytes) -> bytes | None:
+    with contextlib.suppress(Exception), Image.open(io.BytesIO(data)) as image:
+        profile = image.info.get("icc_profile")
+        return bytes(profile) if profile else None
+    return None
+
+
+def _to_srgb(image: Image.Image, profile: bytes) -> Image.Image:
+    """The image's colours converted from its embedded profile to sRGB (unchanged if unreadable)."""
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        converted = ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return image
+    return converted if converted is not None else image
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:

@@ -62,11 +62,21 @@ class Settings(BaseSettings):
     # people and limits
     admin_ids: Annotated[frozenset[int], NoDecode] = Field(frozenset(), validation_alias="CAPTIONBOT_ADMIN_IDS")
     photos_per_minute: int = Field(6, ge=0, validation_alias="CAPTIONBOT_PHOTOS_PER_MINUTE")  # 0 = no limit
+    # button presses, commands and texts one person may send per minute (0 = no limit)
+    actions_per_minute: int = Field(30, ge=0, validation_alias="CAPTIONBOT_ACTIONS_PER_MINUTE")
+    # photos of one person downloaded, queued or captioned at once; the rest of an album waits
+    photos_in_flight: int = Field(2, gt=0, validation_alias="CAPTIONBOT_PHOTOS_IN_FLIGHT")
     max_file_mb: float = Field(BOT_API_DOWNLOAD_LIMIT / MB, gt=0, validation_alias="CAPTIONBOT_MAX_FILE_MB")
     max_megapixels: float | None = Field(None, gt=0, validation_alias="CAPTIONBOT_MAX_MEGAPIXELS")
     # tell people their queue position when this many are waiting; 0 = never
     queue_notice_at: int = Field(3, ge=0, validation_alias="CAPTIONBOT_QUEUE_NOTICE_AT")
     concurrent_updates: int = Field(64, gt=0, validation_alias="CAPTIONBOT_CONCURRENT_UPDATES")
+    # stored photos: retention, per-person quota, and the free disk below which nothing is stored
+    photo_retention_days: float = Field(30.0, gt=0, validation_alias="CAPTIONBOT_PHOTO_RETENTION_DAYS")
+    trained_photo_retention_days: float = Field(
+        365.0, gt=0, validation_alias="CAPTIONBOT_TRAINED_PHOTO_RETENTION_DAYS")
+    photo_quota_mb: float = Field(50.0, gt=0, validation_alias="CAPTIONBOT_PHOTO_QUOTA_MB")
+    min_free_disk_mb: float = Field(2048.0, ge=0, validation_alias="CAPTIONBOT_MIN_FREE_DISK_MB")
     log_level: str = Field("INFO", validation_alias="CAPTIONBOT_LOG_LEVEL")
     # trusted learning: what a correction meets on the way in, and who decides what the model learns
     corrections_per_day: int = Field(20, ge=0, validation_alias="CAPTIONBOT_CORRECTIONS_PER_DAY")  # 0 = no cap
@@ -111,7 +121,8 @@ class Settings(BaseSettings):
         return lowered
 
     @field_validator("batch_wait_ms", "request_timeout", "model_poll_seconds", "max_file_mb",
-                     "max_megapixels")
+                     "max_megapixels", "photo_retention_days", "trained_photo_retention_days",
+                     "photo_quota_mb", "min_free_disk_mb")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
@@ -140,6 +151,14 @@ class Settings(BaseSettings):
         if upper not in LOG_LEVELS:
             raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
         return upper
+
+    @property
+    def photo_quota_bytes(self) -> int:
+        return int(self.photo_quota_mb * MB)
+
+    @property
+    def min_free_disk_bytes(self) -> int:
+        return int(self.min_free_disk_mb * MB)
 
     @property
     def max_file_bytes(self) -> int:

@@ -43,8 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--include-upvoted", action="store_true", help="also export captions voted up")
     stats = sub.add_parser("stats", parents=[common], help="print counts")
     stats.add_argument("--days", type=int, default=7)
-    sweep = sub.add_parser("sweep", parents=[common], help="delete photo files no row refers to")
-    sweep.add_argument("--older-than-hours", type=float, default=1.0)
+    sweep = sub.add_parser("sweep", parents=[common],
+                           help="delete photos past their retention, and photo files no row refers to")
+    sweep.add_argument("--older-than-hours", type=float, default=1.0, help="age of unreferenced files to delete")
+    sweep.add_argument("--retention-days", type=float,
+                       help="photos never corrected (default: $CAPTIONBOT_PHOTO_RETENTION_DAYS)")
+    sweep.add_argument("--trained-retention-days", type=float,
+                       help="photos trained on (default: $CAPTIONBOT_TRAINED_PHOTO_RETENTION_DAYS)")
     return parser
 
 
@@ -84,8 +89,9 @@ async def _stats(args: argparse.Namespace) -> None:
 
 async def _sweep(args: argparse.Namespace) -> None:
     async with await Storage.open(args.database_url, args.data_dir) as storage:
+        expired = await storage.apply_retention(args.retention_days, args.trained_retention_days)
         deleted = await storage.sweep_orphan_files(timedelta(hours=args.older_than_hours))
-    print(f"deleted {deleted} unreferenced photo files")
+    print(f"deleted {expired} photos past their retention and {deleted} unreferenced photo files")
 
 
 COMMANDS = {"upgrade": _upgrade, "export": _export, "stats": _stats, "sweep": _sweep}
@@ -100,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args.database_url = args.database_url or settings.database_url
     args.data_dir = args.data_dir or settings.data_dir
+    if args.command == "sweep":
+        args.retention_days = args.retention_days or settings.photo_retention_days
+        args.trained_retention_days = args.trained_retention_days or settings.trained_photo_retention_days
     asyncio.run(COMMANDS[args.command](args))
     return 0
 

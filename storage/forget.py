@@ -9,7 +9,17 @@ from sqlalchemy import delete, exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from storage.models import Caption, Correction, PendingCorrectionRow, Person, Photo, PhotoSender, Vote, utcnow
+from storage.models import (
+    Caption,
+    Correction,
+    InboxEntry,
+    PendingCorrectionRow,
+    Person,
+    Photo,
+    PhotoSender,
+    Vote,
+    utcnow,
+)
 from storage.people import person_by_telegram_id
 from storage.photos import PhotoStore
 from storage.records import ForgetReport
@@ -59,6 +69,7 @@ async def _delete_person_data(session: AsyncSession, person: Person) -> tuple[Fo
         await session.execute(delete(PhotoSender).where(PhotoSender.photo_id.in_(chunk)))
         photos += await rowcount(session, delete(Photo).where(Photo.id.in_(chunk)))
     await session.execute(delete(PhotoSender).where(PhotoSender.person_id == pid))
+    await session.execute(delete(InboxEntry).where(InboxEntry.sender_id == person.telegram_id))
 
     person.is_forgotten = True
     person.forgotten_at = utcnow()

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from common.atomic import TMP_PREFIX, atomic_write_bytes
 
-PHOTO_MODE = 0o644  # readable by the trainer, which may run as another user
+PHOTO_MODE = 0o600  # people's photos: readable by the bot's own user only (the trainer runs as it)
+FOLDER_MODE = 0o700
 PHOTO_SUFFIX = ".jpg"
 
 
@@ -46,6 +47,7 @@ class PhotoStore:
         rel = relative_path(sha256)
         target = self.path(rel)
         if not self._is_complete(target, len(data)):
+            target.parent.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
             atomic_write_bytes(target, data, mode=PHOTO_MODE)
         return rel
 

@@ -24,6 +24,7 @@ __all__ = [
     "ExportReport",
     "FlagReason",
     "ForgetReport",
+    "InboxItem",
     "ModelStatus",
     "ModelVersionRecord",
     "PendingCorrection",
@@ -267,3 +268,17 @@ class ForgetReport:
     photos: int = 0
     files_deleted: int = 0
     pending: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class InboxItem:
+    """A photo request as it arrived: enough to download and answer it again after a crash."""
+
+    chat_id: int
+    chat_type: str
+    message_id: int
+    sender_id: int
+    kind: str  # "photo" or "document"
+    file_id: str
+    file_unique_id: str
+    file_size: int | None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,11 +21,11 @@ from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from storage import captions, config, corrections, forget, model_versions, people
+from storage import captions, config, corrections, forget, inbox, model_versions, people, retention
 from storage import migrate as migrations
 from storage import stats as statistics
 from storage.engine import create_engine, sqlite_file
-from storage.photos import PhotoStore, sha256_hex
+from storage.photos import FOLDER_MODE, PhotoStore, sha256_hex
 from storage.records import (
     CaptionRecord,
     CorrectionOutcome,
@@ -264,10 +265,38 @@ class Storage:
         known = await self._tx.read(forget.referenced_paths)
         return await self._delete_unreferenced_files([rel for rel in on_disk if rel not in known])
 
+    async def apply_retention(self, untouched_days: float, trained_days: float,
+                              now: datetime | None = None) -> int:
+        """Delete the photos (rows, captions, votes, corrections, files) whose retention is over;
+        returns how many photos went. See ``storage.retention``."""
+        moment = now or datetime.now(UTC)
+        return await self._delete_photos(
+            lambda session: retention.expired_photos(session, moment, untouched_days, trained_days))
+
+    async def enforce_quota(self, telegram_id: int, quota_bytes: int) -> int:
+        """Delete a person's oldest photos beyond their quota; returns how many went."""
+        return await self._delete_photos(
+            lambda session: retention.over_quota_photos(session, telegram_id, quota_bytes))
+
+    async def _delete_photos(self, choose: Callable[[AsyncSession], Awaitable[list[int]]]) -> int:
+        async def chosen_and_deleted(session: AsyncSession) -> tuple[int, list[str]]:
+            return await retention.delete_photos(session, await choose(session))
+
+        deleted, rel_paths = await self._tx.write(chosen_and_deleted)
+        await self._delete_unreferenced_files(rel_paths)
+        return deleted
+
     async def _delete_unreferenced_files(self, rel_paths: list[str]) -> int:
         if not rel_paths:
             return 0
         return await self._tx.write(lambda session: forget.delete_unreferenced_files(session, self.photos, rel_paths))
+
+    # ------------------------------------------------------------------ the durable inbox
+
+    inbox_receive = _writing(inbox.receive)
+    inbox_answered = _writing(inbox.mark_answered)
+    inbox_take_for_replay = _writing(inbox.take_for_replay)
+    inbox_prune = _writing(inbox.prune)
 
     # ------------------------------------------------------------------ statistics and model versions
 
@@ -282,7 +311,16 @@ class Storage:
     list_model_versions = _reading(model_versions.list_model_versions)
 
 
+DATABASE_MODE = 0o600  # the database holds who sent what: the bot's own user only
+
+
 def _prepare_folders(directory: Path, db_file: Path | None) -> None:
-    config.photos_dir(directory).mkdir(parents=True, exist_ok=True)
+    """The data and photo folders (0700) and the SQLite file (0600), tightened if older and looser."""
+    photos = config.photos_dir(directory)
+    photos.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+    for folder in {directory, photos}:
+        os.chmod(folder, FOLDER_MODE)
     if db_file is not None:
-        db_file.parent.mkdir(parents=True, exist_ok=True)
+        db_file.parent.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+        os.close(os.open(db_file, os.O_CREAT | os.O_WRONLY, DATABASE_MODE))  # SQLite takes an empty file
+        os.chmod(db_file, DATABASE_MODE)

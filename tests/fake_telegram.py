@@ -234,6 +234,7 @@ class FakeTelegram:
         self.conflicts = 0
         self.polls = 0  # getUpdates calls (empty ones are not kept in ``calls``)
         self.flood_errors = 0
+        self.download_delay = 0.0  # seconds a file download stalls (a slow Telegram file server)
         self._update_ids = itertools.count(1000)
         self._message_ids: dict[int, itertools.count[int]] = {}
         self._file_ids = itertools.count(1)
@@ -348,6 +349,8 @@ class FakeTelegram:
         for stored in self.files.values():
             if stored.file_path == path:
                 self.calls.append(Call("download", {"file_path": path}, {}, time.monotonic()))
+                self._notify_soon()
+                await asyncio.sleep(self.download_delay)
                 return web.Response(body=stored.data, content_type="application/octet-stream")
         raise web.HTTPNotFound()
 

@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from bench.report import ROOT, absolute_paths, command_line, relative
+from common.settings import Settings
 from tests.bot_support import fast_checkpoint
+from tests.helpers import photo_bytes
 
 CONTEXT_FIELDS = {
     "command", "git", "started_utc", "duration_seconds", "python", "torch", "platform", "cpus",
@@ -125,3 +127,28 @@ def test_absolute_paths_are_found_anywhere_in_a_report() -> None:
     assert absolute_paths({"a": ["photos from /work/shared/images"], "b": {"/srv/x/y": 1}}) == [
         "photos from /work/shared/images", "/srv/x/y"]
     assert absolute_paths({"a": "../shared/data/flickr8k/images", "b": "1/2 of ms/photo", "c": 3}) == []
+
+
+def test_photo_storage_bench_measures_bytes_before_and_after_reencoding(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed in range(3):
+        (images / f"{seed}.jpg").write_bytes(photo_bytes(seed, size=(300, 200)))
+    out = tmp_path / "storage.json"
+    document = run_bench("photo_storage.py", out, "--images", str(images), "--photos", "3", "--large-photos", "2",
+                         "--large-size", "1600x1200", "--json", str(out))
+    assert_reports_its_run(document, "photo_storage.py", tmp_path)
+    large = document["large_generated"]
+    assert large["photos"] == 2 and large["largest_stored_side"] == 1024
+    assert large["bytes_after"] < large["bytes_before"]
+    assert document["flickr8k_as_they_are"]["photos"] == 3
+
+
+def test_bot_burst_bench_reports_time_to_first_reply_with_default_limits(tmp_path: Path) -> None:
+    out = tmp_path / "burst.json"
+    document = run_bench("bot_burst.py", out, "--tiny", "--people", "2", "--per-person", "2", "--threads", "1",
+                         "--out", str(out))
+    assert_reports_its_run(document, "bot_burst.py", tmp_path)
+    assert document["photos"] == 4 and document["first_reply_ms"]["samples"] == 4
+    assert document["first_reply_kinds"] == {"caption": 4}
+    assert document["settings"]["photos_per_minute"] == Settings().photos_per_minute

@@ -1,15 +1,16 @@
 """A full caption queue, end to end: the real bot and worker against the fake Bot API.
 
-The queue can only fill when the bot handles more updates at once than the queue holds
-(CAPTIONBOT_CONCURRENT_UPDATES > CAPTIONBOT_QUEUE_CAPACITY): each handler submits one photo, and
-python-telegram-bot holds further updates until a handler finishes. Both sides are tested: with
-more handlers than places the overflow is told "busy", with fewer nobody is, everyone just waits.
+Before issue 12 the busy answer could only come when the bot handled more updates at once than
+the queue held: python-telegram-bot held further updates in silence until a handler finished, and
+with the defaults (64 and 64) nobody was ever told. Now the bot admits photos itself, below both
+the queue's capacity and the update cap, so the overflow is told "busy" at once with any settings,
+the defaults included.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -37,22 +38,29 @@ QUEUE_CAPACITY = 2
 BATCH_DELAY = 0.5  # seconds every batch of one photo takes: the queue stays full while photos arrive
 
 
-def slow_worker(settings: Settings, checkpoint: str | None) -> CaptionService:
-    """The bot's own worker, built from its settings, with batches slowed down."""
-    return ProcessCaptionService(replace(service_config(settings, checkpoint), debug_batch_delay=BATCH_DELAY))
+def slow_worker(delay: float) -> Callable[[Settings, str | None], CaptionService]:
+    """The bot's own worker, built from its settings, with every batch ``delay`` seconds slower."""
+    def build(settings: Settings, checkpoint: str | None) -> CaptionService:
+        return ProcessCaptionService(replace(service_config(settings, checkpoint), debug_batch_delay=delay))
+    return build
 
 
 @asynccontextmanager
-async def running_bot(tmp: Path, concurrent_updates: int) -> AsyncIterator[FakeTelegram]:
+async def running_bot(tmp: Path, concurrent_updates: int | None,
+                      batch_delay: float = BATCH_DELAY) -> AsyncIterator[FakeTelegram]:
+    """The bot with a slow worker; ``concurrent_updates`` None: every queue setting at its default."""
     fake = FakeTelegram(TOKEN)
     await fake.start()
+    small_queue: dict[str, Any] = {} if concurrent_updates is None else {
+        "queue_capacity": QUEUE_CAPACITY, "batch_size": 1, "batch_wait_ms": 0,
+        "concurrent_updates": concurrent_updates, "queue_notice_at": 0, "photos_per_minute": 0,
+    }
     settings = Settings(
         token=TOKEN, base_url=fake.base_url, base_file_url=fake.base_file_url, data_dir=tmp / "data",
-        model=str(fast_checkpoint(tmp / "model")), device="cpu", worker_threads=1, photos_per_minute=0,
-        queue_capacity=QUEUE_CAPACITY, batch_size=1, batch_wait_ms=0, concurrent_updates=concurrent_updates,
-        queue_notice_at=0, model_poll_seconds=0, request_timeout=120,
+        model=str(fast_checkpoint(tmp / "model")), device="cpu", worker_threads=1,
+        model_poll_seconds=0, request_timeout=120, **small_queue,
     )
-    bot = CaptionBot(settings, slow_worker)
+    bot = CaptionBot(settings, slow_worker(batch_delay))
     await bot.start()
     try:
         yield fake
@@ -99,8 +107,33 @@ async def test_a_full_queue_tells_people_it_is_busy_and_they_can_try_again(tmp_p
         assert answer["text"].startswith("📷"), answer["text"]
 
 
-async def test_with_no_more_handlers_than_places_nobody_is_told_busy(tmp_path: Path) -> None:
+async def test_with_no_more_handlers_than_places_the_overflow_is_still_told_busy(tmp_path: Path) -> None:
+    # Before issue 12 everyone here waited in silence for their caption (the update cap swallowed
+    # the busy path); now the bot keeps a handler free and tells the overflow at once.
     async with running_bot(tmp_path, concurrent_updates=QUEUE_CAPACITY) as fake:
         photos = await send_at_once(fake, 3 * QUEUE_CAPACITY)
         answers = await the_answers(fake, photos)
-        assert all(text.startswith("📷") for text in answers), answers
+        assert any(text == texts.BUSY for text in answers), answers
+        assert all(text == texts.BUSY or text.startswith("📷") for text in answers), answers
+
+
+async def test_with_the_default_settings_a_full_bot_says_busy_at_once(tmp_path: Path) -> None:
+    defaults = Settings()
+    assert (defaults.concurrent_updates, defaults.queue_capacity) == (64, None)  # the queue's own 64
+    # Six batches of eight, two seconds each: the queue stays full well past the last arrival.
+    async with running_bot(tmp_path, concurrent_updates=None, batch_delay=2.0) as fake:
+        photos = await send_at_once(fake, 100)
+        answers = await the_answers(fake, photos)
+        busy = [photo for photo, text in zip(photos, answers, strict=True) if text == texts.BUSY]
+        captioned = [text for text in answers if text.startswith("📷")]
+        assert busy and len(busy) + len(captioned) == len(photos), answers
+        waits = sorted(fake.latency(photo, fake.replies_to(photo["chat"]["id"], photo["message_id"])[0])
+                       for photo in busy)
+        slowest_caption = max(fake.latency(p, fake.replies_to(p["chat"]["id"], p["message_id"])[0])
+                              for p in photos if p not in busy)
+        print(f"\n100 photos at once, default settings: {len(captioned)} captioned, {len(busy)} told busy "
+              f"after {waits[len(waits) // 2]:.2f} s (median), {waits[-1]:.2f} s (slowest); "
+              f"slowest caption {slowest_caption:.1f} s")
+        # Told at once, not after the queue drained: sending 100 answers is itself paced by the
+        # Bot API's 30 messages a second (AIORateLimiter), the rest is the shared CPU.
+        assert waits[-1] < slowest_caption / 2, (waits, slowest_caption)

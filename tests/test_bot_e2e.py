@@ -392,8 +392,10 @@ async def test_unknown_or_missing_buttons_get_clear_answers(env: Env) -> None:
     _, answer = await caption_photo(env, lou, seed=41)
     query = await lou.press_data(answer, "x:legacy-button")
     assert "older version" in (await fake.wait_answer(query))["text"]
+    # A caption id that is not the one under this message is refused (issue 12: buttons are bound
+    # to their message), whether or not such a caption exists.
     query = await lou.press_data(answer, "c:999999")
-    assert "no longer stored" in (await fake.wait_answer(query))["text"]
+    assert (await fake.wait_answer(query))["text"] == texts.BUTTON_NOT_HERE
 
 
 async def test_unexpected_error_is_logged_and_reported_without_details(
@@ -431,23 +433,33 @@ async def test_group_chat_votes_show_counts(env: Env) -> None:
     group = fake.group(-5001)
     ned = fake.person(115, "Ned").in_chat(group)
     ola = fake.person(116, "Ola").in_chat(group)
+    # Issue 12: in a group the bot captions only when asked (here: /caption in reply to the photo).
     photo = await ned.photo(photo_bytes(50))
+    ask = await ola.command("/caption", reply_to=photo)
     [answer] = await fake.wait_reply(photo)
+    assert answer["text"].startswith("📷")
+    assert fake.replies_to(-5001, ask["message_id"]) == []
     await fake.wait_answer(await ned.press(answer, "👍"))
     await fake.wait_answer(await ola.press(answer, "👎"))
     await fake.wait_for(lambda: labels(current(env, answer))[:2] == ["👍 Right 1", "👎 Wrong 1"],
                         what="vote counts")
     chatter = await ola.text("nice one")  # group chatter is not for the bot
+    # Issue 12: corrections are taken in private chats only.
     reply = await ola.text("a red kite over a green field", reply_to=answer)
-    [ack] = await fake.wait_reply(reply)
-    assert "saved" in ack["text"]
+    refused = await fake.wait_answer(await ola.press(answer, "✏️"))
+    assert refused == {"text": texts.CORRECT_IN_PRIVATE, "show_alert": True}
     assert fake.replies_to(-5001, chatter["message_id"]) == []
+    assert fake.replies_to(-5001, reply["message_id"]) == []
+    unasked = await ned.photo(photo_bytes(51))  # a photo nobody asked about: no caption, nothing stored
     # Only the person who sent /forget can confirm it.
     ask = await ola.command("/forget")
     [question] = await fake.wait_reply(ask)
     refused = await fake.wait_answer(await ned.press(question, "🗑"))
     assert refused["show_alert"] and "person who sent /forget" in refused["text"]
     assert await stored_caption(env, answer) is not None
+    assert fake.replies_to(-5001, unasked["message_id"]) == []
+    kite = "a red kite over a green field"
+    assert [c for c in await env.storage.corrections_for_training() if c.text == kite] == []
 
 
 # ---------------------------------------------------------------------- load

@@ -3,14 +3,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import io
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from telegram import Update
+from telegram.error import NetworkError, TimedOut
 
 from bot import keyboards, texts
+from bot.handlers.errors import on_error
+from bot.limits import ALBUM_MAX_PHOTOS, Admission, Albums, InFlight
 from bot.logs import MASK, RedactingFormatter, configure_logging
 from bot.ratelimit import RateLimiter
 from bot.service import service_config
@@ -101,6 +107,8 @@ def _all_texts() -> list[str]:
         "position": 4, "wait_seconds": 12.3, "size": 25 * 1024 * 1024, "limit": 6, "reason": "bad <x>",
         "retry_after": 42.0, "file_name": "<cv>.pdf", "mime_type": "application/pdf", "votes": 1,
         "corrections": 2, "captions": 3, "photos": 4, "command": "stats",
+        "free": 1 << 30, "floor": 2 << 30,
+        "retention_days": 30.0, "trained_retention_days": 365.0, "days": 1.0,
         # operator review
         "name": "m<2>", "parent": "m<1>", "word": "<uni>", "correction": "a <uni> & a cycle",
         "examples": {"<uni>": ["a <uni> cycle"]},
@@ -145,8 +153,9 @@ def test_person_supplied_text_is_escaped() -> None:
 
 def test_button_answers_fit_in_a_callback_answer() -> None:
     for text in (texts.VOTE_UP_THANKS, texts.VOTE_DOWN_THANKS, texts.VOTE_UNCHANGED, texts.CAPTION_GONE,
-                 texts.PHOTO_GONE, texts.BUTTON_UNKNOWN, texts.ERROR, texts.CORRECTION_CALLBACK,
-                 texts.ATTENTION_CALLBACK, texts.rate_limited(6, 59)):
+                 texts.PHOTO_GONE, texts.BUTTON_UNKNOWN, texts.BUTTON_NOT_HERE, texts.ERROR,
+                 texts.CORRECTION_CALLBACK, texts.ATTENTION_CALLBACK, texts.rate_limited(6, 59),
+                 texts.actions_limited(30, 59)):
         assert len(text) <= 200 and "<" not in text
 
 
@@ -187,3 +196,78 @@ def test_configure_logging_quiets_the_http_client() -> None:
         root.setLevel(saved[0])
         for handler, formatter in zip(root.handlers, saved[1], strict=False):
             handler.setFormatter(formatter)
+
+
+# ---------------------------------------------------------------------- issue 12 limits
+
+
+def test_an_album_pays_the_photo_limit_once_for_up_to_ten_photos() -> None:
+    now = [0.0]
+    albums = Albums(period=60, clock=lambda: now[0])
+    assert not albums.already_admitted(1, "g")  # the first photo pays
+    albums.admit(1, "g")
+    assert all(albums.already_admitted(1, "g") for _ in range(ALBUM_MAX_PHOTOS - 1))
+    assert not albums.already_admitted(1, "g")  # an 11th photo under the same id pays again
+    assert not albums.already_admitted(2, "g")  # another person's group id is theirs alone
+    assert not albums.already_admitted(1, None)
+    albums.admit(3, "h")
+    now[0] = 61
+    assert not albums.already_admitted(3, "h")  # an old album id does not open the gate forever
+
+
+async def test_in_flight_lets_two_photos_of_a_person_through_and_forgets_idle_people() -> None:
+    in_flight = InFlight(2)
+    inside, most = 0, 0
+    release = asyncio.Event()
+
+    async def one(person: int) -> None:
+        nonlocal inside, most
+        async with in_flight.slot(person):
+            inside += 1
+            most = max(most, inside)
+            await release.wait()
+            inside -= 1
+
+    tasks = [asyncio.create_task(one(7)) for _ in range(5)]
+    await asyncio.sleep(0.05)
+    assert inside == 2
+    other = asyncio.create_task(one(8))  # someone else is not held up by person 7
+    await asyncio.sleep(0.05)
+    assert inside == 3
+    release.set()
+    await asyncio.gather(*tasks, other)
+    assert most == 3 and not in_flight._slots
+
+
+def test_admission_keeps_handlers_free_for_busy_answers_whatever_the_settings() -> None:
+    assert Admission.for_settings(64, 64).capacity == 48  # the defaults: 16 handlers stay free
+    assert Admission.for_settings(64, 12).capacity == 9
+    assert Admission.for_settings(2, 12).capacity == 2
+    assert Admission.for_settings(2, 2).capacity == 1
+    admission = Admission(2)
+    assert admission.enter() and admission.enter() and not admission.enter()
+    admission.leave()
+    assert admission.enter()
+
+
+async def test_a_send_that_timed_out_is_not_followed_by_an_apology() -> None:
+    """A Telegram stall: the caption's sendMessage timed out (it may have been delivered)."""
+    sent: list[str] = []
+
+    async def send_message(chat_id: int, text: str, **_: object) -> None:
+        sent.append(text)
+
+    update = Update.de_json({"update_id": 1, "message": {
+        "message_id": 5, "date": 0, "chat": {"id": 77, "type": "private"},
+        "from": {"id": 77, "is_bot": False, "first_name": "Hal"}, "text": "x"}}, None)
+    for error, told in ((TimedOut(), []), (NetworkError("connection reset"), [texts.ERROR])):
+        sent.clear()
+        context = SimpleNamespace(error=error, bot=SimpleNamespace(send_message=send_message))
+        await on_error(update, context)  # type: ignore[arg-type]
+        assert sent == told
+
+
+def test_privacy_states_the_retention_the_bot_runs_with() -> None:
+    text = parse_html(texts.privacy(30, 365))
+    assert "30 days" in text and "365 days" in text and "1024 px" in text
+    assert "keeps what it learned" in text and "marked as forgotten" in text

@@ -2,7 +2,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 
 from captioner.images import (
     ERROR_CLASSES,
@@ -15,6 +15,8 @@ from captioner.images import (
     UnsupportedImageError,
     image_error,
     load_image,
+    load_image_for,
+    storable_jpeg,
 )
 from captioner.inference import to_model_input
 from tests.helpers import photo_bytes
@@ -131,3 +133,51 @@ def test_model_input_shape_and_normalisation() -> None:
     tensor = to_model_input(image, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert tuple(tensor.shape) == (3, 32, 32)
     assert tensor[0].allclose(tensor.new_ones(())) and tensor[1].allclose(-tensor.new_ones(()))
+
+
+def test_images_above_16_megapixels_are_refused_by_default() -> None:
+    over = _encode(Image.new("L", (4001, 4000)), "PNG")  # 16.004 MP
+    with pytest.raises(ImageTooLargeError) as info:
+        load_image(over)
+    assert info.value.details == {"limit": 16_000_000}
+    assert load_image(_encode(Image.new("L", (4000, 4000)), "PNG")).size == (4000, 4000)
+
+
+def test_a_large_jpeg_is_decoded_in_draft_mode_and_reports_its_full_upright_size() -> None:
+    picture = Image.effect_noise((4000, 3000), 40).convert("RGB")
+    data = _encode(picture, "JPEG")
+    image, size = load_image_for(data, draft_to=256)
+    assert size == (4000, 3000)
+    assert image.size == (500, 375)  # 1/8 scale: the smallest that still covers 256 x 256
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view"
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", exif=exif)
+    image, size = load_image_for(buffer.getvalue(), draft_to=256)
+    assert size == (3000, 4000) and image.size == (375, 500)
+    assert load_image_for(data)[0].size == (4000, 3000)  # without a draft size: the full decode
+
+
+def _with_gps_and_profile(size: tuple[int, int], fmt: str) -> bytes:
+    exif = Image.Exif()
+    exif[0x010F] = "CameraMaker"
+    exif[0x8825] = {2: (51.0, 30.0, 0.0), 1: "N"}  # GPSInfo: latitude
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    buffer = io.BytesIO()
+    Image.effect_noise(size, 30).convert("RGB").save(buffer, fmt, exif=exif, icc_profile=profile)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_stored_photo_is_a_small_jpeg_without_metadata(fmt: str) -> None:
+    data = _with_gps_and_profile((3000, 2000), fmt)
+    with Image.open(io.BytesIO(data)) as original:
+        assert original.getexif() and original.info.get("icc_profile")
+    stored = storable_jpeg(data)
+    with Image.open(io.BytesIO(stored)) as image:
+        assert image.format == "JPEG" and image.size == (1024, 683)
+        assert not image.getexif() and "icc_profile" not in image.info and "exif" not in image.info
+    assert b"CameraMaker" not in stored
+    small = storable_jpeg(photo_bytes(1))  # already small: size kept, still re-encoded
+    with Image.open(io.BytesIO(small)) as image:
+        assert max(image.size) <= 1024 and image.format == "JPEG"

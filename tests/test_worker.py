@@ -33,6 +33,7 @@ from captioner.serving.base import (
 from captioner.serving.config import ServiceConfig
 from captioner.serving.process import ProcessCaptionService
 from captioner.serving.protocol import RequestFailed
+from captioner.serving.spawn import clean_environment
 from tests.helpers import make_checkpoint, photo_bytes
 
 BASE: dict[str, Any] = dict(device="cpu", threads=1, request_timeout=60.0)
@@ -337,3 +338,13 @@ async def test_close_answers_queued_requests_then_stops_the_worker(tiny_checkpoi
     assert all(isinstance(o, CaptionResult | ServiceClosedError) for o in outcomes)
     assert any(isinstance(o, ServiceClosedError) for o in outcomes)
     assert not _alive(pid)
+
+
+def test_the_worker_keeps_only_the_environment_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A copy stands in for this process's environment, which the test must leave as it is.
+    monkeypatch.setattr(os, "environ", dict(os.environ, TELEGRAM_BOT_TOKEN="123:secret", OMP_NUM_THREADS="1",
+                                            DATABASE_URL="postgresql+asyncpg://u:password@h/db"))
+    dropped = clean_environment()
+    assert {"TELEGRAM_BOT_TOKEN", "DATABASE_URL"} <= set(dropped)
+    assert "TELEGRAM_BOT_TOKEN" not in os.environ and "DATABASE_URL" not in os.environ
+    assert os.environ["OMP_NUM_THREADS"] == "1" and "PATH" in os.environ

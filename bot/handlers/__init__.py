@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from telegram import Message
-from telegram.ext import Application, CallbackQueryHandler, CommandHandler, MessageHandler, filters
+from telegram import Message, Update
+from telegram.ext import Application, CallbackQueryHandler, CommandHandler, MessageHandler, TypeHandler, filters
 
 from bot.handlers.buttons import on_button
 from bot.handlers.commands import (
@@ -17,8 +17,9 @@ from bot.handlers.commands import (
 )
 from bot.handlers.corrections import on_cancel, on_text
 from bot.handlers.errors import on_error
+from bot.handlers.gate import limit_actions
 from bot.handlers.other import on_other
-from bot.handlers.photos import is_image_document, on_image
+from bot.handlers.photos import is_image_document, on_caption_command, on_image
 from bot.review import CALLBACK_PREFIX as REVIEW_PREFIX
 from bot.review import on_review_button
 
@@ -38,11 +39,13 @@ IMAGE_DOCUMENT = _ImageDocument(name="ImageDocument")
 
 def register(app: Application) -> None:
     new = filters.UpdateType.MESSAGE  # edits and channel posts are not answered
+    app.add_handler(TypeHandler(Update, limit_actions), group=-1)  # before any handler below
     app.add_handler(CommandHandler("start", on_start, filters=new))
     app.add_handler(CommandHandler("help", on_help, filters=new))
     app.add_handler(CommandHandler("privacy", on_privacy, filters=new))
     app.add_handler(CommandHandler("forget", on_forget, filters=new))
     app.add_handler(CommandHandler("cancel", on_cancel, filters=new))
+    app.add_handler(CommandHandler("caption", on_caption_command, filters=new))
     app.add_handler(CommandHandler("stats", on_stats, filters=new))
     app.add_handler(CommandHandler("reload", on_reload, filters=new))
     app.add_handler(MessageHandler(new & filters.COMMAND, on_unknown_command))

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from html import escape
 
-from telegram import CallbackQuery, ForceReply, Message, ReplyParameters, Update, User
+from telegram import CallbackQuery, ForceReply, Message, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatType
 from telegram.error import BadRequest
 
@@ -39,12 +38,15 @@ async def on_button(update: Update, context: Context) -> None:
         await _forget(query, runtime, bool(action.confirm))
         return
     assert action.caption_id is not None
+    caption = await _bound_caption(query, runtime, action.caption_id)
+    if caption is None:
+        return
     if action.kind == "vote":
-        await _vote(query, runtime, action.caption_id, bool(action.up))
+        await _vote(query, runtime, caption.id, bool(action.up))
     elif action.kind == "correct":
-        await _correct(query, context, runtime, action.caption_id)
+        await _correct(query, context, runtime, caption)
     elif action.kind == "attention":
-        await _attention(query, context, runtime, action.caption_id)
+        await _attention(query, context, runtime, caption)
 
 
 async def _answer(query: CallbackQuery, text: str | None = None, show_alert: bool = False) -> None:
@@ -87,12 +89,39 @@ def _is_private(query: CallbackQuery) -> bool:
     return message is None or message.chat.type == ChatType.PRIVATE
 
 
-async def _caption_or_gone(query: CallbackQuery, runtime: Runtime, caption_id: int) -> CaptionRecord | None:
-    """The caption under the button, or None after telling the person it is no longer stored."""
-    caption = await runtime.storage.get_caption(caption_id)
+async def _bound_caption(query: CallbackQuery, runtime: Runtime, caption_id: int) -> CaptionRecord | None:
+    """The caption a button acts on, or None after telling the presser why not.
+
+    Callback data is chosen by the client, so a crafted press can name any caption id. The id
+    is honoured only when it is the caption stored for the very chat and message the button
+    was pressed under; anything else (another person's caption, a deleted one, a message
+    Telegram no longer gives us) is refused without reading or changing that caption.
+    """
+    message = _message(query)
+    if message is None:
+        await _answer(query, texts.CAPTION_GONE, show_alert=True)
+        return None
+    caption = await runtime.storage.find_caption_by_message(message.chat.id, message.message_id)
+    if caption is None:
+        caption = await _being_linked(runtime, caption_id, message)
     if caption is None:
         await _gone(query)
+        return None
+    if caption.id != caption_id:
+        log.warning("button %r refused: message %d in chat %d shows caption %d (user %d)",
+                    query.data, message.message_id, message.chat.id, caption.id, query.from_user.id)
+        await _answer(query, texts.BUTTON_NOT_HERE, show_alert=True)
+        return None
     return caption
+
+
+async def _being_linked(runtime: Runtime, caption_id: int, message: Message) -> CaptionRecord | None:
+    """A caption of this chat whose message is being linked (a press in the moment between
+    sending the caption and storing its message id, or linked since the first look)."""
+    caption = await runtime.storage.get_caption(caption_id)
+    if caption is None or caption.chat_id != message.chat.id:
+        return None
+    return caption if caption.message_id in (None, message.message_id) else None
 
 
 def _answer_place(query: CallbackQuery) -> tuple[int, ReplyParameters | None]:
@@ -103,16 +132,17 @@ def _answer_place(query: CallbackQuery) -> tuple[int, ReplyParameters | None]:
     return message.chat.id, replying_to(message.message_id)
 
 
-async def _correct(query: CallbackQuery, context: Context, runtime: Runtime, caption_id: int) -> None:
-    caption = await _caption_or_gone(query, runtime, caption_id)
-    if caption is None:
+async def _correct(query: CallbackQuery, context: Context, runtime: Runtime, caption: CaptionRecord) -> None:
+    if not _is_private(query):
+        await _answer(query, texts.CORRECT_IN_PRIVATE, show_alert=True)
         return
+    caption_id = caption.id
     user = query.from_user
     chat_id, reply_parameters = _answer_place(query)
     await _answer(query, texts.CORRECTION_CALLBACK)
     prompt = await context.bot.send_message(
         chat_id,
-        _mention(user, _message(query)) + texts.correction_prompt(caption.text),
+        texts.correction_prompt(caption.text),
         reply_parameters=reply_parameters,
         reply_markup=ForceReply(selective=True, input_field_placeholder=texts.CORRECTION_PROMPT_PLACEHOLDER),
     )
@@ -125,17 +155,8 @@ async def _correct(query: CallbackQuery, context: Context, runtime: Runtime, cap
     log.info("correction started caption=%d user=%d prompt=%d", caption_id, user.id, prompt.message_id)
 
 
-def _mention(user: User, message: Message | None) -> str:
-    """In groups, name the person so that the selective ForceReply opens on their keyboard only."""
-    if message is None or message.chat.type == ChatType.PRIVATE:
-        return ""
-    return f'<a href="tg://user?id={user.id}">{escape(user.first_name or "you")}</a>, '
-
-
-async def _attention(query: CallbackQuery, context: Context, runtime: Runtime, caption_id: int) -> None:
-    caption = await _caption_or_gone(query, runtime, caption_id)
-    if caption is None:
-        return
+async def _attention(query: CallbackQuery, context: Context, runtime: Runtime, caption: CaptionRecord) -> None:
+    caption_id = caption.id
     user = query.from_user
     try:
         path = runtime.storage.resolve_photo_path(caption)
@@ -143,9 +164,10 @@ async def _attention(query: CallbackQuery, context: Context, runtime: Runtime, c
     except OSError:
         await _gone(query, texts.PHOTO_GONE)
         return
-    retry_after = runtime.limiter.acquire(user.id)
+    photos = runtime.limits.photos
+    retry_after = photos.acquire(user.id)
     if retry_after:
-        await _answer(query, texts.rate_limited(runtime.limiter.limit, retry_after), show_alert=True)
+        await _answer(query, texts.rate_limited(photos.limit, retry_after), show_alert=True)
         return
     await _answer(query, texts.ATTENTION_CALLBACK)
     chat_id, reply_parameters = _answer_place(query)

@@ -30,7 +30,9 @@ async def on_help(update: Update, context: Context) -> None:
 
 async def on_privacy(update: Update, context: Context) -> None:
     if update.effective_message is not None:
-        await reply(context, update.effective_message, texts.PRIVACY)
+        settings = context.bot_data.runtime.settings
+        await reply(context, update.effective_message,
+                    texts.privacy(settings.photo_retention_days, settings.trained_photo_retention_days))
 
 
 async def on_forget(update: Update, context: Context) -> None:

@@ -23,6 +23,8 @@ async def on_text(update: Update, context: Context) -> None:
     user = update.effective_user
     if message is None or user is None or message.text is None:
         return
+    if not is_private(message):
+        return  # corrections are taken in private chats only: group members never saw /privacy
     runtime = context.bot_data.runtime
     storage = runtime.storage
     replied = message.reply_to_message

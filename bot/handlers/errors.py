@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from telegram import Update
-from telegram.error import Forbidden, NetworkError, TelegramError
+from telegram.error import Forbidden, NetworkError, TelegramError, TimedOut
 
 from bot import texts
 from bot.handlers.common import Context, quietly, replying_to
@@ -24,6 +24,10 @@ async def on_error(update: object, context: Context) -> None:
     log.error("error while handling update %d: %r", update.update_id, error, exc_info=error)
     if isinstance(error, Forbidden):
         return  # the person blocked the bot; nothing to tell them
+    if isinstance(error, TimedOut):
+        # Telegram stalled: the answer we were sending may well have been delivered, and a
+        # "something went wrong" after a caption would contradict it. Say nothing more.
+        return
     query = update.callback_query
     if query is not None:
         await quietly(query.answer(texts.ERROR, show_alert=True), "answering a failed button")

@@ -12,9 +12,10 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, NetworkError, TelegramError
 
 from bot import keyboards, texts
-from bot.handlers.common import Context, edit_or_reply, reply, send_chat_action
+from bot.handlers.common import Context, edit_or_reply, is_private, reply, send_chat_action
 from bot.runtime import Runtime
-from captioner.images import ImageError
+from bot.upkeep import may_store
+from captioner.images import ImageError, storable_jpeg
 from captioner.serving.base import (
     CaptionResult,
     QueueFullError,
@@ -24,6 +25,7 @@ from captioner.serving.base import (
     WorkerCrashedError,
 )
 from common.settings import BOT_API_DOWNLOAD_LIMIT
+from storage import InboxItem
 
 log = logging.getLogger("bot.photos")
 
@@ -84,6 +86,7 @@ def size_problem(size: int | None, runtime: Runtime) -> str | None:
 
 
 async def on_image(update: Update, context: Context) -> None:
+    """Write the request to the durable inbox first, then answer it, then mark it answered."""
     message = update.effective_message
     user = update.effective_user
     if message is None or user is None:
@@ -91,21 +94,85 @@ async def on_image(update: Update, context: Context) -> None:
     image = incoming_image(message)
     if image is None:
         return
+    if not is_private(message) and not mentions_bot(message, context.bot.username):
+        return  # in a group the bot captions only when asked: a mention, or /caption in reply
+    await take_request(update, context, message, user.id, image)
+
+
+def mentions_bot(message: Message, username: str | None) -> bool:
+    text = (message.caption or message.text or "").lower()
+    return bool(username) and f"@{username}".lower() in text
+
+
+async def take_request(update: Update, context: Context, message: Message, sender: int, image: Incoming) -> None:
+    """Write the request to the durable inbox, then answer it (unless already in the inbox)."""
+    storage = context.bot_data.runtime.storage
+    item = InboxItem(message.chat.id, message.chat.type, message.message_id, sender, image.kind,
+                     image.file_id, image.file_unique_id, image.file_size)
+    try:
+        fresh = await storage.inbox_receive(item)
+    except Exception:  # storage trouble must not stop the caption; only crash safety is lost
+        log.exception("could not write update %d to the inbox", update.update_id)
+        fresh = True
+    if not fresh:
+        log.info("update %d: message %d is already in the inbox (redelivered); left to it",
+                 update.update_id, message.message_id)
+        return
+    await answer_request(context, message, sender, image, f"update={update.update_id}")
+
+
+async def answer_request(context: Context, message: Message, sender: int, image: Incoming, origin: str) -> None:
+    """Answer one photo request (a new update, or one replayed from the inbox) and mark it answered."""
+    try:
+        await _handle(context, message, sender, image, origin)
+    finally:
+        try:
+            await context.bot_data.runtime.storage.inbox_answered(message.chat.id, message.message_id)
+        except Exception:
+            log.exception("could not mark message %d of chat %d answered", message.message_id, message.chat.id)
+
+
+async def _handle(context: Context, message: Message, sender: int, image: Incoming, origin: str) -> None:
     runtime = context.bot_data.runtime
     started = time.monotonic()
-    ids = f"update={update.update_id} chat={message.chat.id} user={user.id} msg={message.message_id}"
+    ids = f"{origin} chat={message.chat.id} user={sender} msg={message.message_id}"
 
     problem = size_problem(image.file_size, runtime)
     if problem is not None:
         log.info("photo refused %s: declared size %s bytes", ids, image.file_size)
         await reply(context, message, problem)
         return
-    retry_after = runtime.limiter.acquire(user.id)
+    retry_after = _photo_rate_limit(runtime, sender, message.media_group_id)
     if retry_after:
         log.info("photo rate-limited %s: retry in %.0f s", ids, retry_after)
-        await reply(context, message, texts.rate_limited(runtime.limiter.limit, retry_after))
+        await reply(context, message, texts.rate_limited(runtime.limits.photos.limit, retry_after))
         return
+    admission = runtime.limits.admission
+    if not admission.enter():
+        log.info("photo refused %s: %d photos in hand, the most the bot takes", ids, admission.in_hand)
+        await reply(context, message, texts.BUSY)
+        return
+    try:
+        async with runtime.limits.in_flight.slot(sender):
+            await _serve(context, runtime, message, sender, image, ids, started)
+    finally:
+        admission.leave()
 
+
+def _photo_rate_limit(runtime: Runtime, person: int, media_group_id: str | None) -> float:
+    """Seconds until this photo may be sent (0: go ahead); an album pays once for up to 10 photos."""
+    albums = runtime.limits.albums
+    if albums.already_admitted(person, media_group_id):
+        return 0.0
+    retry_after = runtime.limits.photos.acquire(person)
+    if not retry_after:
+        albums.admit(person, media_group_id)
+    return retry_after
+
+
+async def _serve(context: Context, runtime: Runtime, message: Message, sender: int, image: Incoming,
+                 ids: str, started: float) -> None:
+    """Download, caption and answer one admitted photo."""
     send_chat_action(context, runtime, message.chat.id, ChatAction.TYPING)
     data = await _download(context, image, runtime)
     downloaded = time.monotonic()
@@ -136,7 +203,7 @@ async def on_image(update: Update, context: Context) -> None:
         return
     captioned = time.monotonic()
     try:
-        await _answer(context, runtime, message, notice, image, data, result,
+        await _answer(context, runtime, message, sender, notice, image, data, result,
                       latency_ms=(captioned - started) * 1000)
     except TelegramError:
         raise
@@ -166,7 +233,7 @@ async def _download(context: Context, image: Incoming, runtime: Runtime) -> byte
         data = bytes(await file.download_as_bytearray())
     except BadRequest as err:
         if "too big" in str(err).lower():
-            return texts.file_too_big_for_telegram(image.file_size or BOT_API_DOWNLOAD_LIMIT + 1)
+            return texts.file_too_big_for_telegram(image.file_size)  # None: size not declared
         log.warning("download of %s failed: %s", image.file_unique_id, err)
         return texts.DOWNLOAD_FAILED
     except (NetworkError, TelegramError, OSError) as err:
@@ -176,14 +243,16 @@ async def _download(context: Context, image: Incoming, runtime: Runtime) -> byte
     return problem if problem is not None else data
 
 
-async def _answer(context: Context, runtime: Runtime, message: Message, notice: Message | None,
+async def _answer(context: Context, runtime: Runtime, message: Message, sender: int, notice: Message | None,
                   image: Incoming, data: bytes, result: CaptionResult, latency_ms: float) -> None:
     """Store the photo and caption, then post the caption with its buttons."""
-    user = message.from_user
-    sender = user.id if user is not None else message.chat.id
     storage = runtime.storage
+    if not await may_store(runtime, context.bot):
+        await edit_or_reply(context, message, notice, texts.caption(result.text))
+        return
+    kept = await asyncio.to_thread(storable_jpeg, data, runtime.image_limits)
     photo = await storage.record_photo(
-        data, width=result.width, height=result.height,
+        kept, width=result.width, height=result.height,
         telegram_file_unique_id=image.file_unique_id, sender_telegram_id=sender,
     )
     caption = await storage.record_caption(
@@ -195,6 +264,22 @@ async def _answer(context: Context, runtime: Runtime, message: Message, notice: 
                                keyboards.caption_keyboard(caption.id))
     try:
         await storage.set_caption_message(caption.id, sent.chat.id, sent.message_id)
-    except Exception:  # the caption is shown and its buttons work; only reply-to-correct is lost
+    except Exception:  # the caption is shown; its buttons and reply-to-correct need this link
         log.exception("could not link caption %d to message %d", caption.id, sent.message_id)
+    dropped = await storage.enforce_quota(sender, runtime.settings.photo_quota_bytes)
+    if dropped:
+        log.info("quota: %d older photos of user %d deleted", dropped, sender)
 
+
+
+async def on_caption_command(update: Update, context: Context) -> None:
+    """/caption in reply to a photo: how a group asks for a caption (works in private chats too)."""
+    message, user = update.effective_message, update.effective_user
+    if message is None or user is None:
+        return
+    photo = message.reply_to_message
+    image = incoming_image(photo) if photo is not None else None
+    if photo is None or image is None:
+        await reply(context, message, texts.CAPTION_HOW)
+        return
+    await take_request(update, context, photo, user.id, image)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -13,6 +14,23 @@ from .base import ModelLoadError
 from .protocol import LoadFailed, Ready, WorkerSettings
 
 POLL = 0.25  # seconds between checks of the stop flag in blocking waits
+
+# What the worker keeps of the environment it inherits: where programs and temp files are, the
+# locale, and the knobs of Python and the numeric libraries. Everything else (tokens, database
+# passwords, the bot's settings) is dropped as the worker starts, since it parses hostile images.
+WORKER_ENVIRONMENT = ("PATH", "HOME", "LANG", "TMPDIR", "TZ", "VIRTUAL_ENV")
+WORKER_ENVIRONMENT_PREFIXES = ("LC_", "PYTHON", "OMP_", "MKL_", "OPENBLAS_", "CUDA_", "NVIDIA_", "TORCH",
+                               "PYTORCH_", "KMP_", "CUBLAS_", "CUDNN_", "LD_LIBRARY_PATH")
+
+
+def clean_environment() -> list[str]:
+    """Drop every variable the worker does not need (called first thing in the worker); returns
+    the names dropped."""
+    dropped = [name for name in os.environ
+               if name not in WORKER_ENVIRONMENT and not name.startswith(WORKER_ENVIRONMENT_PREFIXES)]
+    for name in dropped:
+        del os.environ[name]
+    return dropped
 
 
 @dataclass

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..images import ImageError, ImageProblem, image_error, load_image
+from ..images import ImageError, ImageProblem, image_error, load_image_for
 from ..inference import Captioner, preprocess
 from ..result import CaptionResult
 from .protocol import (
@@ -53,6 +53,7 @@ from .protocol import (
     Shutdown,
     WorkerSettings,
 )
+from .spawn import clean_environment
 
 log = logging.getLogger("captioner.serving.worker")
 
@@ -226,7 +227,8 @@ class Worker:
         started = time.perf_counter()
         captioner = self.captioner
         try:
-            image = load_image(request.image, self.settings.image_limits)
+            image, (width, height) = load_image_for(request.image, self.settings.image_limits,
+                                                    draft_to=max(captioner.model.config.image_size, ATTENTION_TILE))
             tensor = preprocess(captioner.model, image)
         except ImageError as err:
             self._forget(request.id)
@@ -240,8 +242,8 @@ class Worker:
         thumbnail = None
         if request.attention:
             thumbnail = image.resize((ATTENTION_TILE, ATTENTION_TILE), Image.Resampling.BILINEAR)
-        self._inbox.put(_Prepared(request, received, tensor, _preprocessing_key(captioner), image.width,
-                                  image.height, thumbnail, time.perf_counter() - started))
+        self._inbox.put(_Prepared(request, received, tensor, _preprocessing_key(captioner), width,
+                                  height, thumbnail, time.perf_counter() - started))
 
     # --- batching -------------------------------------------------------------------------
 
@@ -392,6 +394,7 @@ def _exit(code: int) -> None:
 
 def worker_main(settings: WorkerSettings, requests: Connection, results: Connection) -> None:
     """Entry point of the worker process (started with the spawn method)."""
+    clean_environment()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which shuts us down
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s caption-worker[%(process)d] %(levelname)s %(message)s")

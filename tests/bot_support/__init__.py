@@ -5,13 +5,19 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from bot.app import CaptionBot
 from captioner import checkpoint
 from captioner.checkpoint import CaptionModel
 from captioner.vocab import Vocabulary
+from common.settings import Settings
+from tests.fake_telegram import FakeTelegram
 from tests.helpers import TINY_WORDS, photo_bytes, tiny_config
 
 ADMIN_ID = 900
@@ -60,3 +66,23 @@ def big_jpeg(megapixels: float = 1.0, seed: int = 9) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=95)
     return buffer.getvalue()
+
+
+@asynccontextmanager
+async def bot_over_fake_api(tmp: Path, **overrides: Any) -> AsyncIterator[tuple[FakeTelegram, CaptionBot]]:
+    """The real bot and worker (a tiny fast model, CPU, one thread) against a fresh fake Bot API;
+    ``overrides`` are Settings fields on top of the defaults a person running the bot gets."""
+    fake = FakeTelegram(TOKEN)
+    await fake.start()
+    values: dict[str, Any] = {
+        "token": TOKEN, "base_url": fake.base_url, "base_file_url": fake.base_file_url,
+        "data_dir": tmp / "data", "model": str(fast_checkpoint(tmp / "model")), "device": "cpu",
+        "worker_threads": 1, "model_poll_seconds": 0,
+    }
+    bot = CaptionBot(Settings(**(values | overrides)))
+    try:
+        await bot.start()
+        yield fake, bot
+    finally:
+        await bot.stop()
+        await fake.close()
