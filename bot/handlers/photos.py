@@ -142,7 +142,7 @@ async def on_image(update: Update, context: Context) -> None:
         raise
     except Exception:  # storage trouble: still give the person their caption, without buttons
         log.exception("could not store the caption %s; sending it without buttons", ids)
-        await edit_or_reply(context, message, notice, texts.caption(result.text))
+        await edit_or_reply(context, message, notice, texts.caption(result.text, result.confident, result.seen))
         return
     finished = time.monotonic()
     runtime.note_caption((finished - started) * 1000)
@@ -191,7 +191,7 @@ async def _answer(context: Context, runtime: Runtime, message: Message, notice: 
         beam_size=result.beam_size, latency_ms=latency_ms, requester_telegram_id=sender,
         chat_id=message.chat.id,
     )
-    sent = await edit_or_reply(context, message, notice, texts.caption(result.text),
+    sent = await edit_or_reply(context, message, notice, texts.caption(result.text, result.confident, result.seen),
                                keyboards.caption_keyboard(caption.id))
     try:
         await storage.set_caption_message(caption.id, sent.chat.id, sent.message_id)
