@@ -189,11 +189,13 @@ def main() -> int:
     for name, o in outside.items():
         print(f"  {name}: {'ok  ' if o['confident'] else 'HEDGE'} {o['caption']!r} seen {o['seen'][:1]}")
     if args.write_meta:
-        written = write_meta(args.model, "confidence", {**rule.to_meta(), "calibrated_on": f"{args.data} {args.split}"})
+        calibrated_on = f"{_relative_data(args.data)} {args.split}"
+        written = write_meta(args.model, "confidence", {**rule.to_meta(), "calibrated_on": calibrated_on})
         print(f"rule written to {relative(written)}")
     write_result(args.json, {
         "benchmark": "caption confidence: beam score and ImageNet classifier",
-        "model_version": model.version, "data": args.data, "split": args.split, "decoding": asdict(beam),
+        "model_version": model.version, "data": _relative_data(args.data), "split": args.split,
+        "decoding": asdict(beam),
         "n_val": len(val), "val_corpus_cider": scored.values["CIDEr"], "score_vs_cider": split,
         "rule": {**rule.to_meta(), "familiar_prob": FAMILIAR_PROB, "familiar_images": FAMILIAR_IMAGES,
                  "val_budget": args.val_budget, "score_quantile": SCORE_QUANTILE,
@@ -207,6 +209,11 @@ def main() -> int:
     })
     print(f"wrote {relative(args.json)}")
     return 0
+
+
+def _relative_data(data: str) -> str:
+    kind, _, path = data.partition(":")
+    return f"{kind}:{relative(path)}" if path else data
 
 
 if __name__ == "__main__":
