@@ -194,7 +194,10 @@ def test_self_critical_steps_raise_the_reward(tiny_checkpoint: Path) -> None:
     assert np.mean(rewards[-20:]) > 2 * np.mean(rewards[:5])
 
 
-def test_scst_refuses_to_start_from_scratch(tmp_path: Path) -> None:
+def test_scst_refuses_to_start_from_scratch_or_with_one_sample(tmp_path: Path) -> None:
     flickr = f"flickr:{make_flickr(tmp_path / 'data', n_train=4, n_val=2)}"
     with pytest.raises(ValueError, match="--init-from"):
         main(tiny_fit_args(flickr, tmp_path / "run", tmp_path / "cache", scst=True, progress=False))
+    init = make_checkpoint(tmp_path / "init")
+    with pytest.raises(ValueError, match="at least 2"):
+        main(tiny_fit_args(flickr, tmp_path / "run", tmp_path / "cache", **scst_options(init, scst_samples=1)))

@@ -221,6 +221,8 @@ def _objective(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageR
     default), or with --scst one example per image and the self-critical objective."""
     if not cfg.scst:
         return build_examples(train_records, model.vocab, cfg.max_caption_len), None
+    if cfg.scst_samples < 2:
+        raise ValueError("--scst-samples must be at least 2 (each sample's baseline is the others' mean)")
     if world > 1:
         raise ValueError("--scst runs in one process (sampling bypasses DistributedDataParallel)")
     if not cfg.init_from:
@@ -273,9 +275,9 @@ def _validate_and_save(cfg: TrainConfig, out: Path, model: CaptionModel, optimiz
         run.stale += 1
     run.history["epochs"].append(record)
     train_key = next(k for k in record if k.startswith("train_") and k != "train_seconds")
-    log.info("epoch %d: %s %.4f (%.0fs), val CIDEr %.4f BLEU-4 %.4f%s", record["epoch"], train_key,
-             record[train_key], record["train_seconds"], scores["CIDEr"], scores["Bleu_4"],
-             " (best)" if improved else "")
+    log.info("epoch %d: %s %.4f (%.0fs), val CIDEr %.4f BLEU-4 %.4f%s", record["epoch"],
+             train_key.removeprefix("train_"), record[train_key], record["train_seconds"], scores["CIDEr"],
+             scores["Bleu_4"], " (best)" if improved else "")
     _save_epoch(out, model, optimizer, cfg, record["epoch"], run, improved, result)
 
 
