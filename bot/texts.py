@@ -104,13 +104,23 @@ def _days(days: float) -> str:
 # ---------------------------------------------------------------- captions
 
 
-def caption(text: str) -> str:
+def caption(text: str, confident: bool = True, seen: Sequence[tuple[str, float]] = ()) -> str:
+    """The caption as sent; an untrusted one comes with a hedge and the classifier's top guess."""
     sentence = text.strip()
     if sentence:
         sentence = sentence[0].upper() + sentence[1:]
         if sentence[-1] not in ".!?":
             sentence += "."
-    return f"📷 {escape(sentence)}" if sentence else "📷 (I couldn't find words for this one.)"
+    if not sentence:
+        return "📷 (I couldn't find words for this one.)"
+    if confident:
+        return f"📷 {escape(sentence)}"
+    lead = f"It may be {_with_article(seen[0][0])}; my" if seen else "My"
+    return f"🤔 I'm not sure. {lead} best sentence is: {escape(sentence)}"
+
+
+def _with_article(label: str) -> str:
+    return escape(f"{'an' if label[:1].lower() in 'aeiou' else 'a'} {label}")
 
 
 def queue_position(position: int, wait_seconds: float) -> str:

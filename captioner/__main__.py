@@ -55,7 +55,8 @@ def caption_command(args: argparse.Namespace) -> int:
             continue
         result = captioner.caption_images([image], beam, attention=args.attention is not None)[0]
         if args.json:
-            print(json.dumps({"image": str(path), "caption": result.text, "score": round(result.score, 4)}))
+            print(json.dumps({"image": str(path), "caption": result.text, "score": round(result.score, 4),
+                              "confident": result.confident, "seen": [list(guess) for guess in result.seen]}))
         else:
             print(f"{path}: {result.text}")
         if args.attention is not None and result.attention is not None:

@@ -18,6 +18,7 @@ from torch import Tensor
 from . import checkpoint
 from .beam import BeamConfig, Hypothesis, SpecialIds, beam_search
 from .checkpoint import CaptionModel
+from .confidence import ConfidenceRule, classifier_guesses
 from .images import ImageLimits, load_image
 from .result import CaptionResult
 
@@ -79,6 +80,7 @@ class Captioner:
         self.model.encoder.eval()
         self.model.decoder.eval()
         self.beam = beam or default_beam_config(model)
+        self.confidence = ConfidenceRule.from_meta(model.meta)
         vocab = model.vocab
         self.special = SpecialIds(vocab.pad_id, vocab.start_id, vocab.end_id, vocab.unk_id)
         # On CPU this encoder runs fastest at small batches (cache-bound); on GPU, big ones.
@@ -160,9 +162,12 @@ class Captioner:
     def decode(self, features: Tensor, beam: BeamConfig | None = None,
                attention: bool = True) -> list[CaptionResult]:
         config = beam or self.beam
-        hyps = beam_search(self.model.decoder, features.to(self.device).float(), config, self.special)
+        features = features.to(self.device).float()
+        hyps = beam_search(self.model.decoder, features, config, self.special)
+        seen = classifier_guesses(self.model.encoder.backbone.classifier, features)
         regions = features.size(1)
-        return [self._to_result(h, regions, config.beam_size, len(hyps), attention) for h in hyps]
+        return [self._to_result(h, regions, config.beam_size, len(hyps), attention, guesses)
+                for h, guesses in zip(hyps, seen, strict=True)]
 
     def caption_tensors(self, images: Tensor, beam: BeamConfig | None = None,
                         attention: bool = True) -> list[CaptionResult]:
@@ -180,15 +185,16 @@ class Captioner:
         return self.caption_images([load_image(data)], beam, attention)[0]
 
     def _to_result(self, hyp: Hypothesis, regions: int, beam_size: int, batch_size: int,
-                   attention: bool) -> CaptionResult:
+                   attention: bool, seen: tuple[tuple[str, float], ...]) -> CaptionResult:
         words = tuple(self.model.vocab.words[i] for i in hyp.tokens)
         maps = None
         if attention:
             side = math.isqrt(regions)
             grid = (side, side) if side * side == regions else (1, regions)
             maps = hyp.attention.float().numpy().reshape(len(words), *grid)
+        confident = self.confidence.trusted(words, hyp.score, seen)
         return CaptionResult(" ".join(words), words, hyp.score, hyp.log_prob, hyp.finished, self.version,
-                             beam_size, batch_size=batch_size, attention=maps)
+                             beam_size, confident, seen, batch_size=batch_size, attention=maps)
 
 
 def default_beam_config(model: CaptionModel) -> BeamConfig:

@@ -22,6 +22,10 @@ class CaptionResult:
     finished: bool  # False when the length limit cut the caption before <end>
     model_version: str
     beam_size: int
+    # False when the caption should not be trusted (captioner.confidence): a low score, or the
+    # encoder's ImageNet classifier is sure of something the caption does not mention.
+    confident: bool = True
+    seen: tuple[tuple[str, float], ...] = ()  # the classifier's top guesses (label, probability)
     width: int = 0  # of the decoded photo, after EXIF orientation; 0 when captioned from a tensor
     height: int = 0
     queue_seconds: float = 0.0  # service: from submission to the start of its batch

@@ -152,3 +152,17 @@ def test_bot_burst_bench_reports_time_to_first_reply_with_default_limits(tmp_pat
     assert document["photos"] == 4 and document["first_reply_ms"]["samples"] == 4
     assert document["first_reply_kinds"] == {"caption": 4}
     assert document["settings"]["photos_per_minute"] == Settings().photos_per_minute
+
+
+@pytest.mark.slow
+def test_confidence_bench_calibrates_and_tries_the_out_of_domain_set(tiny_model: Path, tmp_path: Path) -> None:
+    from tests.test_train_support import make_flickr
+
+    data = make_flickr(tmp_path / "data", n_train=4, n_val=5)
+    out = tmp_path / "confidence.json"
+    document = run_bench("confidence.py", out, "--model", str(tiny_model), "--data", f"flickr:{data}",
+                         "--cache", str(tmp_path / "cache"), "--json", str(out))
+    assert_reports_its_run(document, "confidence.py", tmp_path)
+    assert document["n_val"] == 5 and document["score_vs_cider"]["n_low"] == 1
+    assert len(document["out_of_domain"]) >= 4  # the drawings at least; package photos when installed
+    assert 0.0 <= document["val_hedge_rate"] <= 1.0 and "familiar" in document["rule"]

@@ -114,6 +114,7 @@ def _all_texts() -> list[str]:
         "examples": {"<uni>": ["a <uni> cycle"]},
         "metrics": {"new_words": ["<uni>"], "reason": "better <x>", "base": {"corrections": {"CIDEr": 0.1}},
                     "candidate": {"corrections": {"CIDEr": 0.5}}},
+        "confident": False, "seen": (("<tabby & co>", 0.6),),
     }
     out: list[str] = []
     for name, value in vars(texts).items():
@@ -149,6 +150,15 @@ def test_person_supplied_text_is_escaped() -> None:
     assert parse_html(texts.caption("a <b>dog</b> & cat")) == "📷 A <b>dog</b> & cat."
     assert parse_html(texts.correction_saved("x < y")).count("x < y") == 1
     assert texts.caption("") and texts.caption("is it?").endswith("?")
+
+
+def test_an_untrusted_caption_is_hedged_with_what_the_classifier_saw() -> None:
+    hedged = texts.caption("a brown dog runs", confident=False, seen=(("tabby", 0.62), ("tiger cat", 0.2)))
+    assert hedged == "🤔 I'm not sure. It may be a tabby; my best sentence is: A brown dog runs."
+    assert "an espresso" in texts.caption("a dog", False, (("espresso", 0.9),))
+    assert parse_html(texts.caption("a <dog>", False, (("<b>", 0.9),))).count("<b>") == 1
+    assert texts.caption("a dog", False) == "🤔 I'm not sure. My best sentence is: A dog."
+    assert texts.caption("a dog", True, (("tabby", 0.9),)) == "📷 A dog."
 
 
 def test_button_answers_fit_in_a_callback_answer() -> None:

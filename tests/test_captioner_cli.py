@@ -27,6 +27,7 @@ def test_caption_cli_reports_bad_files_and_still_captions_the_rest(tiny_checkpoi
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["image"] for line in lines] == [str(good), str(bad), str(tmp_path / "missing.jpg")]
     assert lines[0]["caption"] and isinstance(lines[0]["score"], float)
+    assert lines[0]["confident"] is True and lines[0]["seen"] == []  # the tiny encoder has no classifier
     assert "not_an_image" in lines[1]["error"]
     assert "No such file" in lines[2]["error"]
 

@@ -39,6 +39,8 @@ FIT_HELP: dict[str, str] = {
     "val_beam": "beam size for validation decoding",
     "val_max_len": "maximum caption length for validation decoding",
     "val_length_penalty": "length normalisation exponent for validation decoding",
+    "val_block_ngram": "forbid repeating an n-gram of this size in validation decoding (0 = off; the shipped "
+                       "model decodes with 3)",
     "val_limit": VAL_LIMIT_HELP,
     "seed": "random seed (data order, dropout, initialisation)",
     "device": DEVICE_HELP,
@@ -49,6 +51,11 @@ FIT_HELP: dict[str, str] = {
     "encoder_lr": "peak learning rate of the unfrozen encoder blocks (with --fine-tune-blocks)",
     "init_from": "start from this checkpoint's weights, architecture and vocabulary (for example a "
                  "decoder trained on cached features, before --fine-tune-blocks)",
+    "scst": "self-critical sequence training: sample captions, reward each with CIDEr-D against the "
+            "image's references, baseline the mean of the image's other samples (needs --init-from; "
+            "--batch-size then counts images)",
+    "scst_samples": "captions sampled per image under --scst (at least 2)",
+    "scst_max_len": "maximum length of a sampled caption under --scst",
     "resume": "continue the run in --out exactly where it stopped (weights, optimizer, schedule, RNG)",
     "progress": "log progress",
 }
@@ -76,6 +83,8 @@ FIT_EPILOG = """examples:
   python -m train fit --data coco:data/coco/annotations --out runs/coco2017  # captions_{train,val}2017.json
   python -m train fit ... --out runs/x --resume             # continue an interrupted run
   python -m train fit ... --init-from runs/x/best --fine-tune-blocks 2 --lr 1e-4 --out runs/x-ft
+  python -m train fit ... --init-from runs/x/best --scst --lr 5e-5 --warmup-steps 0 --batch-size 16 \
+      --val-beam 10 --val-length-penalty 1.0 --val-block-ngram 3 --out runs/x-scst  # self-critical stage
   python -m train fit ... --epochs 0                        # only fill the feature cache
   torchrun --standalone --nproc_per_node=4 -m train fit ...  # DistributedDataParallel
 

@@ -112,10 +112,15 @@ def command_line(args: argparse.Namespace, beam: BeamConfig) -> str:
 
 def write_metrics(model_path: str | None, entry: dict[str, Any]) -> Path:
     """Store ``entry`` as the checkpoint's ``meta.metrics``: weights, config and the rest of meta unchanged."""
+    return write_meta(model_path, "metrics", entry)
+
+
+def write_meta(model_path: str | None, key: str, entry: dict[str, Any]) -> Path:
+    """Store ``entry`` as the checkpoint's ``meta[key]``: weights, config and the rest of meta unchanged."""
     directory = checkpoint.resolve(model_path)
     document = checkpoint.read_document(directory)
     model = checkpoint.load(directory)
-    model.meta = {**document.get("meta", {}), "metrics": entry}
+    model.meta = {**document.get("meta", {}), key: entry}
     # float16 -> float32 -> float16 is exact, so the weights file is rewritten with the same values.
     return checkpoint.save(model, directory, dtype=getattr(torch, document.get("dtype", "float32")))
 

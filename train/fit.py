@@ -32,8 +32,9 @@ from common.atomic import atomic_write_text
 from . import metrics
 from .data import CaptionDataset, ImageRecord, load_dataset
 from .features import FeatureSource, feature_source
-from .loop import LoopConfig, bucketed_batches, build_examples, train_epoch
+from .loop import Example, LoopConfig, Objective, bucketed_batches, build_examples, train_epoch
 from .scoring import SplitResult, score_records
+from .scst import SelfCritical, image_examples, reference_cider
 from .state import load_trainer_state, save_trainer_state
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class TrainConfig(LoopConfig):
     val_beam: int = 3
     val_max_len: int = 20
     val_length_penalty: float = 0.0
+    val_block_ngram: int = 0
     patience: int = 4
     # the machine and the feature cache
     threads: int = 0
@@ -65,13 +67,17 @@ class TrainConfig(LoopConfig):
     # where the weights come from
     init_from: str = ""
     resume: bool = False
+    # self-critical training (train.scst) instead of teacher forcing; --batch-size counts images then
+    scst: bool = False
+    scst_samples: int = 5
+    scst_max_len: int = 20
     model: dict[str, Any] = field(default_factory=dict)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_json({**ModelConfig().to_json(), **self.model})
 
     def val_beam_config(self) -> BeamConfig:
-        return BeamConfig(self.val_beam, self.val_max_len, self.val_length_penalty)
+        return BeamConfig(self.val_beam, self.val_max_len, self.val_length_penalty, self.val_block_ngram)
 
 
 def validate(model: CaptionModel, source: FeatureSource, records: list[ImageRecord],
@@ -167,8 +173,8 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     source = feature_source(model, images, device, None if cfg.raw_images else cfg.cache,
                             cfg.feature_batch_size, cfg.progress, fill=rank == 0)
 
-    examples = build_examples(train_records, model.vocab, cfg.max_caption_len)
-    log.info("train: %d images, %d captions; val: %d images; vocabulary %d words",
+    examples, objective = _objective(cfg, model, train_records, world)
+    log.info("train: %d images, %d examples; val: %d images; vocabulary %d words",
              len(train_records), len(examples), len(val_records), len(model.vocab))
 
     decoder: nn.Module = model.decoder
@@ -189,11 +195,11 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
             # Different dropout masks per rank, reproducible per epoch (so --resume stays exact).
             torch.manual_seed(cfg.seed + 1000 * epoch + rank)
         t0 = time.time()
-        train_loss, run.step = train_epoch(cfg, model, optimizer, source, examples, batches, run.step,
-                                           total_steps, decoder, f"epoch {epoch}")
+        train_value, run.step = train_epoch(cfg, model, optimizer, source, examples, batches, run.step,
+                                            total_steps, decoder, f"epoch {epoch}", objective)
         train_seconds = time.time() - t0
         record: dict[str, Any] = {"epoch": epoch, "step": run.step,
-                                  "train_loss": _mean_over_ranks(train_loss, device, world),
+                                  _train_key(objective): _mean_over_ranks(train_value, device, world),
                                   "train_seconds": train_seconds}
         if rank == 0:
             _validate_and_save(cfg, out, model, optimizer, source, val_records, run, record)
@@ -207,6 +213,29 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     if world > 1:
         _finish_distributed(model, device, rank, world, run.step)
     return run.history
+
+
+def _objective(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageRecord],
+               world: int) -> tuple[list[Example], Objective | None]:
+    """The training examples and objective: reference captions with cross-entropy (None: the loop's
+    default), or with --scst one example per image and the self-critical objective."""
+    if not cfg.scst:
+        return build_examples(train_records, model.vocab, cfg.max_caption_len), None
+    if cfg.scst_samples < 2:
+        raise ValueError("--scst-samples must be at least 2 (each sample's baseline is the others' mean)")
+    if world > 1:
+        raise ValueError("--scst runs in one process (sampling bypasses DistributedDataParallel)")
+    if not cfg.init_from:
+        raise ValueError("--scst refines a trained model: give --init-from CHECKPOINT")
+    if model.config.fine_tune_blocks > 0:
+        raise ValueError("--scst trains the decoder on cached features: use a checkpoint with a frozen encoder")
+    cider = reference_cider(train_records)
+    return image_examples(train_records), SelfCritical(cider, model.vocab, cfg.scst_samples, cfg.scst_max_len)
+
+
+def _train_key(objective: Objective | None) -> str:
+    """The history's name for an epoch's training value: train_loss (cross-entropy) or train_reward."""
+    return f"train_{objective.name if objective else 'loss'}"
 
 
 def _resume(cfg: TrainConfig, out: Path, model: CaptionModel, optimizer: torch.optim.Optimizer) -> Progress:
@@ -245,8 +274,10 @@ def _validate_and_save(cfg: TrainConfig, out: Path, model: CaptionModel, optimiz
     else:
         run.stale += 1
     run.history["epochs"].append(record)
-    log.info("epoch %d: loss %.4f (%.0fs), val CIDEr %.4f BLEU-4 %.4f%s", record["epoch"], record["train_loss"],
-             record["train_seconds"], scores["CIDEr"], scores["Bleu_4"], " (best)" if improved else "")
+    train_key = next(k for k in record if k.startswith("train_") and k != "train_seconds")
+    log.info("epoch %d: %s %.4f (%.0fs), val CIDEr %.4f BLEU-4 %.4f%s", record["epoch"],
+             train_key.removeprefix("train_"), record[train_key], record["train_seconds"], scores["CIDEr"],
+             scores["Bleu_4"], " (best)" if improved else "")
     _save_epoch(out, model, optimizer, cfg, record["epoch"], run, improved, result)
 
 
@@ -287,7 +318,7 @@ def _save_epoch(out: Path, model: CaptionModel, optimizer: torch.optim.Optimizer
         "epoch": epoch,
         "metrics": {f"val_{k}": v for k, v in result.scores.values.items()},
         "decoding": {"beam_size": beam.beam_size, "max_len": beam.max_len,
-                     "length_penalty": beam.length_penalty},
+                     "length_penalty": beam.length_penalty, "block_ngram": beam.block_ngram},
     })
     save_trainer_state(out / "last", model, optimizer, {
         "epoch": epoch, "step": run.step, "best_cider": run.best_cider, "stale": run.stale, "history": run.history,
@@ -312,8 +343,9 @@ def plot_history(history: dict[str, Any], path: Path) -> None:
     if not epochs:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(epochs, [e["train_loss"] for e in history["epochs"]], marker="o")
-    left.set(title="training cross-entropy", xlabel="epoch")
+    reward = "train_reward" in history["epochs"][0]
+    left.plot(epochs, [e["train_reward" if reward else "train_loss"] for e in history["epochs"]], marker="o")
+    left.set(title="training reward (CIDEr-D of samples)" if reward else "training cross-entropy", xlabel="epoch")
     for key in ("CIDEr", "Bleu_4"):
         right.plot(epochs, [e["val"][key] for e in history["epochs"]], marker="o", label=key)
     right.set(title="validation (beam search)", xlabel="epoch")

@@ -63,6 +63,15 @@ class Example:
     tokens: list[int]
 
 
+class Objective(Protocol):
+    """What an optimisation step minimises on a batch: (loss to back-propagate, value to report)."""
+
+    name: str  # what the reported value is: "loss" (cross-entropy) or "reward" (self-critical)
+
+    def __call__(self, decoder: nn.Module, features: Tensor,
+                 batch: Sequence[Example]) -> tuple[Tensor, Tensor]: ...
+
+
 class Features(Protocol):
     """Encoder features of a batch of images by id (train.features.FeatureSource)."""
 
@@ -123,6 +132,20 @@ def caption_loss(decoder: nn.Module, features: Tensor, tokens: Tensor, pad_id: i
     return ce + alpha_c * reg, ce
 
 
+@dataclass
+class CrossEntropy:
+    """Teacher forcing on the batch's reference captions (:func:`caption_loss`); reports the cross-entropy."""
+
+    pad_id: int
+    alpha_c: float
+    label_smoothing: float
+    name: str = "loss"
+
+    def __call__(self, decoder: nn.Module, features: Tensor, batch: Sequence[Example]) -> tuple[Tensor, Tensor]:
+        tokens = pad([e.tokens for e in batch], self.pad_id).to(features.device)
+        return caption_loss(decoder, features, tokens, self.pad_id, self.alpha_c, self.label_smoothing)
+
+
 def lr_factor(step: int, total: int, cfg: LoopConfig) -> float:
     """The learning rate at ``step`` as a fraction of the peak: linear warm-up over ``warmup_steps``,
     then cosine decay to ``min_lr_ratio`` at ``total`` steps (constant 1 with no warm-up and ratio 1)."""
@@ -144,25 +167,27 @@ def autocast_for(device: torch.device) -> Callable[[], AbstractContextManager[No
 
 def train_epoch(cfg: LoopConfig, model: CaptionModel, optimizer: torch.optim.Optimizer, source: Features,
                 examples: Sequence[Example], batches: list[list[int]], step: int, total_steps: int,
-                decoder: nn.Module | None = None, label: str = "") -> tuple[float, int]:
-    """One pass over ``batches``: (mean cross-entropy, global step after it).
+                decoder: nn.Module | None = None, label: str = "",
+                objective: Objective | None = None) -> tuple[float, int]:
+    """One pass over ``batches``: (mean of the objective's reported value, global step after it).
 
-    Each optimizer group's learning rate is its ``base_lr`` (its ``lr`` when first seen) times the
-    schedule's factor. ``decoder`` is the module to run (the DDP wrapper under torchrun).
+    The objective is teacher-forced cross-entropy unless given (self-critical training passes its
+    own). Each optimizer group's learning rate is its ``base_lr`` (its ``lr`` when first seen)
+    times the schedule's factor. ``decoder`` is the module to run (the DDP wrapper under torchrun).
     """
     decoder = decoder or model.decoder
     model.decoder.train()
     # The encoder stays in eval mode even when its top blocks are fine-tuned: batch-norm keeps its
     # ImageNet statistics (small, caption-ordered batches would only make them noisy).
     model.encoder.eval()
-    pad_id = model.vocab.pad_id
+    step_loss: Objective = objective or CrossEntropy(model.vocab.pad_id, cfg.alpha_c, cfg.label_smoothing)
     for group in optimizer.param_groups:
         group.setdefault("base_lr", group["lr"])
     params = [p for g in optimizer.param_groups for p in g["params"]]
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
     world = dist.get_world_size() if dist.is_initialized() else 1
     autocast = autocast_for(source.device)
-    losses: list[float] = []
+    values: list[float] = []
     t0 = time.time()
     for n, batch in enumerate(batches):
         if cfg.max_steps and step >= cfg.max_steps:
@@ -170,11 +195,10 @@ def train_epoch(cfg: LoopConfig, model: CaptionModel, optimizer: torch.optim.Opt
         factor = lr_factor(step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-        ids = [examples[i].image_id for i in batch]
-        tokens = pad([examples[i].tokens for i in batch], pad_id).to(source.device)
+        chosen = [examples[i] for i in batch]
         with autocast():
-            features = source(ids, grad=model.encoder.trainable_blocks > 0)
-            loss, ce = caption_loss(decoder, features, tokens, pad_id, cfg.alpha_c, cfg.label_smoothing)
+            features = source([e.image_id for e in chosen], grad=model.encoder.trainable_blocks > 0)
+            loss, value = step_loss(decoder, features, chosen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1 and encoder_params:
@@ -182,12 +206,12 @@ def train_epoch(cfg: LoopConfig, model: CaptionModel, optimizer: torch.optim.Opt
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         step += 1
-        losses.append(ce.detach().item())
+        values.append(value.detach().item())
         if cfg.progress and n % 50 == 0:
             rate = (n + 1) / max(1e-9, time.time() - t0)
-            log.info("%s step %d/%d ce %.3f lr %.2e (%.1f batches/s)", label, n, len(batches),
-                     float(np.mean(losses[-50:])), optimizer.param_groups[0]["lr"], rate)
-    return float(np.mean(losses)) if losses else float("nan"), step
+            log.info("%s step %d/%d %s %.3f lr %.2e (%.1f batches/s)", label, n, len(batches), step_loss.name,
+                     float(np.mean(values[-50:])), optimizer.param_groups[0]["lr"], rate)
+    return float(np.mean(values)) if values else float("nan"), step
 
 
 def _average_gradients(params: Sequence[nn.Parameter], world: int) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from captioner.beam import BeamConfig
 from captioner.checkpoint import CaptionModel
 from captioner.inference import Captioner
+from captioner.result import CaptionResult
 
 from . import metrics
 from .data import ImageRecord
@@ -29,16 +30,21 @@ class SplitResult:
     decode_seconds: float
 
 
+def decode_results(model: CaptionModel, features: Features, image_ids: Sequence[str], beam: BeamConfig,
+                   batch_size: int = DECODE_BATCH) -> dict[str, CaptionResult]:
+    """Image id -> the captioner's full result (score, confidence...), ``batch_size`` images at a time."""
+    captioner = Captioner(model, features.device, beam)
+    out: dict[str, CaptionResult] = {}
+    for start in range(0, len(image_ids), batch_size):
+        chunk = list(image_ids[start:start + batch_size])
+        out.update(zip(chunk, captioner.decode(features(chunk), attention=False), strict=True))
+    return out
+
+
 def decode_captions(model: CaptionModel, features: Features, image_ids: Sequence[str], beam: BeamConfig,
                     batch_size: int = DECODE_BATCH) -> dict[str, str]:
     """Image id -> caption, decoded ``batch_size`` images at a time with ``beam``."""
-    captioner = Captioner(model, features.device, beam)
-    out: dict[str, str] = {}
-    for start in range(0, len(image_ids), batch_size):
-        chunk = list(image_ids[start:start + batch_size])
-        captions = captioner.decode(features(chunk), attention=False)
-        out.update({image_id: c.text for image_id, c in zip(chunk, captions, strict=True)})
-    return out
+    return {image_id: r.text for image_id, r in decode_results(model, features, image_ids, beam, batch_size).items()}
 
 
 def score_records(model: CaptionModel, features: Features, records: Sequence[ImageRecord], beam: BeamConfig,

@@ -209,7 +209,7 @@ async def _serve(context: Context, runtime: Runtime, message: Message, sender: i
         raise
     except Exception:  # storage trouble: still give the person their caption, without buttons
         log.exception("could not store the caption %s; sending it without buttons", ids)
-        await edit_or_reply(context, message, notice, texts.caption(result.text))
+        await edit_or_reply(context, message, notice, caption_text(result))
         return
     finished = time.monotonic()
     runtime.note_caption((finished - started) * 1000)
@@ -243,12 +243,17 @@ async def _download(context: Context, image: Incoming, runtime: Runtime) -> byte
     return problem if problem is not None else data
 
 
+def caption_text(result: CaptionResult) -> str:
+    """The caption as people read it: hedged, with what the classifier saw, when the model is unsure."""
+    return texts.caption(result.text, result.confident, result.seen)
+
+
 async def _answer(context: Context, runtime: Runtime, message: Message, sender: int, notice: Message | None,
                   image: Incoming, data: bytes, result: CaptionResult, latency_ms: float) -> None:
     """Store the photo and caption, then post the caption with its buttons."""
     storage = runtime.storage
     if not await may_store(runtime, context.bot):
-        await edit_or_reply(context, message, notice, texts.caption(result.text))
+        await edit_or_reply(context, message, notice, caption_text(result))
         return
     kept = await asyncio.to_thread(storable_jpeg, data, runtime.image_limits)
     photo = await storage.record_photo(
@@ -260,7 +265,7 @@ async def _answer(context: Context, runtime: Runtime, message: Message, sender: 
         beam_size=result.beam_size, latency_ms=latency_ms, requester_telegram_id=sender,
         chat_id=message.chat.id,
     )
-    sent = await edit_or_reply(context, message, notice, texts.caption(result.text),
+    sent = await edit_or_reply(context, message, notice, caption_text(result),
                                keyboards.caption_keyboard(caption.id))
     try:
         await storage.set_caption_message(caption.id, sent.chat.id, sent.message_id)
