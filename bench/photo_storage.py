@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from bench.report import RESULTS, ROOT, percentile, relative, start_run, write_result
-from captioner.images import STORED_MAX_SIDE, storable_jpeg
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python bench/photo_storage.py`
+    sys.path.insert(0, str(ROOT))
+
+from bench.report import RESULTS, percentile, relative, start_run, write_result  # noqa: E402
+from captioner.images import STORED_MAX_SIDE, storable_jpeg  # noqa: E402
 
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k" / "images"
 
