@@ -137,3 +137,8 @@ async def test_with_the_default_settings_a_full_bot_says_busy_at_once(tmp_path: 
         # Told at once, not after the queue drained: sending 100 answers is itself paced by the
         # Bot API's 30 messages a second (AIORateLimiter), the rest is the shared CPU.
         assert waits[-1] < slowest_caption / 2, (waits, slowest_caption)
+        # Those far back in the long queue were told their place, and that message became the caption.
+        announced = [p for p in photos if p not in busy and any(
+            edit.startswith("⏳") for reply in fake.replies_to(p["chat"]["id"], p["message_id"])
+            for edit in reply.get("_edits", []))]
+        assert announced, answers

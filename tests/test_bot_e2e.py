@@ -496,7 +496,8 @@ async def test_burst_of_100_photos_from_20_people(env: Env) -> None:
     print(f"\nburst: {captions} captions, {busy} busy, {notices} queue notices, {elapsed:.1f} s, "
           f"{fake.flood_errors} flood errors retried")
     assert captions >= 48
-    assert notices >= 1  # a long queue was announced, and each notice became the answer
+    # Whether this fast tiny model ever builds a queue long enough for a notice depends on timing;
+    # test_bot_busy.py requires the notice where the queue is long for sure (a slowed worker).
     unexpected = [c for c in fake.errors() if "Too Many Requests" not in (c.error or "")]
     assert not unexpected, [(c.method, c.error) for c in unexpected]
 
