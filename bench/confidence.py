@@ -15,6 +15,8 @@ Writes bench/results/confidence.json; --write-meta stores the rule in the checkp
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
 from collections import Counter
 from dataclasses import asdict, replace
@@ -48,22 +50,29 @@ SCORE_QUANTILE = 0.05  # with a predictive score, the lowest 5 % of validation c
 PREDICTIVE_RATIO = 0.75  # the low fifth's mean CIDEr must be below this fraction of the rest's
 
 
-def package_photos() -> dict[str, Path]:
-    """Out-of-domain photos that ship inside installed packages (nothing is downloaded)."""
-    import matplotlib
-    import skimage
-    import sklearn
+SKIMAGE_PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg", "page.png", "text.png", "logo.png",
+                  "hubble_deep_field.jpg", "moon.png", "coins.png", "clock_motion.png", "motorcycle_left.png",
+                  "retina.jpg", "cell.png", "brick.png", "color.png", "horse.png", "ihc.png", "grass.png",
+                  "camera.png", "astronaut.png")
+MATPLOTLIB_PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")
 
-    skimage_data = Path(skimage.__file__).parent / "data"
-    names = ["chelsea.png", "coffee.png", "rocket.jpg", "page.png", "text.png", "logo.png", "hubble_deep_field.jpg",
-             "moon.png", "coins.png", "clock_motion.png", "motorcycle_left.png", "retina.jpg", "cell.png",
-             "brick.png", "color.png", "horse.png", "ihc.png", "grass.png", "camera.png", "astronaut.png"]
-    photos = {f"skimage/{name}": skimage_data / name for name in names}
-    sklearn_images = Path(sklearn.__file__).parent / "datasets" / "images"
-    photos.update({f"sklearn/{p.name}": p for p in sorted(sklearn_images.glob("*.jpg"))})
-    sample = Path(matplotlib.get_data_path()) / "sample_data"
-    photos.update({f"matplotlib/{name}": sample / name
-                   for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")})
+
+def package_photos() -> dict[str, Path]:
+    """Out-of-domain photos that ship inside installed packages (nothing is downloaded).
+
+    A package that is not installed (scikit-learn is only in the ``bench`` extra) adds no photos;
+    the report lists the photos it used, so runs with fewer packages are told apart.
+    """
+    photos: dict[str, Path] = {}
+    if importlib.util.find_spec("skimage"):
+        skimage_data = Path(importlib.import_module("skimage").__file__ or "").parent / "data"
+        photos.update({f"skimage/{name}": skimage_data / name for name in SKIMAGE_PHOTOS})
+    if importlib.util.find_spec("sklearn"):
+        sklearn_images = Path(importlib.import_module("sklearn").__file__ or "").parent / "datasets" / "images"
+        photos.update({f"sklearn/{p.name}": p for p in sorted(sklearn_images.glob("*.jpg"))})
+    if importlib.util.find_spec("matplotlib"):
+        sample = Path(importlib.import_module("matplotlib").get_data_path()) / "sample_data"
+        photos.update({f"matplotlib/{name}": sample / name for name in MATPLOTLIB_PHOTOS})
     return {name: path for name, path in photos.items() if path.is_file()}
 
 
