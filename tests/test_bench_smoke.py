@@ -150,7 +150,10 @@ def test_bot_burst_bench_reports_time_to_first_reply_with_default_limits(tmp_pat
                          "--out", str(out))
     assert_reports_its_run(document, "bot_burst.py", tmp_path)
     assert document["photos"] == 4 and document["first_reply_ms"]["samples"] == 4
-    assert document["first_reply_kinds"] == {"caption": 4}
+    # Each photo's first answer is its caption, or the queue notice that later turns into it
+    # (which of the two depends on timing); never "busy", "slow down" or an error.
+    kinds = document["first_reply_kinds"]
+    assert sum(kinds.values()) == 4 and set(kinds) <= {"caption", "queue notice"} and kinds.get("caption"), kinds
     assert document["settings"]["photos_per_minute"] == Settings().photos_per_minute
 
 
