@@ -105,9 +105,23 @@ def save(model: CaptionModel, directory: str | Path, dtype: torch.dtype = torch.
     }
     # 0644: checkpoints are meant to be shared and packaged.
     atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)), mode=0o644)
+    _write_document(directory, document)
+    return directory
+
+
+def update_meta(path: str | Path | None, key: str, value: Any) -> Path:
+    """Set ``meta[key]`` of a stored checkpoint. Only its JSON document is rewritten (atomically):
+    the weights file is not touched, so recording metrics or a rule costs no model load."""
+    directory = resolve(path)
+    document = read_document(directory)
+    document["meta"] = {**document.get("meta", {}), key: value}
+    _write_document(directory, document)
+    return directory
+
+
+def _write_document(directory: Path, document: dict[str, Any]) -> None:
     atomic_write_text(directory / META_FILE, json.dumps(document, indent=1, ensure_ascii=False) + "\n",
                       mode=0o644)
-    return directory
 
 
 def _state_tensors(model: CaptionModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:

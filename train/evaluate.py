@@ -16,8 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from captioner import checkpoint
 from captioner.beam import BeamConfig
 from captioner.inference import beam_config_from_meta, default_beam_config, resolve_device
@@ -117,12 +115,7 @@ def write_metrics(model_path: str | None, entry: dict[str, Any]) -> Path:
 
 def write_meta(model_path: str | None, key: str, entry: dict[str, Any]) -> Path:
     """Store ``entry`` as the checkpoint's ``meta[key]``: weights, config and the rest of meta unchanged."""
-    directory = checkpoint.resolve(model_path)
-    document = checkpoint.read_document(directory)
-    model = checkpoint.load(directory)
-    model.meta = {**document.get("meta", {}), key: entry}
-    # float16 -> float32 -> float16 is exact, so the weights file is rewritten with the same values.
-    return checkpoint.save(model, directory, dtype=getattr(torch, document.get("dtype", "float32")))
+    return checkpoint.update_meta(model_path, key, entry)
 
 
 def run(args: argparse.Namespace) -> int:
