@@ -411,8 +411,10 @@ def _figures(metrics: Mapping[str, Any]) -> list[str]:
     for part in ("corrections", "validation"):
         base = (metrics.get("base") or {}).get(part) or {}
         cand = (metrics.get("candidate") or {}).get(part) or {}
-        if "CIDEr" in base and "CIDEr" in cand:
-            lines.append(f"{part}: CIDEr {base['CIDEr']:.3f} → {cand['CIDEr']:.3f}")
+        # Held-out corrections: the metric the gate judged by (older runs recorded none: CIDEr).
+        key = str(metrics.get("gate_metric", "CIDEr")) if part == "corrections" else "CIDEr"
+        if key in base and key in cand:
+            lines.append(f"{part}: {key} {base[key]:.3f} → {cand[key]:.3f}")
     return lines
 
 

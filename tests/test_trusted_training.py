@@ -13,8 +13,11 @@ from captioner.vocab import Vocabulary
 from common.settings import ConfigError
 from storage import ModelStatus, ModelVersionError, Storage
 from storage.holdout import SALT_FILENAME, choose_held_out, is_held_out, load_or_create_salt
-from train.finetune import promotion_status
-from train.gate import gate
+from captioner.vocab import tokenize
+from train import metrics
+from train.data import ImageRecord
+from train.finetune import heldout_cider, promotion_status
+from train.gate import HELDOUT_METRIC, corrections_metric, gate
 from train.trust import CorrectionRow, WordUse, cap_per_person, qualified_new_words, split_corrections
 
 SALT = b"\x01" * 32
@@ -112,6 +115,40 @@ def test_a_bootstrap_bound_of_exactly_zero_does_not_pass() -> None:
     assert gate(base, better, 0.03, improvement_lower_bound=0.001).promote
     few = gate(base, better, 0.03, improvement_lower_bound=0.5, heldout_photos=3, min_photos=5)
     assert not few.promote and "too few held-out photos" in few.reason
+
+
+def test_held_out_corrections_of_one_concept_give_its_word_weight() -> None:
+    # Every held-out correction names the concept, so over those sentences alone CIDEr's IDF of
+    # "bike" is 0: a candidate that learned the word earns nothing for it. With the training
+    # corpus's document frequencies (which lack the word) it is the most telling word there is.
+    corpus = [ImageRecord(f"train{i}", Path("t.jpg"), (f"a dog runs on the grass {i}", f"a man in a red shirt {i}"))
+              for i in range(50)]
+    heldout = [ImageRecord(f"held{i}", Path("h.jpg"), (f"a man rides a bike on the {place}",))
+               for i, place in enumerate(["road", "hill", "track", "street", "dirt"])]
+    with_word = {r.image_id: "a man rides a bike" for r in heldout}
+    without = {r.image_id: "a man rides a horse" for r in heldout}
+    own_stats = {name: metrics.score({r.image_id: list(r.captions) for r in heldout}, captions, ("CIDEr",),
+                                     use_java=False).per_image["CIDEr"]
+                 for name, captions in (("with", with_word), ("without", without))}
+    assert own_stats["with"] == pytest.approx(own_stats["without"])  # blind to the learned word
+    scorer = heldout_cider(corpus, heldout)
+    assert scorer is not None
+    ids = [f"held-out:{r.image_id}" for r in heldout]
+    learned = scorer.score(ids, [tokenize(with_word[r.image_id]) for r in heldout])
+    not_learned = scorer.score(ids, [tokenize(without[r.image_id]) for r in heldout])
+    assert (learned > not_learned + 0.5).all()
+    assert heldout_cider([], heldout) is None  # no training corpus: the gate falls back
+
+
+def test_the_gate_judges_by_corpus_cider_when_it_was_computed() -> None:
+    both = {"CIDEr": 0.4, HELDOUT_METRIC: 0.1, "Bleu_1": 0.5}
+    assert corrections_metric(both, both) == HELDOUT_METRIC
+    assert corrections_metric({"CIDEr": 0.4}, {"CIDEr": 0.5}) == "CIDEr"
+    assert corrections_metric({"CIDEr": 0.0, "Bleu_1": 0.2}, {"CIDEr": 0.0, "Bleu_1": 0.3}) == "Bleu_1"
+    base = {"corrections": {"CIDEr": 0.5, HELDOUT_METRIC: 0.1}, "validation": {"CIDEr": 0.5}}
+    cand = {"corrections": {"CIDEr": 0.4, HELDOUT_METRIC: 0.4}, "validation": {"CIDEr": 0.5}}
+    assert gate(base, cand, 0.03, 0.1).promote
+    assert not gate(cand, base, 0.03, 0.1).promote
 
 
 def test_new_words_always_wait_for_review_and_review_mode_holds_everything() -> None:

@@ -9,9 +9,13 @@
 3. Fine-tune on the corrections mixed with a replay sample of the base model's own training
    data, so the model learns the new things without forgetting the old ones.
 4. Score base and candidate on the held-out corrections and on the base's validation split.
-   The candidate passes the gate only if it is better on the corrections (significantly: the
-   bootstrap lower bound of the gain is above 0) and its validation CIDEr drops by at most
-   ``--margin`` (relative); otherwise it is registered as rejected, with why.
+   The held-out corrections are scored with CIDEr-D whose document frequencies come from the
+   base model's training references (``HELDOUT_METRIC``), not from the held-out sentences alone:
+   twenty corrections of one concept all share its word, which CIDEr over those twenty would give
+   no weight, so the score would miss exactly what people taught. The candidate passes the gate
+   only if it is better on the corrections (significantly: the bootstrap lower bound of the
+   per-photo gain is above 0) and its validation CIDEr drops by at most ``--margin``
+   (relative); otherwise it is registered as rejected, with why.
 5. A candidate that passed is activated, or waits for an operator (``awaiting_review``):
    always when it adds words, and in ``review`` promotion mode (the default) always. Every
    correction the run trained on is marked with the outcome, so none is retried.
@@ -39,17 +43,20 @@ from captioner import checkpoint
 from captioner.beam import BeamConfig
 from captioner.checkpoint import CaptionModel
 from captioner.inference import default_beam_config, resolve_device
+from captioner.vocab import tokenize
 from common.atomic import atomic_write_text
 from common.settings import ConfigError, Settings, load_settings
 from storage.holdout import HOLDOUT_FRACTION, MAX_PERSON_SHARE, load_or_create_salt
 from storage.records import CorrectionOutcome, ModelStatus
 
+from .cider import CiderD
 from .cli import DEVICE_HELP, VAL_LIMIT_HELP, add_dataclass_options, config_from_args
 from .data import ImageRecord, load_dataset
 from .features import FeatureSource, feature_source
-from .gate import corrections_metric, gate, paired_bootstrap_lower_bound
+from .gate import HELDOUT_METRIC, corrections_metric, gate, paired_bootstrap_lower_bound
 from .loop import Example, LoopConfig, bucketed_batches, build_examples, train_epoch
 from .scoring import score_records
+from .scst import reference_cider
 from .trust import CorrectionRow, CorrectionSet, grow_vocabulary, split_corrections, word_uses
 
 log = logging.getLogger(__name__)
@@ -190,12 +197,35 @@ def _epochs(cfg: FinetuneConfig, model: CaptionModel, source: FeatureSource, cor
     return losses
 
 
+# Held-out photos join the document-frequency corpus under their own ids (a correction's photo
+# may also be one of the training images).
+_HELD_OUT_ID = "held-out:"
+
+
+def heldout_cider(replay_records: list[ImageRecord], heldout: list[ImageRecord]) -> CiderD | None:
+    """CIDEr-D of the held-out corrections with document frequencies of the base's training corpus.
+
+    None without training references (an export-only run with no ``trained_on``): the gate then
+    falls back to the held-out set's own statistics.
+    """
+    if not replay_records:
+        return None
+    held = [replace(r, image_id=_HELD_OUT_ID + r.image_id) for r in heldout]
+    return reference_cider([*replay_records, *held])
+
+
 def _judge(model: CaptionModel, source: FeatureSource, heldout: list[ImageRecord], val_records: list[ImageRecord],
-           beam: BeamConfig) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+           beam: BeamConfig, corpus: CiderD | None) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """Scores on the held-out corrections and on validation data, and each held-out photo's scores."""
-    held = score_records(model, source, heldout, beam, GATE_METRICS).scores
+    held = score_records(model, source, heldout, beam, GATE_METRICS)
+    values, per_photo = dict(held.scores.values), dict(held.scores.per_image)
+    if corpus is not None:
+        ids = [r.image_id for r in heldout]
+        scores = corpus.score([_HELD_OUT_ID + i for i in ids], [tokenize(held.captions[i]) for i in ids])
+        values[HELDOUT_METRIC] = float(scores.mean())
+        per_photo[HELDOUT_METRIC] = {i: float(s) for i, s in zip(ids, scores, strict=True)}
     validation = score_records(model, source, val_records, beam, GATE_METRICS).scores.values if val_records else {}
-    return {"corrections": held.values, "validation": validation}, held.per_image
+    return {"corrections": values, "validation": validation}, per_photo
 
 
 # ----------------------------------------------------------------------------- the run
@@ -247,12 +277,13 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
     source = feature_source(candidate, {r.image_id: r.path for r in all_records}, device, cfg.cache)
 
     beam = default_beam_config(base)
-    before, base_photos = _judge(base, source, corrections.heldout, val_records, beam)
+    corpus = heldout_cider(replay_records, corrections.heldout)
+    before, base_photos = _judge(base, source, corrections.heldout, val_records, beam, corpus)
     correction_examples = build_examples(corrections.train, candidate.vocab, cfg.max_caption_len)
     replay_examples = build_examples(replay_records, candidate.vocab, cfg.max_caption_len)
     losses = train_candidate(cfg, candidate, source, correction_examples, replay_examples, len(base.vocab))
-    after, candidate_photos = _judge(candidate, source, corrections.heldout, val_records, beam)
-    # The per-photo gain is tested on the metric the gate decides by (BLEU-1 when CIDEr is degenerate).
+    after, candidate_photos = _judge(candidate, source, corrections.heldout, val_records, beam, corpus)
+    # The per-photo gain is tested on the metric the gate decides by.
     key = corrections_metric(before["corrections"], after["corrections"])
     lower_bound = paired_bootstrap_lower_bound(base_photos.get(key, {}), candidate_photos.get(key, {}))
     decision = gate(before, after, cfg.margin, lower_bound, len(corrections.heldout), cfg.min_photos_for_test)
@@ -269,7 +300,7 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
     report = {
         "name": name, "parent": base.version, "checkpoint": str(out.resolve()), "passed_gate": decision.promote,
         "status": status.value, "reason": decision.reason, "base": before, "candidate": after,
-        "new_words": new_words,
+        "new_words": new_words, "gate_metric": key,
         "heldout_gain_lower_bound": lower_bound, "train_losses": losses,
         "corrections_train_photos": len(corrections.train),
         "corrections_heldout_photos": len(corrections.heldout), "replay_ratio": cfg.replay_ratio,
@@ -308,7 +339,8 @@ async def _register(cfg: FinetuneConfig, base: CaptionModel, report: dict[str, A
             await store.register_model_version(base.version, str(checkpoint.resolve(cfg.base).resolve()),
                                                base.meta.get("parent"), base.meta.get("metrics", {}), status=status)
         metrics_doc = {"base": report["base"], "candidate": report["candidate"], "new_words": report["new_words"],
-                       "reason": report["reason"], "heldout_gain_lower_bound": report["heldout_gain_lower_bound"],
+                       "gate_metric": report["gate_metric"], "reason": report["reason"],
+                       "heldout_gain_lower_bound": report["heldout_gain_lower_bound"],
                        "heldout_photos": report["corrections_heldout_photos"],
                        "train_photos": report["corrections_train_photos"]}
         status = ModelStatus(report["status"])
@@ -390,6 +422,9 @@ def run(args: argparse.Namespace) -> int:
     verdict, code = VERDICTS[ModelStatus(report["status"])]
     print(f"{verdict} {report['name']}: {report['reason']}")
     print(f"  new words: {', '.join(report['new_words']) or 'none'}")
+    key = report["gate_metric"]
+    b, c = report["base"]["corrections"], report["candidate"]["corrections"]
+    print(f"  corrections  {key} {b[key]:.3f} -> {c[key]:.3f} (the gate's metric)")
     for part in ("corrections", "validation"):
         b, c = report["base"][part], report["candidate"][part]
         if b:

@@ -29,8 +29,18 @@ class GateDecision:
     reason: str
 
 
+# CIDEr-D with the base's training corpus for document frequencies (train.finetune.heldout_cider).
+HELDOUT_METRIC = "CIDEr-D"
+
+
 def corrections_metric(base: dict[str, float], candidate: dict[str, float]) -> str:
-    """CIDEr, unless the held-out references are all alike (CIDEr's IDF is then 0 for both): BLEU-1."""
+    """The metric the gate judges held-out corrections by.
+
+    CIDEr-D with corpus document frequencies when it was computed; otherwise CIDEr over the
+    held-out set alone, unless its references are all alike (its IDF is then 0 for both): BLEU-1.
+    """
+    if HELDOUT_METRIC in base and HELDOUT_METRIC in candidate:
+        return HELDOUT_METRIC
     if base.get("CIDEr", 0.0) == 0.0 and candidate.get("CIDEr", 0.0) == 0.0:
         return "Bleu_1"
     return "CIDEr"

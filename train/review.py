@@ -36,8 +36,10 @@ def describe(version: ModelVersionRecord) -> str:
     lines.append(f"  new words: {', '.join(metrics.get('new_words', [])) or 'none'}")
     for part in ("corrections", "validation"):
         base, cand = metrics.get("base", {}).get(part) or {}, metrics.get("candidate", {}).get(part) or {}
-        if "CIDEr" in base and "CIDEr" in cand:
-            lines.append(f"  {part:12s} CIDEr {base['CIDEr']:.3f} -> {cand['CIDEr']:.3f}")
+        # Held-out corrections: the metric the gate judged by (older runs recorded none: CIDEr).
+        key = metrics.get("gate_metric", "CIDEr") if part == "corrections" else "CIDEr"
+        if key in base and key in cand:
+            lines.append(f"  {part:12s} {key} {base[key]:.3f} -> {cand[key]:.3f}")
     if metrics.get("reason"):
         lines.append(f"  gate: {metrics['reason']}")
     return "\n".join(lines)
