@@ -1,4 +1,4 @@
-"""Command line: ``python -m storage {upgrade,export,stats,sweep}``.
+"""Command line: ``python -m storage {upgrade,export,stats,sweep,review}``.
 
 Every command takes ``--database-url`` and ``--data-dir``; without them the
 ``DATABASE_URL`` and ``CAPTIONBOT_DATA_DIR`` settings apply (environment or ``.env``).
@@ -50,7 +50,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="photos never corrected (default: $CAPTIONBOT_PHOTO_RETENTION_DAYS)")
     sweep.add_argument("--trained-retention-days", type=float,
                        help="photos trained on (default: $CAPTIONBOT_TRAINED_PHOTO_RETENTION_DAYS)")
+    review = sub.add_parser("review", parents=[common],
+                            help="list flagged and held corrections; release or delete them")
+    review.add_argument("--limit", type=int, default=100, help="how many to list")
+    review.add_argument("--release", type=int, nargs="+", metavar="ID",
+                        help="make these corrections trainable (an operator found them fine)")
+    review.add_argument("--delete", type=int, nargs="+", metavar="ID", help="delete these corrections (junk)")
     return parser
+
+
+async def _review(args: argparse.Namespace) -> None:
+    async with await Storage.open(args.database_url, args.data_dir) as storage:
+        if args.release or args.delete:
+            released = await storage.release_corrections(args.release or [])
+            deleted = await storage.delete_corrections_under_review(args.delete or [])
+            print(f"released {released} and deleted {deleted} corrections "
+                  "(only flagged or held ones change)")
+            return
+        waiting = await storage.corrections_under_review(args.limit)
+    if not waiting:
+        print("no flagged or held corrections")
+    for record in waiting:
+        why = record.flag_reason.value if record.flag_reason else "person held"
+        print(f"{record.id:8d}  {record.status.value:15s}  {why:10s}  {record.created_at:%Y-%m-%d}  "
+              f"{record.text_raw!r}")
 
 
 async def _upgrade(args: argparse.Namespace) -> None:
@@ -94,7 +117,7 @@ async def _sweep(args: argparse.Namespace) -> None:
     print(f"deleted {expired} photos past their retention and {deleted} unreferenced photo files")
 
 
-COMMANDS = {"upgrade": _upgrade, "export": _export, "stats": _stats, "sweep": _sweep}
+COMMANDS = {"upgrade": _upgrade, "export": _export, "stats": _stats, "sweep": _sweep, "review": _review}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -177,6 +177,53 @@ async def _screened(
     return CorrectionStatus.ACCEPTED, None
 
 
+# ---------------------------------------------------------------------- operator review
+
+_UNDER_REVIEW = (CorrectionStatus.FLAGGED, CorrectionStatus.HELD_FOR_REVIEW)
+
+
+async def corrections_under_review(session: AsyncSession, limit: int) -> list[CorrectionRecord]:
+    """Flagged and held corrections, oldest first: what an operator may release or delete."""
+    rows = await session.execute(
+        select(Correction, Person.telegram_id)
+        .join(Person, Person.id == Correction.person_id)
+        .where(Correction.status.in_(_UNDER_REVIEW))
+        .order_by(Correction.id)
+        .limit(limit)
+    )
+    return [correction_record(row, telegram_id) for row, telegram_id in rows.all()]
+
+
+async def release_corrections(session: AsyncSession, ids: Sequence[int]) -> int:
+    """An operator found these flagged or held corrections fine: they become trainable.
+
+    Only corrections under review change (an accepted or trained one is left as it is); the
+    next fine-tune sees them as new. Returns how many were released.
+    """
+    released = 0
+    for chunk in chunks(ids):
+        released += await rowcount(session, (
+            update(Correction)
+            .where(Correction.id.in_(chunk), Correction.status.in_(_UNDER_REVIEW))
+            .values(status=CorrectionStatus.ACCEPTED.value, flag_reason=None, outcome=None,
+                    trained_model_version=None, trained_at=None)
+        ))
+    return released
+
+
+async def delete_corrections_under_review(session: AsyncSession, ids: Sequence[int]) -> int:
+    """An operator confirmed these flagged or held corrections are junk: delete them.
+
+    Accepted corrections are never deleted this way (a person's own /forget does that).
+    """
+    deleted = 0
+    for chunk in chunks(ids):
+        deleted += await rowcount(session, (
+            delete(Correction).where(Correction.id.in_(chunk), Correction.status.in_(_UNDER_REVIEW))
+        ))
+    return deleted
+
+
 async def mark_corrections_trained(
     session: AsyncSession,
     correction_ids: Sequence[int],

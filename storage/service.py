@@ -236,6 +236,22 @@ class Storage:
             lambda session: corrections.mark_corrections_trained(session, ids, model_version, outcome)
         )
 
+    async def corrections_under_review(self, limit: int = 100) -> list[CorrectionRecord]:
+        """Flagged and held corrections, oldest first (``python -m storage review``)."""
+        return await self._tx.read(lambda session: corrections.corrections_under_review(session, limit))
+
+    async def release_corrections(self, correction_ids: Iterable[int]) -> int:
+        """Make flagged or held corrections trainable; returns how many changed."""
+        ids = sorted(set(correction_ids))
+        return await self._tx.write(lambda session: corrections.release_corrections(session, ids)) if ids else 0
+
+    async def delete_corrections_under_review(self, correction_ids: Iterable[int]) -> int:
+        """Delete flagged or held corrections (never accepted ones); returns how many went."""
+        ids = sorted(set(correction_ids))
+        if not ids:
+            return 0
+        return await self._tx.write(lambda session: corrections.delete_corrections_under_review(session, ids))
+
     # ------------------------------------------------------------------ forgetting
 
     async def forget_person(self, telegram_id: int) -> ForgetReport:

@@ -3,6 +3,7 @@ people whose corrections keep being flagged, outcomes of the runs that looked at
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -187,6 +188,48 @@ async def test_flagged_corrections_are_stored_never_trained_and_then_people_are_
         assert (await store.stats()).corrections == 5  # all stored, for review
     finally:
         await store.close()
+
+
+async def test_an_operator_releases_or_deletes_what_screening_kept_back(tmp_path: Path) -> None:
+    (tmp_path / "blocklist.txt").write_text("slurword\n")
+    policy = EntryPolicy(daily_cap=0, flags_before_hold=1, blocklist=BlocklistFile(tmp_path / "blocklist.txt"))
+    store = await Storage.open(data_dir=tmp_path / "data", policy=policy)
+    try:
+        captions = [await caption(store, n) for n in range(3)]
+        junk = await store.record_correction(captions[0].id, ALICE, "a slurword on the grass \x1b[2J")
+        held = await store.record_correction(captions[1].id, ALICE, "a dog sitting on the grass")
+        fine = await store.record_correction(captions[2].id, BOB, "a dog lying on the grass")
+        assert [r.id for r in await store.corrections_under_review()] == [junk.id, held.id]
+        # Only corrections under review change: an accepted one is neither released nor deleted.
+        assert await store.release_corrections([held.id, fine.id]) == 1
+        assert await store.delete_corrections_under_review([junk.id, fine.id]) == 1
+        assert await training_ids(store) == {held.id, fine.id}
+        assert await store.corrections_under_review() == []
+    finally:
+        await store.close()
+
+
+def test_review_command_lists_and_deletes_flagged_corrections(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from storage.__main__ import main
+
+    async def flag_one() -> None:
+        store = await Storage.open(data_dir=tmp_path / "data")
+        try:
+            await store.record_correction((await caption(store, 0)).id, ALICE, "a dog at spamcoin.com again")
+        finally:
+            await store.close()
+
+    asyncio.run(flag_one())
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert main(["review", *data]) == 0
+    listed = capsys.readouterr().out
+    assert "flagged" in listed and " url " in listed and "'a dog at spamcoin.com again'" in listed
+    flagged_id = int(listed.split()[0])
+    assert main(["review", *data, "--delete", str(flagged_id)]) == 0
+    assert "deleted 1 corrections" in capsys.readouterr().out
+    assert main(["review", *data]) == 0
+    assert capsys.readouterr().out == "no flagged or held corrections\n"
 
 
 # ---------------------------------------------------------------- outcomes

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from captioner.vocab import Vocabulary
+from captioner.vocab import Vocabulary, tokenize
 from common.settings import ConfigError
 from storage import ModelStatus, ModelVersionError, Storage
 from storage.holdout import SALT_FILENAME, choose_held_out, is_held_out, load_or_create_salt
-from captioner.vocab import tokenize
 from train import metrics
 from train.data import ImageRecord
 from train.finetune import heldout_cider, promotion_status
