@@ -30,6 +30,7 @@ from tests.helpers import make_checkpoint, photo_bytes  # noqa: E402
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 PHOTOS = [photo_bytes(seed) for seed in range(6)]
+BATCH_DELAY = 0.3
 
 
 def free_port() -> int:
@@ -51,9 +52,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="captionbot-tests")
     try:
         client = ray_deploy.serve_client(http_port=free_port())
-        # Two replicas sharing the two cores; small bounds, so that backpressure is reachable.
+        # Two replicas sharing the two cores; small bounds, so that backpressure is reachable; every
+        # batch takes at least BATCH_DELAY, so that a replica can be killed while it holds photos.
         spec = RaySpec(replicas=2, cpus_per_replica=0.5, threads=1, device="cpu", max_batch_size=8,
-                       batch_wait_ms=50, max_ongoing_requests=8, max_queued_requests=8)
+                       batch_wait_ms=50, max_ongoing_requests=8, max_queued_requests=24,
+                       debug_batch_delay=BATCH_DELAY)
         ray_deploy.deploy(client, spec, ModelChoice(str(tiny_checkpoint)), timeout=300)
         yield Cluster(client, tiny_checkpoint, second)
     finally:
@@ -109,8 +112,8 @@ async def test_bad_photos_come_back_as_the_same_errors(cluster: Cluster) -> None
 
 async def test_backpressure_is_queue_full(cluster: Cluster) -> None:
     service = await ray_service(cluster)
-    # Two replicas hold 8 each and this caller queues 8 more: 120 at once cannot all be taken.
-    outcomes = await asyncio.gather(*(service.caption(PHOTOS[i % 6]) for i in range(120)), return_exceptions=True)
+    # Two replicas hold 8 each and this caller queues 24 more: 160 at once cannot all be taken.
+    outcomes = await asyncio.gather(*(service.caption(PHOTOS[i % 6]) for i in range(160)), return_exceptions=True)
     refused = [o for o in outcomes if isinstance(o, QueueFullError)]
     answered = [o for o in outcomes if isinstance(o, CaptionResult)]
     assert refused and answered and len(refused) + len(answered) == len(outcomes), outcomes
@@ -119,10 +122,12 @@ async def test_backpressure_is_queue_full(cluster: Cluster) -> None:
 
 async def test_reload_switches_every_replica_and_a_bad_one_keeps_the_model(cluster: Cluster) -> None:
     service = await ray_service(cluster)
+    before = set(ray_deploy.running_replicas(cluster.client))
     assert await service.reload(cluster.second) == "test-v2"
     reports = ray_deploy.board_entries()
-    running = ray_deploy.running_replicas(cluster.client)
-    assert len(running) == 2 and {reports[r].version for r in running} == {"test-v2"}
+    running = set(ray_deploy.running_replicas(cluster.client))
+    assert running == before and len(running) == 2  # reconfigured in place, not replaced
+    assert {reports[r].version for r in running} == {"test-v2"}
     results = await asyncio.gather(*(service.caption(PHOTOS[i % 6]) for i in range(12)))
     assert {r.model_version for r in results} == {"test-v2"}
 
@@ -146,9 +151,10 @@ async def test_bot_answers_a_photo_over_ray(cluster: Cluster, tmp_path: Path) ->
 async def test_a_replica_killed_mid_burst_loses_no_request(cluster: Cluster) -> None:
     service = await ray_service(cluster, request_timeout=120)
     burst = [asyncio.ensure_future(service.caption(PHOTOS[i % 6])) for i in range(14)]
-    await asyncio.sleep(0.3)  # the burst is with the replicas
+    await asyncio.sleep(BATCH_DELAY / 2)  # both replicas are inside a batch now
     victim = ray_deploy.replica_actor_names(cluster.client)[0]
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     results = await asyncio.gather(*burst)
     assert len(results) == 14 and all(isinstance(r, CaptionResult) and r.text for r in results)
+    assert service.retried > 0  # the dead replica held some of them
     await service.close()

@@ -115,31 +115,35 @@ def current_model(client: Any, app_name: str = APP_NAME) -> ModelChoice:
     return ModelChoice()
 
 
-def set_model(client: Any, model: ModelChoice, app_name: str = APP_NAME) -> None:
-    """Change only the captioner's user_config: every replica reconfigures in place."""
+def set_model(client: Any, spec: RaySpec, model: ModelChoice, app_name: str = APP_NAME) -> None:
+    """Change only the captioner's user_config: every replica reconfigures in place.
+
+    The application's config is rebuilt from ``spec`` exactly as :func:`deploy` built it (not
+    read back from Serve, which fills in defaults): the same import path and arguments are the
+    same code version, which is what makes Serve reconfigure replicas instead of replacing them.
+    """
     apps = _declared_apps(client)
-    config = apps.get(app_name)
-    if config is None:
+    if app_name not in apps:
         raise RuntimeError(f"no Serve application named {app_name!r} on this cluster")
-    deployments = [d for d in config.get("deployments") or [] if d.get("name") != CAPTIONER]
-    captioner = next((d for d in config.get("deployments") or [] if d.get("name") == CAPTIONER), {"name": CAPTIONER})
-    deployments.append({**captioner, "user_config": model.to_user_config()})
-    apps[app_name] = {**config, "deployments": deployments}
+    apps[app_name] = app_config(spec, model, app_name)
     _apply(client, apps)
+
+
+def _captioner_details(client: Any, app_name: str) -> dict[str, Any]:
+    app = (client.get_serve_details().get("applications") or {}).get(app_name) or {}
+    return dict((app.get("deployments") or {}).get(CAPTIONER) or {})
 
 
 def running_replicas(client: Any, app_name: str = APP_NAME) -> list[str]:
     """Ids of the captioner's replicas that are up now."""
-    app = (client.get_serve_details().get("applications") or {}).get(app_name) or {}
-    deployment = (app.get("deployments") or {}).get(CAPTIONER) or {}
-    return [r["replica_id"] for r in deployment.get("replicas") or [] if r.get("state") == "RUNNING"]
+    replicas = _captioner_details(client, app_name).get("replicas") or []
+    return [r["replica_id"] for r in replicas if r.get("state") == "RUNNING"]
 
 
 def replica_actor_names(client: Any, app_name: str = APP_NAME) -> list[str]:
     """Actor names of the captioner's running replicas (namespace ``serve``), e.g. to kill one."""
-    app = (client.get_serve_details().get("applications") or {}).get(app_name) or {}
-    deployment = (app.get("deployments") or {}).get(CAPTIONER) or {}
-    return [r["actor_name"] for r in deployment.get("replicas") or [] if r.get("state") == "RUNNING"]
+    replicas = _captioner_details(client, app_name).get("replicas") or []
+    return [r["actor_name"] for r in replicas if r.get("state") == "RUNNING"]
 
 
 def board_entries(app_name: str = APP_NAME) -> dict[str, ReplicaModel]:
@@ -161,10 +165,12 @@ def wait_for_generation(client: Any, generation: int, app_name: str = APP_NAME,
     """
     deadline = time.monotonic() + timeout
     while True:
-        replicas = running_replicas(client, app_name)
+        details = _captioner_details(client, app_name)
+        settled = details.get("status") == "HEALTHY"  # not while Serve is still applying the config
+        replicas = [r["replica_id"] for r in details.get("replicas") or [] if r.get("state") == "RUNNING"]
         entries = board_entries(app_name)
         done = {r: entries[r] for r in replicas if r in entries and entries[r].generation >= generation}
-        if replicas and len(done) == len(replicas):
+        if settled and replicas and len(done) == len(replicas):
             return done
         if time.monotonic() > deadline:
             missing = sorted(set(replicas) - set(done))

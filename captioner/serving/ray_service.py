@@ -73,6 +73,7 @@ class RayCaptionService(CaptionService):
         self._version = ""
         self._lock = threading.Lock()
         self._in_flight = 0
+        self.retried = 0  # requests sent again because the replica holding them died
         self._per_image = 0.0
         self._closed = False
         self._started_ray = False
@@ -159,6 +160,8 @@ class RayCaptionService(CaptionService):
                 if attempt == MAX_ATTEMPTS:
                     raise WorkerCrashedError(f"caption replicas died twice while handling this photo: {err}") from None
                 log.warning("a caption replica died while handling a photo (%s); retrying once", type(err).__name__)
+                with self._lock:
+                    self.retried += 1
             except RayTaskError as err:
                 raise ServiceError(f"the caption replica failed: {err}") from None
             except asyncio.CancelledError:
@@ -217,7 +220,7 @@ class RayCaptionService(CaptionService):
         app, timeout = self.config.app_name, self.config.reload_timeout
         previous = ray_deploy.current_model(self._client, app)
         target = ModelChoice(path, sha256, previous.generation + 1)
-        ray_deploy.set_model(self._client, target, app)
+        ray_deploy.set_model(self._client, self._spec, target, app)
         try:
             reports = ray_deploy.wait_for_generation(self._client, target.generation, app, timeout)
         except TimeoutError as err:
@@ -231,7 +234,7 @@ class RayCaptionService(CaptionService):
             log.info("every caption replica now serves %s (%s)", self._version, path)
             return self._version
         back = replace(previous, generation=target.generation + 1)
-        ray_deploy.set_model(self._client, back, app)
+        ray_deploy.set_model(self._client, self._spec, back, app)
         with_back = ray_deploy.wait_for_generation(self._client, back.generation, app, timeout)
         self._version = next(iter(with_back.values())).version if with_back else self._version
         raise ModelLoadError(f"loading {path} failed ({problem}); every replica serves "
