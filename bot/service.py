@@ -1,4 +1,5 @@
-"""Building the caption service (a worker process on this machine) from the bot's settings."""
+"""Building the caption service from the bot's settings: a worker process on this machine
+(CAPTIONBOT_SERVICE=process) or a Ray Serve deployment (CAPTIONBOT_SERVICE=ray)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,15 @@ def service_config(settings: Settings, checkpoint: str | None) -> ServiceConfig:
 
 
 def create_service(settings: Settings, checkpoint: str | None) -> CaptionService:
-    """The process-based service (imported lazily: it pulls in torch and multiprocessing)."""
+    """The service the settings choose (imported lazily: the process one spawns torch workers,
+    the Ray one needs the optional Ray extra, which fails here with what to install)."""
+    if settings.service == "ray":
+        from captioner.serving.ray_service import RayCaptionService, RayServiceConfig
+
+        timeout = service_config(settings, None).request_timeout
+        return RayCaptionService(RayServiceConfig(address=settings.ray_address, app_name=settings.ray_app,
+                                                  checkpoint=service_config(settings, checkpoint).checkpoint,
+                                                  request_timeout=timeout))
     from captioner.serving.process import ProcessCaptionService
 
     return ProcessCaptionService(service_config(settings, checkpoint))

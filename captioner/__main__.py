@@ -1,4 +1,7 @@
-"""``python -m captioner caption PHOTO [PHOTO ...]``: caption photos from the command line."""
+"""``python -m captioner caption PHOTO [PHOTO ...]``: caption photos from the command line.
+
+``python -m captioner serve``: deploy the caption service on a Ray cluster (``serving/ray_cli.py``).
+"""
 
 from __future__ import annotations
 
@@ -28,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the attention picture here (with several photos: OUT-1.png, OUT-2.png, ...)")
     cap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     cap.add_argument("--max-bytes", type=int, default=ImageLimits().max_bytes, help="largest file accepted")
+    from .serving.ray_cli import add_serve_parser  # argparse only: Ray is imported when it runs
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -77,6 +83,10 @@ def _report_error(as_json: bool, path: Path, err: Exception) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from .serving.ray_cli import serve_command
+
+        return serve_command(args)
     return caption_command(args)
 
 

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     queue_capacity: int | None = Field(None, gt=0, validation_alias="CAPTIONBOT_QUEUE_CAPACITY")
     request_timeout: float | None = Field(None, gt=0, validation_alias="CAPTIONBOT_REQUEST_TIMEOUT")
     # 0 = never switch to a newly promoted model by itself
+    # where photos are captioned: a worker process here, or a Ray Serve deployment (one or many machines)
+    service: Literal["process", "ray"] = Field("process", validation_alias="CAPTIONBOT_SERVICE")
+    ray_address: str = Field("auto", min_length=1, validation_alias="CAPTIONBOT_RAY_ADDRESS")
+    ray_app: str = Field("captionbot", pattern=r"^[A-Za-z0-9_.-]{1,64}$", validation_alias="CAPTIONBOT_RAY_APP")
     model_poll_seconds: float = Field(60.0, ge=0, validation_alias="CAPTIONBOT_MODEL_POLL_SECONDS")
     # people and limits
     admin_ids: Annotated[frozenset[int], NoDecode] = Field(frozenset(), validation_alias="CAPTIONBOT_ADMIN_IDS")
@@ -109,6 +113,13 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_home(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, value: str) -> str:
+        if value != "auto" and not value.startswith(("ray://", "ray+")) and ":" not in value:
+            raise ValueError("expected auto, ray://HOST:10001 or HOST:6379")
+        return value
 
     @field_validator("device")
     @classmethod

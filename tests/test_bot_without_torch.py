@@ -8,12 +8,13 @@ import sys
 from tests.helpers import ROOT
 
 # Every module of the bot (found by walking the package, so new ones are covered), and the
-# service implementation the bot starts, which spawns the worker but must not load torch itself.
+# service implementations the bot starts: the process one spawns the worker, the Ray one talks to
+# replicas elsewhere; neither may load torch itself.
 IMPORT_ALL = """
 import importlib, pkgutil, sys
 import bot
 names = ["bot", *(m.name for m in pkgutil.walk_packages(bot.__path__, "bot."))]
-for name in [*names, "captioner.serving.process"]:
+for name in [*names, "captioner.serving.process", "captioner.serving.ray_service"]:
     importlib.import_module(name)
 loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
 assert not loaded, f"torch was imported: {loaded[:5]}"

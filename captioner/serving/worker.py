@@ -34,9 +34,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..images import ImageError, ImageProblem, image_error, load_image_for
-from ..inference import Captioner, preprocess
+from ..images import ImageError
+from ..inference import Captioner
 from ..result import CaptionResult
+from .compute import DecodedPhoto, attention_picture, caption_batch, decode_photo, model_inputs
 from .protocol import (
     BatchDone,
     BatchStarted,
@@ -57,7 +58,6 @@ from .spawn import clean_environment
 
 log = logging.getLogger("captioner.serving.worker")
 
-ATTENTION_TILE = 224  # render_attention draws the photo at this size
 EXIT_FATAL = 70  # the worker exits with this code after a CUDA error or running out of memory
 # A batch waits this long past its window for photos that arrived in the window but are still
 # being decoded (decoding is faster than compute, so a short wait fills the batch).
@@ -81,11 +81,6 @@ class _Prepared:
 class _Loaded:
     reload: Reload
     captioner: Captioner
-
-
-def _preprocessing_key(captioner: Captioner) -> tuple[Any, ...]:
-    model = captioner.model
-    return (model.config.image_size, model.encoder.mean, model.encoder.std)
 
 
 def rss_bytes() -> int:
@@ -225,25 +220,14 @@ class Worker:
             self._inbox.put(_Prepared(request, received, torch.empty(0), (), 0, 0, None, 0.0))
             return
         started = time.perf_counter()
-        captioner = self.captioner
         try:
-            image, (width, height) = load_image_for(request.image, self.settings.image_limits,
-                                                    draft_to=max(captioner.model.config.image_size, ATTENTION_TILE))
-            tensor = preprocess(captioner.model, image)
+            photo = decode_photo(self.captioner, request.image, self.settings.image_limits, request.attention)
         except ImageError as err:
             self._forget(request.id)
             self._send(RequestFailed.bad_image(request.id, err))
             return
-        except Exception as err:  # a decoder bug on hostile bytes is still a bad photo
-            log.warning("unexpected error decoding request %d: %r", request.id, err)
-            self._forget(request.id)
-            self._send(RequestFailed.bad_image(request.id, image_error(ImageProblem.DAMAGED)))
-            return
-        thumbnail = None
-        if request.attention:
-            thumbnail = image.resize((ATTENTION_TILE, ATTENTION_TILE), Image.Resampling.BILINEAR)
-        self._inbox.put(_Prepared(request, received, tensor, _preprocessing_key(captioner), width,
-                                  height, thumbnail, time.perf_counter() - started))
+        self._inbox.put(_Prepared(request, received, photo.tensor, photo.key, photo.width, photo.height,
+                                  photo.thumbnail, time.perf_counter() - started))
 
     # --- batching -------------------------------------------------------------------------
 
@@ -339,29 +323,12 @@ class Worker:
                 results.append(Captioned(item.request.id, replace(result, attention=None)))
         self._send(BatchDone(tuple(results), len(live), compute, rss_bytes(), peak_rss_bytes()))
 
-    def _inputs(self, captioner: Captioner, items: list[_Prepared]) -> Tensor:
-        key = _preprocessing_key(captioner)
-        tensors = [item.tensor if item.key == key else captioner.prepare(item.request.image,
-                                                                         self.settings.image_limits)
-                   for item in items]
-        return torch.stack(tensors)
-
     def _compute(self, captioner: Captioner, items: list[_Prepared]) -> list[CaptionResult]:
         """One batched encoder pass, then one batched beam search per beam size."""
-        features = captioner.encode(self._inputs(captioner, items))
-        base = captioner.beam
-        groups: dict[int, list[int]] = {}
-        for index, item in enumerate(items):
-            groups.setdefault(item.request.beam_size or base.beam_size, []).append(index)
-        captions: list[CaptionResult | None] = [None] * len(items)
-        for beam_size, indices in groups.items():
-            rows = torch.tensor(indices, device=features.device)
-            selected = features if len(groups) == 1 else features.index_select(0, rows)
-            attention = any(items[i].request.attention for i in indices)
-            decoded = captioner.decode(selected, replace(base, beam_size=beam_size), attention=attention)
-            for i, caption in zip(indices, decoded, strict=True):
-                captions[i] = caption
-        return [c for c in captions if c is not None]
+        photos = [DecodedPhoto(item.tensor, item.key, item.width, item.height, item.thumbnail) for item in items]
+        inputs = model_inputs(captioner, photos, [item.request.image for item in items], self.settings.image_limits)
+        return caption_batch(captioner, inputs, [item.request.beam_size for item in items],
+                             [item.request.attention for item in items])
 
     def _compute_alone(self, captioner: Captioner, item: _Prepared) -> CaptionResult | None:
         try:
@@ -374,14 +341,7 @@ class Worker:
             return None
 
     def _render(self, request_id: int, result: CaptionResult, thumbnail: Image.Image | None) -> None:
-        picture = None
-        try:
-            if thumbnail is not None and result.attention is not None:
-                from ..attention_viz import render_attention
-
-                picture = render_attention(thumbnail, result.words, result.attention)
-        except Exception:
-            log.exception("attention picture for request %d failed", request_id)
+        picture = attention_picture(thumbnail, result)
         self._send(Captioned(request_id, replace(result, attention=None, attention_png=picture)))
 
 
