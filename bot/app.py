@@ -28,7 +28,9 @@ from bot.config import bot_token
 from bot.handlers import register
 from bot.inbox import replay_inbox
 from bot.limits import Admission, InFlight, Limits
+from bot.metrics import BotMetrics, PollWatch
 from bot.model_updates import checkpoint_path, follow_promoted
+from bot.ops import POLL_SLACK, HealthCheck, OpsServer, PollingRequest
 from bot.ratelimit import RateLimiter
 from bot.review import notify_waiting
 from bot.runtime import CONTEXT_TYPES, BotData, Runtime
@@ -47,9 +49,12 @@ warnings.filterwarnings("ignore", message=".*retry_after.*", category=PTBDepreca
 ALLOWED_UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY]
 NO_PREVIEWS = LinkPreviewOptions(is_disabled=True)
 POLL_TIMEOUT = 10  # seconds a getUpdates call waits for news
+POLL_READ_TIMEOUT = POLL_TIMEOUT + 10
 
 
-def build_application(settings: Settings) -> Application[Any, Any, Any, Any, BotData, Any]:
+def build_application(settings: Settings,
+                      poll: PollWatch | None = None) -> Application[Any, Any, Any, Any, BotData, Any]:
+    """The Application; ``poll`` hears of every getUpdates answer (the health check reads it)."""
     app = (
         Application.builder()
         .token(bot_token(settings))
@@ -65,7 +70,7 @@ def build_application(settings: Settings) -> Application[Any, Any, Any, Any, Bot
         .write_timeout(30)
         .media_write_timeout(60)
         .pool_timeout(30)
-        .get_updates_read_timeout(POLL_TIMEOUT + 10)
+        .get_updates_request(PollingRequest(poll or PollWatch(), read_timeout=POLL_READ_TIMEOUT))
         .build()
     )
     register(app)
@@ -86,13 +91,18 @@ class CaptionBot:
     def __init__(self, settings: Settings, service_factory: ServiceFactory | None = None) -> None:
         self.settings = settings
         self.service_factory = service_factory or create_service
-        self.app = build_application(settings)
+        self.metrics = BotMetrics()
+        self.metrics.watch_service(lambda: self.service)
+        self.app = build_application(settings, self.metrics.poll)
         self.storage: Storage | None = None
         self.service: CaptionService | None = None
         self.runtime: Runtime | None = None
         self._initialized = False
         self._follower: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.ops: OpsServer | None = None  # /metrics and /healthz, when CAPTIONBOT_METRICS_PORT is set
+        self.health = HealthCheck(self.metrics, self._polling, lambda: self.service,
+                                  poll_max_quiet=POLL_READ_TIMEOUT + POLL_SLACK)
 
     async def start(self) -> None:
         """Start everything; on failure, undo what was started and re-raise."""
@@ -105,6 +115,9 @@ class CaptionBot:
     async def _start(self) -> None:
         started = time.monotonic()
         settings = self.settings
+        if settings.metrics_port is not None:  # first: while the model loads, /healthz says 503, not nothing
+            self.ops = OpsServer(settings.metrics_host, settings.metrics_port, self.metrics, self.health)
+            await self.ops.start()
         await self.app.initialize()  # getMe: fails fast on a bad token or an unreachable server
         self._initialized = True
         log.info("connected to Telegram as @%s (id %d)", self.app.bot.username, self.app.bot.id)
@@ -116,11 +129,12 @@ class CaptionBot:
         promoted, checkpoint = await self._startup_model(self.storage)
         self.service, serving_promoted = await self._start_service(checkpoint, promoted is not None)
         self.runtime = Runtime(settings, self.storage, self.service, person_limits(settings),
-                               service_config(settings, None).image_limits)
+                               service_config(settings, None).image_limits, metrics=self.metrics)
         self.runtime.promoted_loaded = promoted if serving_promoted else None
         self.app.bot_data.attach(self.runtime)
         await self._register_commands()
         assert self.app.updater is not None
+        self.metrics.poll.polling_started()
         await self.app.updater.start_polling(timeout=POLL_TIMEOUT, allowed_updates=ALLOWED_UPDATES)
         await self.app.start()
         await replay_inbox(self.app)
@@ -132,6 +146,10 @@ class CaptionBot:
             )
         log.info("ready in %.1f s: serving model %s, polling for updates", time.monotonic() - started,
                  self.service.model_version)
+
+    def _polling(self) -> bool:
+        updater = self.app.updater
+        return updater is not None and updater.running
 
     async def _notify_reviews(self) -> None:
         if self.runtime is not None and self.settings.admin_ids:
@@ -187,6 +205,9 @@ class CaptionBot:
         """Stop taking updates, finish the ones in hand, stop the worker, close the database."""
         started = time.monotonic()
         app = self.app
+        if self.ops is not None:
+            await self.ops.close()
+            self.ops = None
         if app.updater is not None and app.updater.running:
             await app.updater.stop()
         if app.running:

@@ -55,10 +55,12 @@ async def reload_promoted(runtime: Runtime, *, automatic: bool = False) -> Reloa
             version = await runtime.service.reload(path)
         except (ModelLoadError, ServiceError) as err:
             runtime.failed_models[_key(active)] = str(err)
+            runtime.metrics.note_reload("failed")
             log.error("could not load promoted model %s: %s; still serving %s", active.name, err, old)
             return ReloadOutcome("failed", active.name, old, str(err))
         runtime.promoted_loaded = active.name
         runtime.failed_models.pop(_key(active), None)
+        runtime.metrics.note_reload("done")
         log.info("now serving model %s (version %s, was %s)", active.name, version, old)
         return ReloadOutcome("done", active.name, old)
 

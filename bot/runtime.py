@@ -17,6 +17,7 @@ from typing import Any
 from telegram.ext import CallbackContext, ContextTypes, ExtBot
 
 from bot.limits import Limits
+from bot.metrics import BotMetrics
 from captioner.images import ImageLimits
 from captioner.serving.base import CaptionService
 from common.settings import Settings
@@ -32,6 +33,7 @@ class Runtime:
     service: CaptionService
     limits: Limits
     image_limits: ImageLimits = field(default_factory=ImageLimits)  # the worker's, for re-encoding
+    metrics: BotMetrics = field(default_factory=BotMetrics)  # the bot's own registry (bot/metrics.py)
     started_at: float = field(default_factory=time.monotonic)
     captioned: int = 0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=1000))

@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     # None = blocklist.txt in the data folder
     blocklist_file: Path | None = Field(None, validation_alias="CAPTIONBOT_BLOCKLIST_FILE")
     promotion: Literal["review", "auto"] = Field("review", validation_alias="CAPTIONBOT_PROMOTION")
+    # operations: Prometheus /metrics and /healthz on one port; None = off, 0 = a free port the OS picks
+    metrics_port: int | None = Field(None, ge=0, le=65535, validation_alias="CAPTIONBOT_METRICS_PORT")
+    metrics_host: str = Field("127.0.0.1", min_length=1, validation_alias="CAPTIONBOT_METRICS_HOST")
 
     @field_validator("token", mode="before")
     @classmethod

@@ -20,9 +20,9 @@ ALLOWED: dict[str, set[str]] = {
 }
 # Package -> third-party top-level modules it must never import.
 FORBIDDEN: dict[str, set[str]] = {
-    "common": {"torch", "telegram", "sqlalchemy"},
+    "common": {"torch", "telegram", "sqlalchemy", "prometheus_client"},
     "captioner": {"telegram", "sqlalchemy", "aiosqlite", "alembic", "pydantic_settings"},
-    "storage": {"torch", "torchvision", "telegram", "numpy"},
+    "storage": {"torch", "torchvision", "telegram", "numpy", "prometheus_client"},
     "bot": {"torch", "torchvision", "numpy"},
     "train": {"telegram"},
 }

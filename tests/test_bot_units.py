@@ -19,6 +19,7 @@ from bot.handlers.errors import on_error
 from bot.limits import ALBUM_MAX_PHOTOS, Admission, Albums, InFlight
 from bot.logs import MASK, RedactingFormatter, configure_logging
 from bot.ratelimit import RateLimiter
+from bot.runtime import BotData
 from bot.service import service_config
 from captioner.images import ImageLimits, ImageProblem, image_error
 from captioner.serving.config import ServiceConfig
@@ -272,7 +273,8 @@ async def test_a_send_that_timed_out_is_not_followed_by_an_apology() -> None:
         "from": {"id": 77, "is_bot": False, "first_name": "Hal"}, "text": "x"}}, None)
     for error, told in ((TimedOut(), []), (NetworkError("connection reset"), [texts.ERROR])):
         sent.clear()
-        context = SimpleNamespace(error=error, bot=SimpleNamespace(send_message=send_message))
+        context = SimpleNamespace(error=error, bot=SimpleNamespace(send_message=send_message),
+                                  bot_data=BotData())  # no runtime yet: the error is logged, not counted
         await on_error(update, context)  # type: ignore[arg-type]
         assert sent == told
 

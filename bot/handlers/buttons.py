@@ -76,6 +76,8 @@ async def _vote(query: CallbackQuery, runtime: Runtime, caption_id: int, up: boo
     thanks = texts.VOTE_UP_THANKS if up else texts.VOTE_DOWN_THANKS
     await _answer(query, thanks if vote.changed else texts.VOTE_UNCHANGED)
     log.info("vote caption=%d user=%d up=%s changed=%s", caption_id, user.id, up, vote.changed)
+    if vote.changed:
+        runtime.metrics.note_vote(up)
     if vote.changed and _message(query) is not None:
         if _is_private(query):
             markup = keyboards.caption_keyboard(caption_id, my_vote=up)
@@ -179,8 +181,10 @@ async def _attention(query: CallbackQuery, context: Context, runtime: Runtime, c
         )
     except (ImageError, ServiceError) as err:
         log.info("attention failed caption=%d: %s: %s", caption_id, type(err).__name__, err)
+        runtime.metrics.note_service_failed(err)
         await context.bot.send_message(chat_id, error_text(err), reply_parameters=reply_parameters)
         return
+    runtime.metrics.note_service_answered(result)
     if not result.attention_png:
         log.warning("attention for caption %d came back without a picture", caption_id)
         await context.bot.send_message(chat_id, texts.WORKER_FAILED, reply_parameters=reply_parameters)

@@ -58,12 +58,14 @@ async def on_text(update: Update, context: Context) -> None:
         correction = await storage.record_correction(caption_id, user.id, message.text)
     except CorrectionRejected as err:
         log.info("correction rejected caption=%d user=%d reason=%s", caption_id, user.id, err.code)
+        runtime.metrics.note_correction_rejected(err.code.value)
         await reply(context, message, texts.correction_rejected(err))
         return
     log.info(
         "correction saved caption=%d user=%d id=%d status=%s (%s)", caption_id, user.id, correction.id,
         correction.status, how,
     )
+    runtime.metrics.note_correction(correction.status.value)
     await reply(context, message, correction_answer(correction))
 
 

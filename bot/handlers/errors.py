@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from telegram import Update
@@ -13,6 +14,12 @@ from bot.handlers.common import Context, quietly, replying_to
 log = logging.getLogger("bot.errors")
 
 
+def note_unhandled(context: Context) -> None:
+    """Count the error (an error before the bot's runtime exists is only logged)."""
+    with contextlib.suppress(RuntimeError):
+        context.bot_data.runtime.metrics.note_error("unhandled")
+
+
 async def on_error(update: object, context: Context) -> None:
     error = context.error
     if not isinstance(update, Update):
@@ -22,6 +29,7 @@ async def on_error(update: object, context: Context) -> None:
             log.error("error outside an update: %r", error, exc_info=error)
         return
     log.error("error while handling update %d: %r", update.update_id, error, exc_info=error)
+    note_unhandled(context)
     if isinstance(error, Forbidden):
         return  # the person blocked the bot; nothing to tell them
     if isinstance(error, TimedOut):

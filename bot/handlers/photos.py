@@ -118,6 +118,7 @@ async def take_request(update: Update, context: Context, message: Message, sende
         log.info("update %d: message %d is already in the inbox (redelivered); left to it",
                  update.update_id, message.message_id)
         return
+    context.bot_data.runtime.metrics.note_photo_received()
     await answer_request(context, message, sender, image, f"update={update.update_id}")
 
 
@@ -140,16 +141,19 @@ async def _handle(context: Context, message: Message, sender: int, image: Incomi
     problem = size_problem(image.file_size, runtime)
     if problem is not None:
         log.info("photo refused %s: declared size %s bytes", ids, image.file_size)
+        runtime.metrics.note_error("file_too_big")
         await reply(context, message, problem)
         return
     retry_after = _photo_rate_limit(runtime, sender, message.media_group_id)
     if retry_after:
         log.info("photo rate-limited %s: retry in %.0f s", ids, retry_after)
+        runtime.metrics.note_rate_limited()
         await reply(context, message, texts.rate_limited(runtime.limits.photos.limit, retry_after))
         return
     admission = runtime.limits.admission
     if not admission.enter():
         log.info("photo refused %s: %d photos in hand, the most the bot takes", ids, admission.in_hand)
+        runtime.metrics.note_busy("bot")
         await reply(context, message, texts.BUSY)
         return
     try:
@@ -178,6 +182,7 @@ async def _serve(context: Context, runtime: Runtime, message: Message, sender: i
     downloaded = time.monotonic()
     if isinstance(data, str):
         log.info("photo not downloaded %s: %s", ids, data)
+        runtime.metrics.note_error("download_failed" if data == texts.DOWNLOAD_FAILED else "file_too_big")
         await reply(context, message, data)
         return
     # Submit first, then (when the queue is long) tell the person where they stand.
@@ -199,9 +204,11 @@ async def _serve(context: Context, runtime: Runtime, message: Message, sender: i
         result = await request
     except (ImageError, ServiceError) as err:
         log.info("photo not captioned %s bytes=%d: %s: %s", ids, len(data), type(err).__name__, err)
+        runtime.metrics.note_service_failed(err)
         await edit_or_reply(context, message, notice, error_text(err))
         return
     captioned = time.monotonic()
+    runtime.metrics.note_service_answered(result)
     try:
         await _answer(context, runtime, message, sender, notice, image, data, result,
                       latency_ms=(captioned - started) * 1000)
@@ -209,9 +216,12 @@ async def _serve(context: Context, runtime: Runtime, message: Message, sender: i
         raise
     except Exception:  # storage trouble: still give the person their caption, without buttons
         log.exception("could not store the caption %s; sending it without buttons", ids)
+        runtime.metrics.note_error("storage")
         await edit_or_reply(context, message, notice, caption_text(result))
+        runtime.metrics.note_caption_sent(time.monotonic() - started)
         return
     finished = time.monotonic()
+    runtime.metrics.note_caption_sent(finished - started)
     runtime.note_caption((finished - started) * 1000)
     log.info(
         "photo captioned %s bytes=%d %dx%d download=%.0fms queue=%.0fms compute=%.0fms batch=%d "

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from bot.app import CaptionBot
+from bot.service import ServiceFactory
 from captioner import checkpoint
 from captioner.checkpoint import CaptionModel
 from captioner.vocab import Vocabulary
@@ -69,9 +70,11 @@ def big_jpeg(megapixels: float = 1.0, seed: int = 9) -> bytes:
 
 
 @asynccontextmanager
-async def bot_over_fake_api(tmp: Path, **overrides: Any) -> AsyncIterator[tuple[FakeTelegram, CaptionBot]]:
+async def bot_over_fake_api(tmp: Path, *, service_factory: ServiceFactory | None = None,
+                            **overrides: Any) -> AsyncIterator[tuple[FakeTelegram, CaptionBot]]:
     """The real bot and worker (a tiny fast model, CPU, one thread) against a fresh fake Bot API;
-    ``overrides`` are Settings fields on top of the defaults a person running the bot gets."""
+    ``overrides`` are Settings fields on top of the defaults a person running the bot gets;
+    ``service_factory`` replaces the worker (a test double)."""
     fake = FakeTelegram(TOKEN)
     await fake.start()
     values: dict[str, Any] = {
@@ -79,7 +82,7 @@ async def bot_over_fake_api(tmp: Path, **overrides: Any) -> AsyncIterator[tuple[
         "data_dir": tmp / "data", "model": str(fast_checkpoint(tmp / "model")), "device": "cpu",
         "worker_threads": 1, "model_poll_seconds": 0,
     }
-    bot = CaptionBot(Settings(**(values | overrides)))
+    bot = CaptionBot(Settings(**(values | overrides)), service_factory)
     try:
         await bot.start()
         yield fake, bot
