@@ -1,4 +1,7 @@
-"""``python -m captioner caption PHOTO [PHOTO ...]``: caption photos from the command line."""
+"""``python -m captioner caption PHOTO [PHOTO ...]``: caption photos from the command line.
+
+``keys`` and ``api`` (the HTTP API) are in :mod:`captioner.serving.commands`.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from .beam import BeamConfig
 from .checkpoint import CheckpointError
 from .images import ImageError, ImageLimits, load_image
 from .inference import Captioner
+from .serving.commands import add_api_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the attention picture here (with several photos: OUT-1.png, OUT-2.png, ...)")
     cap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     cap.add_argument("--max-bytes", type=int, default=ImageLimits().max_bytes, help="largest file accepted")
+    add_api_commands(sub)
     return parser
 
 
@@ -77,7 +82,8 @@ def _report_error(as_json: bool, path: Path, err: Exception) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     args = build_parser().parse_args(argv)
-    return caption_command(args)
+    handler = getattr(args, "handler", caption_command)
+    return int(handler(args))
 
 
 if __name__ == "__main__":
