@@ -13,8 +13,8 @@ JSON ``{"error": {"code", "message", "details"}}`` with the image codes the bot 
 (:class:`captioner.images.ImageProblem`), and never carry internals.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations at runtime,
+# and those name closures (``authenticate``) that string annotations could not resolve.
 import asyncio
 import base64
 import logging
@@ -98,7 +98,7 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     @classmethod
-    def from_image_error(cls, err: ImageError) -> ApiError:
+    def from_image_error(cls, err: ImageError) -> "ApiError":
         status, words = IMAGE_PROBLEMS[err.code]
         try:
             message = words(err.details)
