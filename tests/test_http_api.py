@@ -37,7 +37,7 @@ from captioner.serving.base import (
     WorkerCrashedError,
 )
 from captioner.serving.config import ServiceConfig
-from captioner.serving.http import IMAGE_PROBLEMS, ApiError, RateLimiter, create_app
+from captioner.serving.http import IMAGE_PROBLEMS, ApiError, RateLimiter, caption_response, create_app
 from captioner.serving.keys import ApiKeys
 from captioner.serving.process import ProcessCaptionService
 from tests.helpers import ROOT, photo_bytes
@@ -339,6 +339,21 @@ def test_every_image_problem_has_a_status_and_a_sentence(code: ImageProblem) -> 
     for details in (full, {}):
         err = ApiError.from_image_error(image_error(code, **details))
         assert 400 <= err.status < 500 and err.code == code.value and err.message.endswith(".")
+
+
+def test_attention_maps_are_returned_when_the_service_gives_them() -> None:
+    """The embedded worker sends the picture only; a service that returns the maps has them passed on."""
+    import numpy as np
+
+    maps = np.full((2, 3, 3), 1 / 9, dtype=np.float32)
+    result = CaptionResult(text="a dog", words=("a", "dog"), score=-1.0, log_prob=-2.0, finished=True,
+                           model_version="v", beam_size=3, seen=(("dog", 0.9),), attention=maps,
+                           attention_png=b"\x89PNG")
+    body = caption_response(result)
+    assert body.attention_maps is not None and len(body.attention_maps) == 2
+    assert body.attention_maps[1][2][2] == pytest.approx(1 / 9, abs=1e-5)
+    assert base64.b64decode(body.attention_png or "") == b"\x89PNG"
+    assert body.seen[0].label == "dog" and body.caption == "a dog"
 
 
 # --- health and documentation -----------------------------------------------------------------
