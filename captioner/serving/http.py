@@ -52,7 +52,7 @@ log = logging.getLogger("captioner.http")
 API_TITLE = "captionbot API"
 REALM = "captionbot"
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and option fields around the image
-MAX_OPTION_CHARS = 64  # an option field ("beam", "attention") longer than this is malformed
+MAX_FIELD_BYTES = 1024  # a non-file form field ("beam", "attention") longer than this is malformed
 RAW_TYPES = ("image/", "application/octet-stream")
 
 # --- error wording ----------------------------------------------------------------------------
@@ -259,7 +259,7 @@ async def _read_raw(request: Request, limit: int) -> bytes:
 
 async def _read_multipart(request: Request, limit: int) -> _Upload:
     parser = MultiPartParser(request.headers, _capped(request, limit + MULTIPART_OVERHEAD, limit),
-                             max_files=1, max_fields=8, max_part_size=MAX_OPTION_CHARS)
+                             max_files=1, max_fields=8, max_part_size=MAX_FIELD_BYTES)
     try:
         form = await parser.parse()
     except MultiPartException as err:
@@ -267,7 +267,8 @@ async def _read_multipart(request: Request, limit: int) -> _Upload:
     try:
         upload = form.get("image")
         if not isinstance(upload, UploadFile):
-            raise ApiError(422, "missing_image", 'The multipart body has no file field "image".')
+            raise ApiError(422, "missing_image",
+                           'The multipart body has no file field "image" (a part with a filename).')
         image = await upload.read()
         options = {name: value for name, value in form.multi_items() if isinstance(value, str)}
     finally:
