@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[dev,encoders,ray]'
+	$(PY) -m pip install --quiet -e '.[dev,encoders,ray,api]'
 	touch $@
 
 install: $(VENV)/.installed

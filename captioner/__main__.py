@@ -1,6 +1,7 @@
 """``python -m captioner caption PHOTO [PHOTO ...]``: caption photos from the command line.
 
 ``python -m captioner serve``: deploy the caption service on a Ray cluster (``serving/ray_cli.py``).
+``keys`` and ``api`` (the HTTP API) are in :mod:`captioner.serving.commands`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .beam import BeamConfig
 from .checkpoint import CheckpointError
 from .images import ImageError, ImageLimits, load_image
 from .inference import Captioner
+from .serving.commands import add_api_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .serving.ray_cli import add_serve_parser  # argparse only: Ray is imported when it runs
 
     add_serve_parser(sub)
+    add_api_commands(sub)
     return parser
 
 
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         from .serving.ray_cli import serve_command
 
         return serve_command(args)
-    return caption_command(args)
+    handler = getattr(args, "handler", caption_command)
+    return int(handler(args))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ FORBIDDEN: dict[str, set[str]] = {
     "common": {"torch", "telegram", "sqlalchemy", "prometheus_client"},
     "captioner": {"telegram", "sqlalchemy", "aiosqlite", "alembic", "pydantic_settings"},
     "storage": {"torch", "torchvision", "telegram", "numpy", "prometheus_client"},
-    "bot": {"torch", "torchvision", "numpy"},
+    # fastapi/uvicorn are the optional 'api' extra (captioner.serving.http): the bot must not need them.
+    "bot": {"torch", "torchvision", "numpy", "fastapi", "uvicorn", "starlette"},
     "train": {"telegram"},
 }
 

@@ -94,6 +94,18 @@ def test_bot_latency_bench_measures_the_direct_caption_baseline(tmp_path: Path) 
     assert document["example_caption"]
 
 
+def test_http_api_bench_compares_http_with_the_service_it_serves(tmp_path: Path) -> None:
+    out = tmp_path / "http.json"
+    document = run_bench("http_api.py", out, "--tiny", "--photos", "2", "--warmup", "1", "--requests", "6",
+                         "--callers", "3", "--size", "160x120", "--out", str(out))
+    context = assert_reports_its_run(document, "http_api.py", tmp_path)
+    assert any("uvicorn" in p for p in context["started_by_this_run"])
+    single, burst = document["single_request"], document["burst"]
+    assert single["through_http"]["samples"] == single["caption_service_directly"]["samples"] == 2
+    assert single["overhead_ratio_p50"] > 0 and burst["ratio_http_over_direct"] > 0
+    assert single["identical_captions"] == "2/2" and burst["identical_captions"] == "6/6"
+
+
 @pytest.mark.slow
 def test_decode_bench_counts_encoder_flops(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "decode.json"

@@ -5,7 +5,10 @@ little: the reload test leaves the first model serving again, and killing a repl
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ from captioner.result import CaptionResult  # noqa: E402
 from captioner.serving import ray_deploy  # noqa: E402
 from captioner.serving.base import ModelLoadError, QueueFullError  # noqa: E402
 from captioner.serving.config import ServiceConfig  # noqa: E402
+from captioner.serving.keys import ApiKeys  # noqa: E402
 from captioner.serving.process import ProcessCaptionService  # noqa: E402
 from captioner.serving.ray_service import RayCaptionService, RayServiceConfig  # noqa: E402
 from captioner.serving.ray_spec import ModelChoice, RaySpec  # noqa: E402
@@ -44,21 +48,28 @@ class Cluster:
     client: Any
     first: Path  # the model the deployment starts with
     second: Path
+    http_port: int  # the HTTP API (the application's FastAPI ingress)
+    keys: ApiKeys
+    key_id: str
+    secret: str
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iterator[Cluster]:
     second = make_checkpoint(tmp_path_factory.mktemp("ckpt2") / "tiny2", version="test-v2", seed=7)
+    keys = ApiKeys(tmp_path_factory.mktemp("keys") / "api_keys.json")
+    key_id, secret = keys.create("tests")
+    http_port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="captionbot-tests")
     try:
-        client = ray_deploy.serve_client(http_port=free_port())
+        client = ray_deploy.serve_client(http_port=http_port)
         # Two replicas sharing the two cores; small bounds, so that backpressure is reachable; every
         # batch takes at least BATCH_DELAY, so that a replica can be killed while it holds photos.
         spec = RaySpec(replicas=2, cpus_per_replica=0.5, threads=1, device="cpu", max_batch_size=8,
                        batch_wait_ms=50, max_ongoing_requests=8, max_queued_requests=24,
-                       debug_batch_delay=BATCH_DELAY)
+                       debug_batch_delay=BATCH_DELAY, http=True, keys_file=str(keys.path))
         ray_deploy.deploy(client, spec, ModelChoice(str(tiny_checkpoint)), timeout=300)
-        yield Cluster(client, tiny_checkpoint, second)
+        yield Cluster(client, tiny_checkpoint, second, http_port, keys, key_id, secret)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -87,6 +98,32 @@ async def test_captions_equal_the_embedded_workers(cluster: Cluster) -> None:
     assert with_picture.attention_png is not None and with_picture.attention_png.startswith(b"\x89PNG")
     assert with_picture.attention is None and with_picture.beam_size == 1
     await service.close()
+
+
+def _post(port: int, body: bytes, secret: str | None) -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": "image/jpeg"} | ({"Authorization": f"Bearer {secret}"} if secret else {})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/captions", data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+async def test_the_http_api_on_the_same_deployment_checks_keys(cluster: Cluster) -> None:
+    service = await ray_service(cluster)
+    expected = await service.caption(PHOTOS[1])
+    await service.close()
+    status, body = await asyncio.to_thread(_post, cluster.http_port, PHOTOS[1], cluster.secret)
+    assert status == 200, body
+    assert body["caption"] == expected.text and body["model_version"] == "test-v1"
+    status, body = await asyncio.to_thread(_post, cluster.http_port, b"not a photo", cluster.secret)
+    assert status // 100 == 4
+    assert body["error"]["code"] == ImageProblem.NOT_AN_IMAGE.value
+    assert (await asyncio.to_thread(_post, cluster.http_port, PHOTOS[1], None))[0] == 401
+    assert (await asyncio.to_thread(_post, cluster.http_port, PHOTOS[1], cluster.secret + "x"))[0] == 401
+    cluster.keys.revoke(cluster.key_id)  # the ingress re-reads the file: no restart
+    assert (await asyncio.to_thread(_post, cluster.http_port, PHOTOS[1], cluster.secret))[0] == 401
 
 
 async def test_batches_bigger_than_one_under_concurrency(cluster: Cluster) -> None:

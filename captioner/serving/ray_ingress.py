@@ -27,11 +27,12 @@ def http_ingress() -> Any:
             self.spec = RaySpec.from_args(spec)
             if not self.spec.keys_file:
                 raise ValueError("the HTTP API needs an API key file (--keys)")
+            self.keys_file: str = self.spec.keys_file
             self.service = RayCaptionService.over_handle(captioner, self.spec)
 
         def __serve_build_asgi_app__(self) -> Any:
             # Built on the replica, after __init__: the app's routes call this replica's service.
-            return create_app(self.service, ApiKeys(self.spec.keys_file),
+            return create_app(self.service, ApiKeys(self.keys_file),
                               requests_per_minute=self.spec.requests_per_minute,
                               image_limits=self.spec.image_limits)
 
