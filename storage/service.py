@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import UTC, datetime, timedelta
@@ -24,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from storage import captions, config, corrections, export, forget, inbox, model_versions, people, retention
 from storage import migrate as migrations
 from storage import stats as statistics
-from storage.engine import create_engine, sqlite_file
+from storage.engine import create_engine, is_sqlite, sqlite_file, truncate_wal
 from storage.keys import SESSION_FORGET_KEY, load_or_create_forget_key
 from storage.photos import FOLDER_MODE, PhotoStore, sha256_hex
 from storage.records import (
@@ -37,6 +38,8 @@ from storage.records import (
 )
 from storage.screening import EntryPolicy
 from storage.transactions import Transactions
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -274,6 +277,8 @@ class Storage:
         report = dataclasses.replace(report, files_deleted=files)
         if not report.found:
             return report
+        if is_sqlite(self.url) and not await truncate_wal(self._engine):
+            log.warning("the write-ahead log is in use; the deleted rows leave it at its next checkpoint")
         rewritten, failed = await export.rewrite_exports(self)
         return dataclasses.replace(report, exports_rewritten=rewritten, exports_failed=tuple(failed))
 
