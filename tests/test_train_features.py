@@ -142,6 +142,26 @@ def test_feature_source_reads_the_same_from_memory_and_from_the_memmap(tmp_path:
     torch.testing.assert_close(a[0], a[2])
 
 
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_private_images_are_held_in_memory_and_never_cached(tmp_path: Path, in_memory: bool) -> None:
+    """People's photos (``add_in_memory``) mixed in batches with cached public images: the same
+    features as from pixels, in the batch's order, and no cache entry names them."""
+    model, paths = tiny_model(), image_paths(tmp_path, n_train=4)
+    public, private = {p.name: p for p in paths[:2]}, {p.name: p for p in paths[2:]}
+    source = features.feature_source(model, public, torch.device("cpu"), str(tmp_path / "cache"))
+    if not in_memory:
+        source = FeatureSource(model, public, source.cache, torch.device("cpu"), in_memory=False)
+    source.add_in_memory(private)
+    ids = [paths[3].name, paths[0].name, paths[2].name, paths[3].name, paths[1].name]
+    mixed = source(ids)
+    raw = FeatureSource(model, public | private, None, torch.device("cpu"))(ids)
+    assert mixed.shape == raw.shape == (5, 4, 64)
+    torch.testing.assert_close(mixed, raw, rtol=0, atol=1e-3)
+    torch.testing.assert_close(source(ids[:1] + ids[2:3]), raw[[0, 2]], rtol=0, atol=1e-3)  # private only
+    index = open_cache(model, tmp_path / "cache").index
+    assert set(index) == {FeatureCache.key(p) for p in paths[:2]}
+
+
 def test_probing_the_feature_shape_leaves_the_encoder_alone(tmp_path: Path) -> None:
     model = tiny_model(fine_tune_blocks=1)
     model.encoder.train()
