@@ -157,6 +157,51 @@ def _shard_sizes(index: dict[str, tuple[int, int]]) -> dict[int, int]:
     return sizes
 
 
+def drop_cached_under(cache_root: Path, folder: Path) -> int:
+    """Remove from every cache under ``cache_root`` the features of images under ``folder``; returns how many.
+
+    For features earlier versions cached of people's photos (the bot's photo folder): their rows are
+    overwritten with zeros (a shard no other image uses is deleted) before the index forgets them, so
+    a crash in between leaves rows marked not done, which the cache would compute again, never
+    features that outlive the photo.
+    """
+    prefix = str(folder.resolve()) + os.sep
+    dropped = 0
+    for index_file in sorted(cache_root.glob("*/index.json")):
+        index = {k: (v[0], v[1]) for k, v in json.loads(index_file.read_text()).items()}
+        gone = {k: v for k, v in index.items() if k.startswith(prefix)}
+        if not gone:
+            continue
+        kept = {k: v for k, v in index.items() if k not in gone}
+        used = {shard for shard, _ in kept.values()}
+        rows_of: dict[int, list[int]] = {}
+        for shard, row in gone.values():
+            rows_of.setdefault(shard, []).append(row)
+        for shard, rows in rows_of.items():
+            _erase_rows(index_file.parent, shard, rows, whole=shard not in used)
+        atomic_write_text(index_file, json.dumps(kept))
+        dropped += len(gone)
+        log.info("dropped %d cached feature rows of images under %s from %s", len(gone), folder, index_file.parent)
+    return dropped
+
+
+def _erase_rows(directory: Path, shard: int, rows: list[int], whole: bool) -> None:
+    features_file, done_file = directory / f"shard-{shard}.npy", directory / f"done-{shard}.npy"
+    if whole:
+        features_file.unlink(missing_ok=True)
+        done_file.unlink(missing_ok=True)
+        return
+    if features_file.exists():
+        features = np.load(features_file, mmap_mode="r+")
+        features[rows] = 0
+        features.flush()
+        del features
+    if done_file.exists():
+        done = np.load(done_file)
+        done[rows] = False
+        atomic_write(done_file, lambda tmp: _save_array(tmp, done))
+
+
 def open_cache(model: CaptionModel, cache_root: Path) -> FeatureCache:
     regions, dim = _feature_shape(model)
     return FeatureCache(cache_root / f"{model.config.encoder}-{encoder_fingerprint(model)}", regions, dim)

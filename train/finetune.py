@@ -57,7 +57,7 @@ from storage.records import CorrectionOutcome, ModelStatus
 from .cider import CiderD
 from .cli import DEVICE_HELP, VAL_LIMIT_HELP, add_dataclass_options, config_from_args
 from .data import ImageRecord, load_dataset
-from .features import FeatureSource, feature_source
+from .features import FeatureSource, drop_cached_under, feature_source
 from .gate import HELDOUT_METRIC, corrections_metric, gate, paired_bootstrap_lower_bound
 from .loop import Example, LoopConfig, bucketed_batches, build_examples, train_epoch
 from .scoring import score_records
@@ -131,8 +131,8 @@ async def _open_store(cfg: FinetuneConfig) -> Any:
     return await Storage.open(database_url(cfg), Path(cfg.data_dir) if cfg.data_dir else None)
 
 
-async def _corrections_from_db(cfg: FinetuneConfig) -> tuple[list[CorrectionRow], bytes]:
-    """The corrections no run has looked at, and the data folder's holdout salt."""
+async def _corrections_from_db(cfg: FinetuneConfig) -> tuple[list[CorrectionRow], bytes, Path]:
+    """The corrections no run has looked at, the data folder's holdout salt, and its photo folder."""
     store = await _open_store(cfg)
     try:
         since = datetime.fromisoformat(cfg.since).replace(tzinfo=UTC) if cfg.since else None
@@ -143,7 +143,7 @@ async def _corrections_from_db(cfg: FinetuneConfig) -> tuple[list[CorrectionRow]
         await store.close()
     rows = [CorrectionRow(e.sha256, e.path, e.text, e.source_id if e.kind == "correction" else None, e.person_id)
             for e in examples]
-    return rows, salt
+    return rows, salt, store.photos.root
 
 
 @dataclass(frozen=True)
@@ -285,7 +285,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         corrections = corrections_from_export(cfg.from_export)
     else:
         choice = asyncio.run(choose_base(cfg))
-        rows, salt = asyncio.run(_corrections_from_db(cfg))
+        rows, salt, photos_root = asyncio.run(_corrections_from_db(cfg))
+        if cfg.cache:
+            # Earlier versions cached people's photos too; those rows would outlive the photos.
+            drop_cached_under(Path(cfg.cache), photos_root)
         corrections = split_corrections(rows, salt, cfg.holdout, cfg.holdout_person_share, cfg.person_share,
                                         cfg.max_per_person)
     log.info("starting from %s", choice.describe())
