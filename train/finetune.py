@@ -161,6 +161,11 @@ class BaseChoice:
                 f"who used /forget (skipped: {', '.join(self.skipped)})")
 
 
+def _version_of(path: str | None) -> str:
+    """A checkpoint's version name (as ``CaptionModel.version`` reads it), without loading its weights."""
+    return str(checkpoint.read_document(path).get("meta", {}).get("version") or checkpoint.resolve(path).name)
+
+
 async def choose_base(cfg: FinetuneConfig) -> BaseChoice:
     """``--base``, else the active model version, else the bundled model; then, if that version learned
     from a forgotten person's corrections, its newest registered ancestor that did not."""
@@ -170,7 +175,7 @@ async def choose_base(cfg: FinetuneConfig) -> BaseChoice:
         if path is None:
             active = await store.active_model_version()
             path = active.checkpoint_path if active is not None else None
-        version = str(checkpoint.read_document(path).get("meta", {}).get("version") or checkpoint.resolve(path).name)
+        version = _version_of(path)
         clean = await store.clean_base(version)
         if clean is None or clean.name == version:
             return BaseChoice(path, version)
@@ -281,7 +286,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     if cfg.from_export:
         # An export run names no database: it starts from --base (default: the bundled model).
-        choice = BaseChoice(cfg.base, checkpoint.load(cfg.base).version)
+        choice = BaseChoice(cfg.base, _version_of(cfg.base))
         corrections = corrections_from_export(cfg.from_export)
     else:
         choice = asyncio.run(choose_base(cfg))
@@ -327,9 +332,10 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
              ", ".join(new_words) or "none")
     replay_records, val_records = _reference_data(cfg, base)
     # People's photos are encoded for this run only, in memory, never into the persistent feature
-    # cache: a cache entry would outlive the photo's /forget (and retention). A run takes at most a few
-    # thousand corrected photos (untrained ones, capped per person), at 49 x 1280 float16 values
-    # (125 kB) each with EfficientNet-Lite0. The public replay and validation images use the cache.
+    # cache: a cache entry would outlive the photo's /forget (and retention). A run holds few of them:
+    # the corrections no run has seen, at most 20 a day from each person (the entry cap), 125 kB each
+    # with EfficientNet-Lite0 (49 x 1280 float16), so 8,000 photos (400 people at the cap) take 1 GB.
+    # The public replay and validation images use the cache.
     people_photos = {r.image_id: r.path for r in [*corrections.train, *corrections.heldout]}
     public = {r.image_id: r.path for r in [*replay_records, *val_records] if r.image_id not in people_photos}
     source = feature_source(candidate, public, device, cfg.cache)
