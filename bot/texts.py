@@ -16,7 +16,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("start", "What this bot does"),
     ("help", "How to use the buttons"),
     ("privacy", "What is stored and why"),
-    ("forget", "Delete everything stored about you"),
+    ("forget", "Delete what is stored about you"),
     ("cancel", "Stop correcting a caption"),
 )
 ADMIN_COMMANDS: tuple[tuple[str, str], ...] = (
@@ -50,7 +50,7 @@ def start(first_name: str | None) -> str:
         + _BUTTONS_HELP
         + "\n\nI learn from your votes and corrections. I keep the photos you send, my captions, "
         "your votes and corrections, linked to your Telegram user id. /privacy explains why; "
-        "/forget deletes it all."
+        "/forget deletes them."
     )
 
 
@@ -69,17 +69,19 @@ HELP = (
     "its caption. Corrections are taken in private chats only."
     "\n\n/cancel stops a correction you started\n"
     "/privacy what I store and why\n"
-    "/forget delete everything I stored about you"
+    "/forget delete what I stored about you"
 )
 
 def privacy(retention_days: float, trained_retention_days: float) -> str:
-    """What is kept, for how long, who sees it, and what /forget does and does not undo."""
+    """What is kept, for how long, who sees it, what /forget deletes, what stays and why, and what
+    happens to models already trained: each sentence is what the code does (tests/test_storage_forget.py)."""
     return (
         "<b>What I store</b>\n"
         "• the photos you send me, re-encoded small (at most 1024 px) without location or camera data, "
         "and the captions I wrote for them\n"
         "• your 👍/👎 votes and the corrections you type\n"
         "• your Telegram user id (to link the above to you), and your app language if you used /start\n"
+        "• a photo request until it is answered, and one day after (so a restart answers it once)\n"
         "• in groups: only photos someone asked me to caption, linked to the person who asked\n\n"
         "<b>For how long</b>\n"
         f"• photos nobody corrected: {_days(retention_days)}, then they are deleted with their captions "
@@ -87,13 +89,22 @@ def privacy(retention_days: float, trained_retention_days: float) -> str:
         "• photos with corrections: until a model has trained on them, then "
         f"{_days(trained_retention_days)}\n\n"
         "<b>Who can see it</b>\n"
-        "Only the people who run this bot. Corrections and well-rated captions are used to train the "
-        "next version of the captioning model; nothing is shared or used for advertising.\n\n"
+        "The people who run this bot: its operator (everything above, including the corrections the spam "
+        "and abuse filter flags for review, and exports for training) and its admins (before a new model "
+        "goes live, the corrections and photos that taught it new words). Corrections and well-rated captions "
+        "train the next version of the captioning model; nothing is shared or used for advertising.\n\n"
         "<b>Deleting</b>\n"
-        "/forget deletes at once your votes, corrections, captions, the photos only you sent and "
-        "any photo still waiting for an answer. Your user id stays, marked as forgotten. A model "
-        "already trained on your corrections keeps what it learned; later models are trained "
-        "without them. Copies an operator exported for training before are not changed."
+        "/forget deletes at once your user id and language, your votes, corrections, captions, any "
+        "correction you started, the photos only you sent, any photo still waiting for an answer, and "
+        "your data in the training exports the bot knows of.\n"
+        "What stays: if the filter flagged some of your corrections, a keyed hash of your user id "
+        "(it cannot be turned back into the id) and how many were flagged, so that coming back does "
+        "not wipe that record. The bot's logs keep user ids and times (no photos, no texts) for as long "
+        "as the operator keeps logs; messages already sent to admins stay in their chats.\n\n"
+        "<b>Models already trained</b>\n"
+        "A model that learned from your corrections keeps what it learned while it is in use. It is "
+        "marked, and the next model is trained from an earlier one that never saw your corrections, so "
+        "words only you taught me disappear when that model replaces it."
     )
 
 
@@ -301,8 +312,8 @@ def not_an_image_file(file_name: str | None, mime_type: str | None) -> str:
 # ---------------------------------------------------------------- /forget
 
 FORGET_CONFIRM = (
-    "This deletes everything I stored about you: your votes, corrections, captions, and the photos "
-    "only you sent. It can't be undone. Delete it all?"
+    "This deletes what I stored about you: your user id, votes, corrections, captions, and the photos "
+    "only you sent (/privacy says exactly what and what stays). It can't be undone. Delete it all?"
 )
 FORGET_KEPT = "OK, nothing was deleted."
 FORGET_ANSWER = "Done."

@@ -7,7 +7,6 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import ColumnElement, Row, case, delete, func, null, select, type_coerce, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
 from storage.errors import CorrectionRejected, Rejection
 from storage.models import Caption, Correction, PendingCorrectionRow, Person, Photo, Vote, utcnow
@@ -121,7 +120,7 @@ async def record_correction(
         return correction_record(existing, telegram_id)
     if existing is None:
         await _check_daily_cap(session, person.id, policy.daily_cap)
-    status, reason = await _screened(session, person.id, normalized, policy)
+    status, reason = await _screened(session, person, normalized, policy)
     await _clear_pending(session, person.id, caption_id)
     now = utcnow()
     row = existing or Correction(caption_id=caption_id, person_id=person.id, created_at=now)
@@ -161,7 +160,7 @@ async def _check_daily_cap(session: AsyncSession, person_id: int, cap: int) -> N
 
 
 async def _screened(
-    session: AsyncSession, person_id: int, text: str, policy: EntryPolicy
+    session: AsyncSession, person: Person, text: str, policy: EntryPolicy
 ) -> tuple[CorrectionStatus, FlagReason | None]:
     reason = policy.screen().flag_reason(text)
     if reason is not None:
@@ -169,10 +168,11 @@ async def _screened(
     if policy.flags_before_hold > 0:
         flagged = await session.scalar(
             select(func.count(Correction.id)).where(
-                Correction.person_id == person_id, Correction.status == CorrectionStatus.FLAGGED
+                Correction.person_id == person.id, Correction.status == CorrectionStatus.FLAGGED
             )
         )
-        if (flagged or 0) >= policy.flags_before_hold:
+        # Flags from before a /forget count too (``Person.prior_flags``).
+        if (flagged or 0) + person.prior_flags >= policy.flags_before_hold:
             return CorrectionStatus.HELD_FOR_REVIEW, None
     return CorrectionStatus.ACCEPTED, None
 
@@ -259,8 +259,8 @@ async def corrections_for_training(
 ) -> list[TrainingExample]:
     """Captions to train on: corrections, plus (optionally) captions voted up more than down.
 
-    Only corrections screening accepted are offered (never flagged or held ones). Forgotten
-    people's data is excluded even if a deletion were incomplete. ``untrained_only`` keeps
+    Only corrections screening accepted are offered (never flagged or held ones). A forgotten
+    person's data is gone with their row (``storage.forget``). ``untrained_only`` keeps
     corrections no run has looked at yet; it does not apply to up-voted captions, which carry
     no such mark.
     """
@@ -278,8 +278,6 @@ async def corrections_of_run(session: AsyncSession, photos: PhotoStore, model_ve
 async def _correction_examples(
     session: AsyncSession, photos: PhotoStore, since: datetime | None, untrained_only: bool, run: str | None = None
 ) -> list[TrainingExample]:
-    author = aliased(Person)
-    requester = aliased(Person)
     stmt = (
         select(
             Correction.id,
@@ -294,13 +292,7 @@ async def _correction_examples(
         )
         .join(Caption, Correction.caption_id == Caption.id)
         .join(Photo, Caption.photo_id == Photo.id)
-        .join(author, Correction.person_id == author.id)
-        .join(requester, Caption.requester_id == requester.id)
-        .where(
-            author.is_forgotten.is_(False),
-            requester.is_forgotten.is_(False),
-            Correction.status == CorrectionStatus.ACCEPTED,
-        )
+        .where(Correction.status == CorrectionStatus.ACCEPTED)
     )
     if since is not None:
         stmt = stmt.where(Correction.created_at >= since)
@@ -314,16 +306,8 @@ async def _correction_examples(
 async def _upvoted_examples(
     session: AsyncSession, photos: PhotoStore, since: datetime | None
 ) -> list[TrainingExample]:
-    voter = aliased(Person)
-    requester = aliased(Person)
     net = func.sum(case((Vote.up.is_(True), 1), else_=-1))
-    liked = (
-        select(Vote.caption_id)
-        .join(voter, Vote.person_id == voter.id)
-        .where(voter.is_forgotten.is_(False))
-        .group_by(Vote.caption_id)
-        .having(net > 0)
-    )
+    liked = select(Vote.caption_id).group_by(Vote.caption_id).having(net > 0)
     stmt = (
         # The caption is its own source: its id fills both the source and the caption column.
         select(
@@ -338,8 +322,7 @@ async def _upvoted_examples(
             Caption.requester_id,
         )
         .join(Photo, Caption.photo_id == Photo.id)
-        .join(requester, Caption.requester_id == requester.id)
-        .where(requester.is_forgotten.is_(False), Caption.id.in_(liked))
+        .where(Caption.id.in_(liked))
     )
     if since is not None:
         stmt = stmt.where(Caption.created_at >= since)

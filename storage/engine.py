@@ -3,7 +3,9 @@
 Every SQLite connection gets WAL (readers never block the writer), foreign keys
 (SQLite leaves them off by default), a busy timeout (wait for the lock instead of
 failing at once) and synchronous=NORMAL (durable at each WAL checkpoint, far
-fewer fsyncs than FULL). SQLAlchemy emits BEGIN itself so that write
+fewer fsyncs than FULL) and secure_delete (deleted rows are overwritten with zeros, not
+left readable in free pages of the file: /forget must not leave people's texts behind in the
+database file). SQLAlchemy emits BEGIN itself so that write
 transactions can start with ``BEGIN IMMEDIATE``: taking the write lock up front
 means a transaction never has to upgrade a read lock later, the case where
 SQLite returns "database is locked" without waiting.
@@ -28,6 +30,7 @@ SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     "PRAGMA foreign_keys=ON",
     "PRAGMA synchronous=NORMAL",
+    "PRAGMA secure_delete=ON",
 )
 
 
@@ -58,6 +61,27 @@ def create_engine(url: str) -> AsyncEngine:
 def write_engine(engine: AsyncEngine) -> AsyncEngine:
     """A view of ``engine`` whose transactions take the SQLite write lock at BEGIN."""
     return engine.execution_options(**{BEGIN_MODE_OPTION: "IMMEDIATE"})
+
+
+async def truncate_wal(engine: AsyncEngine) -> bool:
+    """Copy the SQLite write-ahead log into the database file and empty it; True if it was emptied.
+
+    The WAL keeps earlier versions of pages (deleted rows' text among them) until it is
+    overwritten; after /forget it is emptied now. False when a reader still needs it (the
+    next checkpoint empties it) and for other databases (no such file).
+    """
+    if engine.dialect.name != "sqlite":
+        return False
+    async with engine.connect() as conn:
+        # Outside any transaction: a checkpoint cannot run inside one.
+        raw = await conn.get_raw_connection()
+        driver = raw.driver_connection
+        if driver is None:
+            return False
+        cursor = await driver.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        busy, _, _ = await cursor.fetchone()
+        await cursor.close()
+    return busy == 0
 
 
 def _install_sqlite_hooks(engine: AsyncEngine) -> None:

@@ -7,6 +7,10 @@ The validation split is the held-out part of ``storage.holdout``, decided by the
 photo hash under the data folder's secret salt, with no person correcting more than
 a small share of it; ``train finetune --db`` holds out the very same photos. (A
 photo moves from val to train only when one of its correctors reached their share.)
+
+Every folder written is recorded in the database (``exports``) with its options, and /forget
+writes each one still on disk again (``rewrite_exports``): the database no longer holds the
+person's data, so the rewrite drops their captions and the images no one else's refer to.
 """
 
 from __future__ import annotations
@@ -14,16 +18,26 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import logging
 import re
 import shutil
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.atomic import atomic_write, atomic_write_text
 from storage.holdout import choose_held_out, load_or_create_salt
-from storage.records import ExportReport, TrainingExample
-from storage.service import Storage
+from storage.models import ExportFolder, utcnow
+from storage.records import ExportFolderRecord, ExportReport, TrainingExample, record_from
+
+if TYPE_CHECKING:  # storage.service imports this module to rewrite exports on /forget
+    from storage.service import Storage
+
+log = logging.getLogger(__name__)
 
 IMAGE_NAME = re.compile(r"^[0-9a-f]{64}\.jpg$")
 
@@ -116,10 +130,62 @@ def write_export(examples: Sequence[TrainingExample], out_dir: Path, salt: bytes
 async def export_training_data(
     storage: Storage, out_dir: Path, since: datetime | None = None, include_upvoted: bool = False
 ) -> ExportReport:
-    """Export corrections (and optionally up-voted captions) from ``storage`` into ``out_dir``."""
+    """Export corrections (and optionally up-voted captions) from ``storage`` into ``out_dir``, and
+    record the folder so that /forget rewrites it."""
+    out_dir = out_dir.resolve()
+    async with storage.export_lock:
+        # Recorded first: a /forget that commits while this export is being written rewrites the folder after it.
+        await storage.record_export(str(out_dir), since, include_upvoted)
+        return await _write_from_database(storage, out_dir, since, include_upvoted)
+
+
+async def _write_from_database(storage: Storage, out_dir: Path, since: datetime | None,
+                               include_upvoted: bool) -> ExportReport:
     examples = await storage.corrections_for_training(since=since, include_upvoted=include_upvoted)
     salt = await asyncio.to_thread(load_or_create_salt, storage.data_dir)
-    return await asyncio.to_thread(write_export, examples, out_dir.resolve(), salt)
+    return await asyncio.to_thread(write_export, examples, out_dir, salt)
+
+
+async def rewrite_exports(storage: Storage) -> tuple[int, list[str]]:
+    """Write every recorded export folder that still exists again, with its recorded options.
+
+    Returns how many were rewritten and the folders that failed (each logged as an error: the
+    database no longer holds the person's data, but that folder still may, and only its operator
+    can fix the cause). A folder that is gone is skipped: nothing of anyone is left in it.
+    """
+    rewritten, failed = 0, []
+    async with storage.export_lock:
+        for folder in await storage.known_exports():
+            path = Path(folder.path)
+            if not await asyncio.to_thread(path.is_dir):
+                continue
+            try:
+                await _write_from_database(storage, path, folder.since, folder.include_upvoted)
+            except OSError as exc:
+                log.error("could not rewrite export folder %s after /forget: %s", path, exc)
+                failed.append(folder.path)
+            else:
+                rewritten += 1
+    return rewritten, failed
+
+
+# ---------------------------------------------------------------------- the registry of export folders
+
+
+async def record_export(session: AsyncSession, path: str, since: datetime | None, include_upvoted: bool) -> None:
+    """Remember an export folder and the options it was (last) written with."""
+    row = await session.scalar(select(ExportFolder).where(ExportFolder.path == path))
+    if row is None:
+        session.add(ExportFolder(path=path, since=since, include_upvoted=include_upvoted, created_at=utcnow()))
+    else:
+        row.since, row.include_upvoted = since, include_upvoted
+    await session.flush()
+
+
+async def known_exports(session: AsyncSession) -> list[ExportFolderRecord]:
+    """Every export folder ever written, oldest first."""
+    rows = await session.scalars(select(ExportFolder).order_by(ExportFolder.id))
+    return [record_from(ExportFolderRecord, row) for row in rows]
 
 
 def photo_contributors(examples: Sequence[TrainingExample]) -> dict[str, set[int]]:

@@ -17,32 +17,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import secrets
 from collections import Counter
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
+from storage.keys import load_or_create_key
+
 HOLDOUT_FRACTION = 0.2  # a fixed fifth of the corrected photos
 MAX_PERSON_SHARE = 0.1  # one person corrected at most a tenth of the held-out photos
 SALT_FILENAME = "holdout_salt"
-SALT_BYTES = 32
 
 
 def load_or_create_salt(data_dir: Path) -> bytes:
     """The data folder's secret salt, created (random, owner-only file) on first use."""
-    path = data_dir / SALT_FILENAME
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            with path.open("x") as handle:  # exclusive: two first runs cannot pick different salts
-                handle.write(secrets.token_hex(SALT_BYTES) + "\n")
-            path.chmod(0o600)
-        except FileExistsError:
-            pass
-    salt = bytes.fromhex(path.read_text().strip())
-    if len(salt) < 16:
-        raise ValueError(f"{path} holds no usable salt; delete it to make a new one")
-    return salt
+    return load_or_create_key(data_dir / SALT_FILENAME)
 
 
 def holdout_bucket(photo_key: str, salt: bytes) -> float:

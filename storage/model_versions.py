@@ -89,11 +89,22 @@ async def register_model_version(
     return model_record(row)
 
 
+def _refuse_forgotten_data(row: ModelVersion) -> None:
+    if row.forgotten_data:
+        raise ModelVersionError(f"model version {row.name!r} learned from corrections of a person who used /forget; "
+                                "it is never activated again")
+
+
 async def promote_model_version(session: AsyncSession, name: str) -> ModelVersionRecord:
-    """Make this version the one the bot serves; the previous active one becomes retired."""
+    """Make this version the one the bot serves; the previous active one becomes retired.
+
+    A version marked ``forgotten_data`` is refused (unless it is the active one already: it serves
+    until a fine-tune replaces it)."""
     row = await _existing(session, name)
     if row.status == ModelStatus.REJECTED:
         raise ModelVersionError(f"model version {name!r} was rejected: {row.reason or 'no reason'}")
+    if row.status != ModelStatus.ACTIVE:
+        _refuse_forgotten_data(row)
     if row.status != ModelStatus.ACTIVE:
         await _promote(session, row)
     return model_record(row)
@@ -120,6 +131,7 @@ async def _awaiting_review(session: AsyncSession, name: str) -> ModelVersion:
 async def approve_model_version(session: AsyncSession, name: str) -> ModelVersionRecord:
     """An operator approves a candidate awaiting review: it becomes the one the bot serves."""
     row = await _awaiting_review(session, name)
+    _refuse_forgotten_data(row)
     await _promote(session, row)
     return model_record(row)
 
@@ -151,6 +163,27 @@ async def active_model_name(session: AsyncSession) -> str | None:
 async def get_model_version(session: AsyncSession, name: str) -> ModelVersionRecord | None:
     row = await _by_name(session, name)
     return None if row is None else model_record(row)
+
+
+async def clean_base(session: AsyncSession, name: str) -> ModelVersionRecord | None:
+    """The newest version in ``name``'s lineage (itself first, then its parent, ...) not marked
+    ``forgotten_data``: what a fine-tune may start from. None when ``name`` is not registered.
+
+    Raises ``ModelVersionError`` when the lineage has no clean version (or breaks off or loops
+    before one): no base is better than one holding a forgotten person's corrections.
+    """
+    row = await _by_name(session, name)
+    if row is None:
+        return None
+    seen: set[str] = set()
+    while row.forgotten_data:
+        seen.add(row.name)
+        parent = None if row.parent is None or row.parent in seen else await _by_name(session, row.parent)
+        if parent is None:
+            raise ModelVersionError(f"model version {name!r} learned from a forgotten person's corrections and no "
+                                    f"registered ancestor is free of them (lineage ends at {row.name!r})")
+        row = parent
+    return model_record(row)
 
 
 async def list_model_versions(session: AsyncSession) -> list[ModelVersionRecord]:

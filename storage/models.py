@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -92,8 +93,20 @@ class Person(Base):
     language_code: Mapped[str | None] = mapped_column(String(16))
     first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    is_forgotten: Mapped[bool] = mapped_column(Boolean, default=False)
-    forgotten_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Flagged corrections this person had when they last used /forget (``ForgottenPerson.flags``):
+    # the hold rule counts them, so /forget does not wash a record of abuse.
+    prior_flags: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class ForgottenPerson(Base):
+    """What stays of a person after /forget, only when some of their corrections had been flagged:
+    a keyed hash of their Telegram id (``storage.keys.person_hash``) and how many were flagged."""
+
+    __tablename__ = "forgotten_people"
+
+    hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    forgotten_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    flags: Mapped[int] = mapped_column(Integer)
 
 
 class Photo(Base):
@@ -240,6 +253,21 @@ class ModelVersion(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Trained (or descends from a model trained) on corrections of a person who later used /forget:
+    # never a fine-tune's base again, never promoted or approved again.
+    forgotten_data: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+class ExportFolder(Base):
+    """A folder ``python -m storage export`` wrote, and its options, so /forget can rewrite it."""
+
+    __tablename__ = "exports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(String(1024), unique=True)
+    since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    include_upvoted: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class InboxEntry(Base):

@@ -1,4 +1,4 @@
-"""People: the Telegram users who talk to the bot, created on first contact."""
+"""People: the Telegram users who talk to the bot, created on first contact, deleted by /forget."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from datetime import timedelta
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.models import Person, utcnow
+from storage.keys import person_hash, session_forget_key
+from storage.models import ForgottenPerson, Person, utcnow
 from storage.records import PersonInfo, record_from
 
 LANGUAGE_CODE_MAX = 16
@@ -25,7 +26,12 @@ async def person_by_telegram_id(session: AsyncSession, telegram_id: int) -> Pers
 async def ensure_person(
     session: AsyncSession, telegram_id: int, language_code: str | None = None
 ) -> tuple[Person, bool]:
-    """Get or create a person (and whether it was created); someone forgotten who comes back starts afresh."""
+    """Get or create a person (and whether it was created).
+
+    Someone who used /forget and comes back gets a new row, which starts with the flags their
+    corrections had then (``ForgottenPerson``): the hold rule counts them, so /forget does not wash
+    a record of abuse. The hash row goes: from now on the person row carries the count.
+    """
     now = utcnow()
     language = language_code[:LANGUAGE_CODE_MAX] if language_code else None
     person = await person_by_telegram_id(session, telegram_id)
@@ -35,22 +41,28 @@ async def ensure_person(
             language_code=language,
             first_seen_at=now,
             last_seen_at=now,
-            is_forgotten=False,
+            prior_flags=await _take_prior_flags(session, telegram_id),
         )
         session.add(person)
         await session.flush()
         return person, True
-    if person.is_forgotten:
-        person.is_forgotten = False
-        person.first_seen_at = now
     # last_seen_at is kept to the minute: skipping the UPDATE on busy people saves a write.
-    if now - person.last_seen_at >= LAST_SEEN_PRECISION or person.first_seen_at == now:
+    if now - person.last_seen_at >= LAST_SEEN_PRECISION:
         person.last_seen_at = now
     if language is not None and language != person.language_code:
         person.language_code = language
     if session.is_modified(person):
         await session.flush()
     return person, False
+
+
+async def _take_prior_flags(session: AsyncSession, telegram_id: int) -> int:
+    """The flags a forgotten person left behind (0 if none), removing their hash row."""
+    forgotten = await session.get(ForgottenPerson, person_hash(session_forget_key(session), telegram_id))
+    if forgotten is None:
+        return 0
+    await session.delete(forgotten)
+    return forgotten.flags
 
 
 async def upsert_person(session: AsyncSession, telegram_id: int, language_code: str | None) -> PersonInfo:

@@ -21,6 +21,7 @@ __all__ = [
     "CorrectionRecord",
     "CorrectionStatus",
     "DayCount",
+    "ExportFolderRecord",
     "ExportReport",
     "FlagReason",
     "ForgetReport",
@@ -100,7 +101,7 @@ class PersonInfo:
     language_code: str | None
     first_seen_at: datetime
     last_seen_at: datetime
-    is_forgotten: bool
+    prior_flags: int  # flagged corrections they had when they last used /forget
     created: bool
 
 
@@ -221,10 +222,21 @@ class ModelVersionRecord:
     reason: str | None = None
     created_at: datetime | None = None
     promoted_at: datetime | None = None
+    forgotten_data: bool = False  # learned from a forgotten person's corrections (or descends from one that did)
 
     @property
     def is_active(self) -> bool:
         return self.status == ModelStatus.ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class ExportFolderRecord:
+    """A folder ``python -m storage export`` wrote, with the options to write it again."""
+
+    path: str
+    since: datetime | None
+    include_upvoted: bool
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +280,9 @@ class ForgetReport:
     photos: int = 0
     files_deleted: int = 0
     pending: int = 0
+    models_marked: int = 0  # model versions that learned from their corrections, and their descendants
+    exports_rewritten: int = 0  # export folders written again without their data
+    exports_failed: tuple[str, ...] = ()  # export folders that could not be rewritten (logged as errors)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import UTC, datetime, timedelta
@@ -21,10 +22,11 @@ from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from storage import captions, config, corrections, forget, inbox, model_versions, people, retention
+from storage import captions, config, corrections, export, forget, inbox, model_versions, people, retention
 from storage import migrate as migrations
 from storage import stats as statistics
-from storage.engine import create_engine, sqlite_file
+from storage.engine import create_engine, is_sqlite, sqlite_file, truncate_wal
+from storage.keys import SESSION_FORGET_KEY, load_or_create_forget_key
 from storage.photos import FOLDER_MODE, PhotoStore, sha256_hex
 from storage.records import (
     CaptionRecord,
@@ -36,6 +38,8 @@ from storage.records import (
 )
 from storage.screening import EntryPolicy
 from storage.transactions import Transactions
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -74,13 +78,18 @@ def _named_after(method: Method[P, T], function: Callable[..., Any]) -> Method[P
 class Storage:
     """Durable memory of the bot. Create with ``await Storage.open()``, end with ``await close()``."""
 
-    def __init__(self, engine: AsyncEngine, url: str, data_dir: Path, policy: EntryPolicy | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, url: str, data_dir: Path, forget_key: bytes,
+                 policy: EntryPolicy | None = None) -> None:
+        """``forget_key``: the data folder's secret for forgotten people's hashes (``storage.keys``)."""
         self.url = url
         self.policy = policy or EntryPolicy()
         self.data_dir = data_dir
         self.photos = PhotoStore(config.photos_dir(data_dir))
         self._engine = engine
-        self._tx = Transactions(engine, url)
+        self._tx = Transactions(engine, url, {SESSION_FORGET_KEY: forget_key})
+        # One export (re)write at a time: a rewrite that read the database before a second /forget
+        # committed must not finish after that /forget's own rewrite (it would bring the data back).
+        self.export_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -99,6 +108,7 @@ class Storage:
         directory = config.data_dir(data_dir)
         url = config.database_url(database_url, directory)
         await asyncio.to_thread(_prepare_folders, directory, sqlite_file(url))
+        forget_key = await asyncio.to_thread(load_or_create_forget_key, directory)
         engine = create_engine(url)
         try:
             if migrate:
@@ -106,7 +116,7 @@ class Storage:
         except BaseException:
             await engine.dispose()
             raise
-        return cls(engine, url, directory, policy)
+        return cls(engine, url, directory, forget_key, policy)
 
     async def close(self) -> None:
         await self._engine.dispose()
@@ -255,14 +265,22 @@ class Storage:
     # ------------------------------------------------------------------ forgetting
 
     async def forget_person(self, telegram_id: int) -> ForgetReport:
-        """Delete what a person gave us: votes, corrections, pending state, the captions
-        they asked for, and the photos (rows and files) no one else sent.
+        """Delete a person and what they gave us: votes, corrections, pending state, the captions
+        they asked for, the photos (rows and files) no one else sent, and their person row; then
+        rewrite every export folder still on disk without them.
 
-        The person row stays, marked forgotten, so that a later visit is a fresh start.
+        Only a keyed hash of their id and their flag count stay, and only if they had flags; model
+        versions that learned from their corrections are marked (see ``storage.forget``).
         """
         report, rel_paths = await self._tx.write(lambda session: forget.forget_person(session, telegram_id))
         files = await self._delete_unreferenced_files(rel_paths)
-        return dataclasses.replace(report, files_deleted=files)
+        report = dataclasses.replace(report, files_deleted=files)
+        if not report.found:
+            return report
+        if is_sqlite(self.url) and not await truncate_wal(self._engine):
+            log.warning("the write-ahead log is in use; the deleted rows leave it at its next checkpoint")
+        rewritten, failed = await export.rewrite_exports(self)
+        return dataclasses.replace(report, exports_rewritten=rewritten, exports_failed=tuple(failed))
 
     async def sweep_orphan_files(self, older_than: timedelta = timedelta(hours=1)) -> int:
         """Delete photo files no row refers to, and stale temp files (left by crashes).
@@ -325,6 +343,12 @@ class Storage:
     active_model_version = _reading(model_versions.active_model_version)
     get_model_version = _reading(model_versions.get_model_version)
     list_model_versions = _reading(model_versions.list_model_versions)
+    clean_base = _reading(model_versions.clean_base)
+
+    # ------------------------------------------------------------------ export folders
+
+    record_export = _writing(export.record_export)
+    known_exports = _reading(export.known_exports)
 
 
 DATABASE_MODE = 0o600  # the database holds who sent what: the bot's own user only

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 RowT = TypeVar("RowT", bound=Base)
+K = TypeVar("K", int, str)  # a key in an IN (...) list
 SessionOp = Callable[[AsyncSession], Awaitable[T]]
 
 INTEGRITY_ATTEMPTS = 3
@@ -36,9 +37,10 @@ ID_CHUNK = 500  # ids per IN (...) list: well under SQLite's bound-parameter lim
 class Transactions:
     """Runs session operations in transactions: reads on plain sessions, writes one at a time."""
 
-    def __init__(self, engine: AsyncEngine, url: str) -> None:
-        self._read_sessions = async_sessionmaker(engine, expire_on_commit=False)
-        self._write_sessions = async_sessionmaker(write_engine(engine), expire_on_commit=False)
+    def __init__(self, engine: AsyncEngine, url: str, info: dict[str, Any] | None = None) -> None:
+        """``info``: what every session carries in ``session.info`` (e.g. ``storage.keys.SESSION_FORGET_KEY``)."""
+        self._read_sessions = async_sessionmaker(engine, expire_on_commit=False, info=dict(info or {}))
+        self._write_sessions = async_sessionmaker(write_engine(engine), expire_on_commit=False, info=dict(info or {}))
         # SQLite admits one writer at a time. Queuing this process's writers on an
         # asyncio lock is much cheaper than letting them poll the file lock (the
         # busy handler sleeps in steps of up to 100 ms); other processes still
@@ -105,6 +107,6 @@ async def count(session: AsyncSession, stmt: Select[int]) -> int:
     return int(await session.scalar(stmt) or 0)
 
 
-def chunks(ids: Sequence[int]) -> Iterable[Sequence[int]]:
+def chunks(ids: Sequence[K]) -> Iterable[Sequence[K]]:
     for start in range(0, len(ids), ID_CHUNK):
         yield ids[start : start + ID_CHUNK]

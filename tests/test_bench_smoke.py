@@ -181,3 +181,13 @@ def test_confidence_bench_calibrates_and_tries_the_out_of_domain_set(tiny_model:
     assert document["n_val"] == 5 and document["score_vs_cider"]["n_low"] == 1
     assert len(document["out_of_domain"]) >= 4  # the drawings at least; package photos when installed
     assert 0.0 <= document["val_hedge_rate"] <= 1.0 and "familiar" in document["rule"]
+
+
+def test_forget_audit_bench_lists_what_forget_leaves_behind(tmp_path: Path) -> None:
+    out = tmp_path / "forget.json"
+    document = run_bench("forget_audit.py", out, "--out", str(out))
+    assert_reports_its_run(document, "forget_audit.py", tmp_path)
+    summary = document["summary"]
+    assert summary["tables_with_traces_before"] >= 8 and summary["files_with_traces_before"] >= 3
+    assert summary["tables_with_traces_after"] == summary["files_with_traces_after"] == 0
+    assert document["what_stays"]["forgotten_people"] == [{"hash_hex_digits": 64, "flags": 1}]

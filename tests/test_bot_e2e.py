@@ -374,6 +374,7 @@ async def test_forget_deletes_everything_after_confirmation(env: Env) -> None:
     await fake.wait_for(lambda: current(env, question)["text"].startswith("🗑 Done"), what="'done'")
     assert "1 photo" in current(env, question)["text"] and "1 correction" in current(env, question)["text"]
     assert await storage.get_caption(caption.id) is None
+    assert await storage.get_person(112) is None  # the person row goes too
     assert not photo_path.exists()
     assert "reply_markup" not in current(env, question)
 

@@ -282,4 +282,4 @@ async def test_a_send_that_timed_out_is_not_followed_by_an_apology() -> None:
 def test_privacy_states_the_retention_the_bot_runs_with() -> None:
     text = parse_html(texts.privacy(30, 365))
     assert "30 days" in text and "365 days" in text and "1024 px" in text
-    assert "keeps what it learned" in text and "marked as forgotten" in text
+    assert "keeps what it learned" in text and "keyed hash" in text and "marked as forgotten" not in text

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from storage import captions, corrections, forget, model_versions, people, stats
 from storage.engine import create_engine
 from storage.errors import CorrectionRejected, ModelVersionError, NotFound
+from storage.keys import SESSION_FORGET_KEY
 from storage.migrate import MIGRATIONS_DIR
 from storage.models import Base, Caption, ModelVersion, Person, Photo
 from storage.photos import PhotoStore, sha256_hex
@@ -31,7 +32,8 @@ async def session(tmp_path: Path) -> AsyncIterator[AsyncSession]:
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
     try:
-        async with AsyncSession(engine, expire_on_commit=False) as bare, bare.begin():
+        async with AsyncSession(engine, expire_on_commit=False, info={SESSION_FORGET_KEY: b"k" * 32}) as bare, \
+                bare.begin():
             yield bare
     finally:
         await engine.dispose()
@@ -61,7 +63,7 @@ async def new_caption(session: AsyncSession, photo: PhotoRecord, requester: int 
 
 def test_record_from_reads_columns_and_refuses_unknown_fields() -> None:
     row = type("Row", (), {"id": 1, "telegram_id": 5, "language_code": "de", "first_seen_at": None,
-                           "last_seen_at": None, "is_forgotten": False})()
+                           "last_seen_at": None, "prior_flags": 0})()
     info = record_from(PersonInfo, row, created=True)
     assert (info.id, info.telegram_id, info.language_code, info.created) == (1, 5, "de", True)
     with pytest.raises(TypeError, match="no fields"):
@@ -126,11 +128,9 @@ async def test_people_created_once_and_forgotten_come_back_fresh(session: AsyncS
     assert first.created and first.language_code == "en-GB-oxendict-e", "cut to the column's 16 characters"
     again = await people.upsert_person(session, ALICE, None)
     assert not again.created and again.id == first.id and again.language_code == first.language_code
-    row = await people.person_by_telegram_id(session, ALICE)
-    assert row is not None
-    row.is_forgotten = True
+    await forget.forget_person(session, ALICE)
     back = await people.upsert_person(session, ALICE, "fr")
-    assert not back.is_forgotten and back.first_seen_at >= first.first_seen_at and back.language_code == "fr"
+    assert back.created and back.first_seen_at >= first.first_seen_at and back.language_code == "fr"
     assert await people.get_person(session, BOB) is None
 
 
@@ -203,10 +203,7 @@ async def test_upvoted_examples_skip_forgotten_voters(session: AsyncSession, pho
     assert [(e.kind, e.source_id, e.caption_id, e.trained_model_version) for e in examples] == [
         ("upvoted", caption.id, caption.id, None)
     ]
-    bob = await people.person_by_telegram_id(session, BOB)
-    assert bob is not None
-    bob.is_forgotten = True
-    await session.flush()
+    await forget.forget_person(session, BOB)  # his vote goes with him
     assert await corrections.corrections_for_training(session, photo_store, include_upvoted=True) == []
 
 

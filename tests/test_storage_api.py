@@ -112,7 +112,7 @@ async def test_foreign_keys_are_enforced(store: Storage) -> None:
 
 async def test_upsert_person_creates_then_updates(store: Storage) -> None:
     first = await store.upsert_person(ALICE, "en")
-    assert first.created and first.language_code == "en" and not first.is_forgotten
+    assert first.created and first.language_code == "en" and first.prior_flags == 0
     second = await store.upsert_person(ALICE, None)
     assert not second.created and second.id == first.id
     assert second.language_code == "en", "a missing language keeps the known one"

@@ -114,12 +114,11 @@ async def test_forget_person_deletes_their_data_only(store: Storage) -> None:
     assert await store.get_pending_correction(CAROL) is None
     texts = [e.text for e in await store.corrections_for_training(include_upvoted=True)]
     assert texts == ["a bench under a tree"]
-    person = await store.get_person(ALICE)
-    assert person is not None and person.is_forgotten and person.language_code is None
+    assert await store.get_person(ALICE) is None  # the person row went too
     assert (await store.stats()).people == 2
 
     again = await store.forget_person(ALICE)
-    assert again.found and (again.captions, again.photos, again.votes) == (0, 0, 0)
+    assert not again.found and (again.captions, again.photos, again.votes) == (0, 0, 0)
 
 
 async def test_forgotten_person_comes_back_for_new_data_only(store: Storage) -> None:
@@ -127,7 +126,7 @@ async def test_forgotten_person_comes_back_for_new_data_only(store: Storage) -> 
     await store.upsert_person(ALICE, "de")
     await store.forget_person(ALICE)
     back = await store.upsert_person(ALICE, "fr")
-    assert not back.is_forgotten and not back.created and back.language_code == "fr"
+    assert back.created and back.language_code == "fr" and back.prior_flags == 0
     assert await store.get_photo(old.id) is None
     again = await photo(store, b"old photo", ALICE)
     assert again.created and store.resolve_photo_path(again).read_bytes() == b"old photo"

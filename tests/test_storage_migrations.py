@@ -26,6 +26,8 @@ EXPECTED_TABLES = {
     "alembic_version",
     "captions",
     "corrections",
+    "exports",
+    "forgotten_people",
     "inbox",
     "model_versions",
     "pending_corrections",
@@ -55,7 +57,7 @@ async def test_upgrade_empty_database_to_head_without_drift(tmp_path: Path) -> N
     try:
         assert await migrations.current_revision(engine) is None
         await migrations.upgrade(engine)
-        assert await migrations.current_revision(engine) == migrations.head_revision() == "0003"
+        assert await migrations.current_revision(engine) == migrations.head_revision() == "0004"
         async with engine.connect() as conn:
             assert await conn.run_sync(_table_names) == EXPECTED_TABLES
             assert await conn.run_sync(_diff, Base.metadata) == []
@@ -92,7 +94,7 @@ async def test_downgrade_to_base_removes_everything(tmp_path: Path) -> None:
 async def test_concurrent_start_up_migrates_once(tmp_path: Path) -> None:
     opened = await asyncio.gather(*(Storage.open(data_dir=tmp_path) for _ in range(6)))
     try:
-        assert {await migrations.current_revision(s.engine) for s in opened} == {"0003"}
+        assert {await migrations.current_revision(s.engine) for s in opened} == {"0004"}
     finally:
         await asyncio.gather(*(s.close() for s in opened))
 
@@ -115,7 +117,7 @@ def test_cli_upgrade_from_another_directory(tmp_path: Path, how: str) -> None:
     else:
         result = _run_cli(["upgrade"], workdir, {"DATABASE_URL": _url(data / "captionbot.db")})
     assert result.returncode == 0, result.stderr
-    assert "revision 0003" in result.stdout
+    assert "revision 0004" in result.stdout
     assert (data / "captionbot.db").is_file()
     assert not (workdir / "data").exists()
     again = _run_cli(["upgrade", "--data-dir", str(data)], workdir, {})

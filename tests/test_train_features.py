@@ -142,6 +142,50 @@ def test_feature_source_reads_the_same_from_memory_and_from_the_memmap(tmp_path:
     torch.testing.assert_close(a[0], a[2])
 
 
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_private_images_are_held_in_memory_and_never_cached(tmp_path: Path, in_memory: bool) -> None:
+    """People's photos (``add_in_memory``) mixed in batches with cached public images: the same
+    features as from pixels, in the batch's order, and no cache entry names them."""
+    model, paths = tiny_model(), image_paths(tmp_path, n_train=4)
+    public, private = {p.name: p for p in paths[:2]}, {p.name: p for p in paths[2:]}
+    source = features.feature_source(model, public, torch.device("cpu"), str(tmp_path / "cache"))
+    if not in_memory:
+        source = FeatureSource(model, public, source.cache, torch.device("cpu"), in_memory=False)
+    source.add_in_memory(private)
+    ids = [paths[3].name, paths[0].name, paths[2].name, paths[3].name, paths[1].name]
+    mixed = source(ids)
+    raw = FeatureSource(model, public | private, None, torch.device("cpu"))(ids)
+    assert mixed.shape == raw.shape == (5, 4, 64)
+    torch.testing.assert_close(mixed, raw, rtol=0, atol=1e-3)
+    torch.testing.assert_close(source(ids[:1] + ids[2:3]), raw[[0, 2]], rtol=0, atol=1e-3)  # private only
+    index = open_cache(model, tmp_path / "cache").index
+    assert set(index) == {FeatureCache.key(p) for p in paths[:2]}
+
+
+def test_features_cached_of_people_photos_are_erased(tmp_path: Path) -> None:
+    """What earlier versions cached of the bot's photo folder is zeroed and unindexed; the rest stays."""
+    model, public = tiny_model(), image_paths(tmp_path, n_train=3)
+    people = tmp_path / "botdata" / "photos"
+    people.mkdir(parents=True)
+    theirs = [people / f"p{i}.jpg" for i in range(2)]
+    for source, target in zip(public, theirs, strict=False):
+        target.write_bytes(source.read_bytes())
+    cache = open_cache(model, tmp_path / "cache")
+    fill_cache(cache, model, [*public, theirs[0]], torch.device("cpu"), progress=False)  # a mixed shard
+    fill_cache(cache, model, theirs[1:], torch.device("cpu"), progress=False)  # a shard of theirs only
+    assert len(list(cache.directory.glob("shard-*.npy"))) == 2
+    row = cache.index[FeatureCache.key(theirs[0])][1]
+
+    assert features.drop_cached_under(tmp_path / "cache", people) == 2
+    again = open_cache(model, tmp_path / "cache")
+    assert set(again.index) == {FeatureCache.key(p) for p in public}
+    assert not np.load(cache.directory / "shard-0.npy")[row].any()  # overwritten, not just unindexed
+    assert not (cache.directory / "shard-1.npy").exists()
+    torch.testing.assert_close(torch.from_numpy(again.get(public)).float(),
+                               torch.from_numpy(direct_features(model, public)).float(), rtol=0, atol=1e-3)
+    assert features.drop_cached_under(tmp_path / "cache", people) == 0
+
+
 def test_probing_the_feature_shape_leaves_the_encoder_alone(tmp_path: Path) -> None:
     model = tiny_model(fine_tune_blocks=1)
     model.encoder.train()

@@ -274,7 +274,7 @@ async def test_migration_keeps_duplicates_as_superseded_and_marks_trained_ones(t
             await conn.run_sync(to("0001"))
             for statement in (
                 "INSERT INTO people (id, telegram_id, first_seen_at, last_seen_at, is_forgotten)"
-                " VALUES (1, 11, '2026-01-01', '2026-01-01', 0)",
+                " VALUES (1, 11, '2026-01-01', '2026-01-01', 0), (2, 12, '2026-01-01', '2026-01-01', 1)",
                 "INSERT INTO photos (id, sha256, size_bytes, width, height, rel_path, created_at)"
                 " VALUES (1, 'ab', 1, 1, 1, 'ab.jpg', '2026-01-01')",
                 "INSERT INTO captions (id, photo_id, requester_id, model_version, text, score, beam_size,"
@@ -292,6 +292,9 @@ async def test_migration_keeps_duplicates_as_superseded_and_marks_trained_ones(t
             (1, "old one", "superseded", "trained"),
             (2, "new one", "accepted", None),
         ]
+        async with engine.connect() as conn:
+            people = (await conn.execute(text("SELECT id, telegram_id, prior_flags FROM people"))).all()
+        assert [tuple(row) for row in people] == [(1, 11, 0)]  # 0004: the person the old /forget marked is gone
         async with engine.begin() as conn:
             await conn.execute(
                 text("INSERT INTO model_versions (name, checkpoint_path, metrics, status, created_at)"

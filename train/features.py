@@ -157,6 +157,51 @@ def _shard_sizes(index: dict[str, tuple[int, int]]) -> dict[int, int]:
     return sizes
 
 
+def drop_cached_under(cache_root: Path, folder: Path) -> int:
+    """Remove from every cache under ``cache_root`` the features of images under ``folder``; returns how many.
+
+    For features earlier versions cached of people's photos (the bot's photo folder): their rows are
+    overwritten with zeros (a shard no other image uses is deleted) before the index forgets them, so
+    a crash in between leaves rows marked not done, which the cache would compute again, never
+    features that outlive the photo.
+    """
+    prefix = str(folder.resolve()) + os.sep
+    dropped = 0
+    for index_file in sorted(cache_root.glob("*/index.json")):
+        index = {k: (v[0], v[1]) for k, v in json.loads(index_file.read_text()).items()}
+        gone = {k: v for k, v in index.items() if k.startswith(prefix)}
+        if not gone:
+            continue
+        kept = {k: v for k, v in index.items() if k not in gone}
+        used = {shard for shard, _ in kept.values()}
+        rows_of: dict[int, list[int]] = {}
+        for shard, row in gone.values():
+            rows_of.setdefault(shard, []).append(row)
+        for shard, rows in rows_of.items():
+            _erase_rows(index_file.parent, shard, rows, whole=shard not in used)
+        atomic_write_text(index_file, json.dumps(kept))
+        dropped += len(gone)
+        log.info("dropped %d cached feature rows of images under %s from %s", len(gone), folder, index_file.parent)
+    return dropped
+
+
+def _erase_rows(directory: Path, shard: int, rows: list[int], whole: bool) -> None:
+    features_file, done_file = directory / f"shard-{shard}.npy", directory / f"done-{shard}.npy"
+    if whole:
+        features_file.unlink(missing_ok=True)
+        done_file.unlink(missing_ok=True)
+        return
+    if features_file.exists():
+        features = np.load(features_file, mmap_mode="r+")
+        features[rows] = 0
+        features.flush()
+        del features
+    if done_file.exists():
+        done = np.load(done_file)
+        done[rows] = False
+        atomic_write(done_file, lambda tmp: _save_array(tmp, done))
+
+
 def open_cache(model: CaptionModel, cache_root: Path) -> FeatureCache:
     regions, dim = _feature_shape(model)
     return FeatureCache(cache_root / f"{model.config.encoder}-{encoder_fingerprint(model)}", regions, dim)
@@ -240,10 +285,51 @@ class FeatureSource:
                 cache.get(list(records.values())[:1])  # fails now, not mid-epoch, if the cache is incomplete
                 log.info("features read per batch from %s (too large to hold in memory)", cache.directory)
 
+    @torch.inference_mode()
+    def add_in_memory(self, images: dict[str, Path], batch_size: int = 16) -> None:
+        """Encode ``images`` now and hold their features in memory for this source's life only.
+
+        For images whose features must not outlive the run (people's photos): nothing is written
+        to disk. Ids already served are not encoded again.
+        """
+        todo = [image_id for image_id in images if image_id not in self.row_of]
+        if not todo:
+            return
+        check_images_exist([images[i] for i in todo])
+        self.model.encoder.eval().to(self.device)
+        parts = []
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            pixels = torch.stack([preprocess(self.model, _read(images[i])) for i in chunk]).to(self.device)
+            parts.append(self.model.encoder(pixels).to("cpu", torch.float16))
+        rows = torch.cat(parts)
+        first = 0 if self.table is None else len(self.table)
+        self.table = rows if self.table is None else torch.cat([self.table, rows])
+        self.row_of.update({image_id: first + n for n, image_id in enumerate(todo)})
+
     def __call__(self, image_ids: Sequence[str], grad: bool = False) -> Tensor:
-        if self.table is not None:
-            idx = torch.tensor([self.row_of[i] for i in image_ids])
-            return self.table.index_select(0, idx).to(self.device).float()
+        held = [i in self.row_of for i in image_ids]
+        if all(held):
+            return self._held(image_ids)
+        if not any(held):
+            return self._computed(image_ids, grad)
+        # A batch mixing images held in memory and others: fetch each part, put rows back in order.
+        mine = [n for n, h in enumerate(held) if h]
+        others = [n for n, h in enumerate(held) if not h]
+        held_part = self._held([image_ids[n] for n in mine])
+        other_part = self._computed([image_ids[n] for n in others], grad)
+        out = other_part.new_empty((len(image_ids), *other_part.shape[1:]))
+        out[torch.tensor(mine, device=out.device)] = held_part.to(out.dtype)
+        out[torch.tensor(others, device=out.device)] = other_part
+        return out
+
+    def _held(self, image_ids: Sequence[str]) -> Tensor:
+        if self.table is None:
+            raise RuntimeError("no features are held in memory")
+        idx = torch.tensor([self.row_of[i] for i in image_ids])
+        return self.table.index_select(0, idx).to(self.device).float()
+
+    def _computed(self, image_ids: Sequence[str], grad: bool) -> Tensor:
         unique = list(dict.fromkeys(image_ids))
         if self.cache is not None:
             rows = self.cache.get([self.records[i] for i in unique])

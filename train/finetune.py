@@ -1,5 +1,9 @@
 """``python -m train finetune``: learn from people's corrections, promote only what is better.
 
+0. Start from ``--base``, by default the model the bot serves (the active model version, else the
+   bundled model). A version that learned from the corrections of a person who has since used
+   /forget (``forgotten_data``) is never a base: its newest unmarked ancestor is used instead, so
+   what only that person taught is not in the next model.
 1. Take the corrections (optionally up-voted captions) no run has looked at yet, from the
    database or from a folder written by ``python -m storage export``; hold out a part of them
    (by photo, under the data folder's secret salt, no person more than a small share) to judge
@@ -46,13 +50,14 @@ from captioner.inference import default_beam_config, resolve_device
 from captioner.vocab import tokenize
 from common.atomic import atomic_write_text
 from common.settings import ConfigError, Settings, load_settings
+from storage.errors import ModelVersionError
 from storage.holdout import HOLDOUT_FRACTION, MAX_PERSON_SHARE, load_or_create_salt
 from storage.records import CorrectionOutcome, ModelStatus
 
 from .cider import CiderD
 from .cli import DEVICE_HELP, VAL_LIMIT_HELP, add_dataclass_options, config_from_args
 from .data import ImageRecord, load_dataset
-from .features import FeatureSource, feature_source
+from .features import FeatureSource, drop_cached_under, feature_source
 from .gate import HELDOUT_METRIC, corrections_metric, gate, paired_bootstrap_lower_bound
 from .loop import Example, LoopConfig, bucketed_batches, build_examples, train_epoch
 from .scoring import score_records
@@ -126,8 +131,8 @@ async def _open_store(cfg: FinetuneConfig) -> Any:
     return await Storage.open(database_url(cfg), Path(cfg.data_dir) if cfg.data_dir else None)
 
 
-async def _corrections_from_db(cfg: FinetuneConfig) -> tuple[list[CorrectionRow], bytes]:
-    """The corrections no run has looked at, and the data folder's holdout salt."""
+async def _corrections_from_db(cfg: FinetuneConfig) -> tuple[list[CorrectionRow], bytes, Path]:
+    """The corrections no run has looked at, the data folder's holdout salt, and its photo folder."""
     store = await _open_store(cfg)
     try:
         since = datetime.fromisoformat(cfg.since).replace(tzinfo=UTC) if cfg.since else None
@@ -138,7 +143,52 @@ async def _corrections_from_db(cfg: FinetuneConfig) -> tuple[list[CorrectionRow]
         await store.close()
     rows = [CorrectionRow(e.sha256, e.path, e.text, e.source_id if e.kind == "correction" else None, e.person_id)
             for e in examples]
-    return rows, salt
+    return rows, salt, store.photos.root
+
+
+@dataclass(frozen=True)
+class BaseChoice:
+    """Which checkpoint a run starts from, and why."""
+
+    path: str | None  # None: the bundled model
+    version: str
+    skipped: tuple[str, ...] = ()  # versions passed over because they learned from forgotten people's corrections
+
+    def describe(self) -> str:
+        if not self.skipped:
+            return f"base {self.version}"
+        return (f"base {self.version}, the newest ancestor of {self.skipped[0]} free of the corrections of people "
+                f"who used /forget (skipped: {', '.join(self.skipped)})")
+
+
+def _version_of(path: str | None) -> str:
+    """A checkpoint's version name (as ``CaptionModel.version`` reads it), without loading its weights."""
+    return str(checkpoint.read_document(path).get("meta", {}).get("version") or checkpoint.resolve(path).name)
+
+
+async def choose_base(cfg: FinetuneConfig) -> BaseChoice:
+    """``--base``, else the active model version, else the bundled model; then, if that version learned
+    from a forgotten person's corrections, its newest registered ancestor that did not."""
+    store = await _open_store(cfg)
+    try:
+        path: str | None = cfg.base
+        if path is None:
+            active = await store.active_model_version()
+            path = active.checkpoint_path if active is not None else None
+        version = _version_of(path)
+        clean = await store.clean_base(version)
+        if clean is None or clean.name == version:
+            return BaseChoice(path, version)
+        skipped = [version]  # from the requested version up to (not including) the clean one
+        record = await store.get_model_version(version)
+        while record is not None and record.parent is not None and record.parent != clean.name:
+            skipped.append(record.parent)
+            record = await store.get_model_version(record.parent)
+        return BaseChoice(clean.checkpoint_path, clean.name, tuple(skipped))
+    except ModelVersionError as err:
+        raise FinetuneError(str(err)) from err
+    finally:
+        await store.close()
 
 
 def corrections_from_export(folder: str) -> CorrectionSet:
@@ -234,15 +284,23 @@ def _judge(model: CaptionModel, source: FeatureSource, heldout: list[ImageRecord
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    base = checkpoint.load(cfg.base, device)
-    candidate = checkpoint.load(cfg.base, device)
     if cfg.from_export:
+        # An export run names no database: it starts from --base (default: the bundled model).
+        choice = BaseChoice(cfg.base, _version_of(cfg.base))
         corrections = corrections_from_export(cfg.from_export)
     else:
-        rows, salt = asyncio.run(_corrections_from_db(cfg))
+        choice = asyncio.run(choose_base(cfg))
+        rows, salt, photos_root = asyncio.run(_corrections_from_db(cfg))
+        if cfg.cache:
+            # Earlier versions cached people's photos too; those rows would outlive the photos.
+            drop_cached_under(Path(cfg.cache), photos_root)
         corrections = split_corrections(rows, salt, cfg.holdout, cfg.holdout_person_share, cfg.person_share,
                                         cfg.max_per_person)
-    report = _run(cfg, device, base, candidate, corrections)
+    log.info("starting from %s", choice.describe())
+    cfg = replace(cfg, base=choice.path)
+    base = checkpoint.load(cfg.base, device)
+    candidate = checkpoint.load(cfg.base, device)
+    report = _run(cfg, device, base, candidate, corrections, choice)
     if not cfg.from_export and cfg.register:
         asyncio.run(_register(cfg, base, report, corrections.correction_ids))
     return report
@@ -262,7 +320,7 @@ def _reference_data(cfg: FinetuneConfig, base: CaptionModel) -> tuple[list[Image
 
 
 def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidate: CaptionModel,
-         corrections: CorrectionSet) -> dict[str, Any]:
+         corrections: CorrectionSet, choice: BaseChoice) -> dict[str, Any]:
     if not corrections.train:
         raise FinetuneError("no new corrections to learn from")
     if not corrections.heldout:
@@ -273,8 +331,15 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
              "new words: %s", len(corrections.train), len(corrections.heldout), corrections.left_for_later,
              ", ".join(new_words) or "none")
     replay_records, val_records = _reference_data(cfg, base)
-    all_records = [*corrections.train, *corrections.heldout, *replay_records, *val_records]
-    source = feature_source(candidate, {r.image_id: r.path for r in all_records}, device, cfg.cache)
+    # People's photos are encoded for this run only, in memory, never into the persistent feature
+    # cache: a cache entry would outlive the photo's /forget (and retention). A run holds few of them:
+    # the corrections no run has seen, at most 20 a day from each person (the entry cap), 125 kB each
+    # with EfficientNet-Lite0 (49 x 1280 float16), so 8,000 photos (400 people at the cap) take 1 GB.
+    # The public replay and validation images use the cache.
+    people_photos = {r.image_id: r.path for r in [*corrections.train, *corrections.heldout]}
+    public = {r.image_id: r.path for r in [*replay_records, *val_records] if r.image_id not in people_photos}
+    source = feature_source(candidate, public, device, cfg.cache)
+    source.add_in_memory(people_photos)
 
     beam = default_beam_config(base)
     corpus = heldout_cider(replay_records, corrections.heldout)
@@ -298,7 +363,8 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
     })
     checkpoint.save(candidate, out, dtype=getattr(torch, cfg.save_dtype))
     report = {
-        "name": name, "parent": base.version, "checkpoint": str(out.resolve()), "passed_gate": decision.promote,
+        "name": name, "parent": base.version, "base_choice": choice.describe(), "skipped_bases": list(choice.skipped),
+        "checkpoint": str(out.resolve()), "passed_gate": decision.promote,
         "status": status.value, "reason": decision.reason, "base": before, "candidate": after,
         "new_words": new_words, "gate_metric": key,
         "heldout_gain_lower_bound": lower_bound, "train_losses": losses,
@@ -360,7 +426,8 @@ FINETUNE_HELP = {
     "db": "DATABASE_URL of the bot's database (default: $DATABASE_URL)",
     "data_dir": "the bot's data folder (photos; default $CAPTIONBOT_DATA_DIR)",
     "from_export": "a folder written by `python -m storage export` instead",
-    "base": "checkpoint to start from (default: the bundled model)",
+    "base": "checkpoint to start from (default: the active model version, else the bundled model; a version that "
+            "learned from corrections of people who used /forget is replaced by its newest ancestor that did not)",
     "out": "candidates are written to OUT/NAME/",
     "name": "version name of the candidate (default: BASE+ftTIMESTAMP)",
     "include_upvoted": "also learn from captions people voted up",

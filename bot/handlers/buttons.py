@@ -204,8 +204,8 @@ async def _forget(query: CallbackQuery, runtime: Runtime, confirm: bool) -> None
         return
     report = await runtime.storage.forget_person(user.id)
     await _answer(query, texts.FORGET_ANSWER)
-    log.info("forget user=%d found=%s captions=%d photos=%d", user.id, report.found, report.captions,
-             report.photos)
+    log.info("forget user=%d found=%s captions=%d photos=%d models_marked=%d exports_rewritten=%d", user.id,
+             report.found, report.captions, report.photos, report.models_marked, report.exports_rewritten)
     if not report.found or not (report.votes or report.corrections or report.captions or report.photos):
         await _replace(query, texts.FORGET_NOTHING)
     else:
