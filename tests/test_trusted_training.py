@@ -148,6 +148,10 @@ def test_the_gate_judges_by_corpus_cider_when_it_was_computed() -> None:
     cand = {"corrections": {"CIDEr": 0.4, HELDOUT_METRIC: 0.4}, "validation": {"CIDEr": 0.5}}
     assert gate(base, cand, 0.03, 0.1).promote
     assert not gate(cand, base, 0.03, 0.1).promote
+    # Certain but tiny (what fine-tuning on random captions buys): below the effect-size floor.
+    tiny = gate(base, cand, 0.03, 0.007, min_gain=0.05)
+    assert not tiny.promote and "need > +0.050" in tiny.reason
+    assert gate(base, cand, 0.03, 0.06, min_gain=0.05).promote
 
 
 def test_new_words_always_wait_for_review_and_review_mode_holds_everything() -> None:
