@@ -119,7 +119,7 @@ async def test_with_no_more_handlers_than_places_the_overflow_is_still_told_busy
 
 async def test_with_the_default_settings_a_full_bot_says_busy_at_once(tmp_path: Path) -> None:
     defaults = Settings()
-    assert (defaults.concurrent_updates, defaults.queue_capacity) == (64, None)  # the queue's own 64
+    assert (defaults.concurrent_updates, defaults.queue_capacity) == (64, None)  # the queue's own 256
     # Six batches of eight, two seconds each: the queue stays full well past the last arrival.
     async with running_bot(tmp_path, concurrent_updates=None, batch_delay=2.0) as fake:
         photos = await send_at_once(fake, 100)
