@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from bench.report import ROOT, absolute_paths, command_line, relative
+from captioner.serving.config import DEVICE_BATCHING
 from common.settings import Settings
 from tests.bot_support import fast_checkpoint
 from tests.helpers import photo_bytes
@@ -60,13 +61,18 @@ def assert_reports_its_run(document: dict[str, Any], script: str, tmp_path: Path
 def test_worker_bench_counts_busy_answers_and_compares_like_with_like(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "worker.json"
     # A queue of 2 and 6 callers: the service must answer busy, and the benchmark must carry on.
-    document = run_bench("worker.py", out, "--device", "cpu", "--requests", "8", "--callers", "6",
-                         "--queue-capacity", "2", "--single", "2", "--warmup", "2",
-                         "--checkpoint", str(tiny_model), "--out", str(out))
+    document = run_bench("worker.py", out, "--device", "cpu", "--photos", "8", "--callers", "1,6",
+                         "--queue-capacity", "2", "--single", "2", "--warmup", "2", "--sweep", "2",
+                         "--sweep-callers", "3", "--checkpoint", str(tiny_model), "--out", str(out))
     context = assert_reports_its_run(document, "worker.py", tmp_path)
     assert any("caption worker process" in p for p in context["started_by_this_run"])
-    assert document["worker"]["busy_answers"] > 0
-    assert document["requests"] == 8 and document["identical_captions"] is True
+    alone, crowd = document["levels"]
+    assert (alone["callers"], alone["requests"], crowd["callers"], crowd["requests"]) == (1, 8, 6, 12)
+    assert alone["busy_answers"] == 0 and crowd["busy_answers"] > 0
+    assert all(level["ratio_vs_one_at_a_time"] > 0 for level in document["levels"])
+    assert document["identical_captions"] is True and document["caption_mismatches"] == 0
+    assert document["worker"]["max_batch_size"] == DEVICE_BATCHING["cpu"].max_batch_size and document["worker"]["decode_threads"] >= 1  # CPU default
+    assert document["batch_size_sweep"]["rows"][0]["max_batch_size"] == 2
     assert isinstance(document["baseline"]["encoder_frozen"], bool)
     assert document["freezing_at_batch_1"]["ratio_frozen_over_eager"] > 0
 
