@@ -194,22 +194,13 @@ class ProcessCaptionService(CaptionService):
         return self._counts.per_image_seconds * (ahead + 1) + window / 1000.0
 
     def _admit(self) -> None:
-        """Raise QueueFullError unless one more request fits (caller holds the lock).
-
-        The limit is seconds of work: the photos ahead at the measured seconds per photo must be
-        done within ``max_queue_seconds``. A request to an idle service is always taken (however
-        slow the device), and ``queue_capacity`` bounds the photos held whatever the speed.
-        """
+        """Raise QueueFullError unless one more request fits (caller holds the lock)."""
         ahead = len(self._pending)
-        if ahead >= self.config.queue_capacity:
-            refusal = f"{ahead} photos are queued (the limit is {self.config.queue_capacity})"
-        elif ahead and (wait := self._estimated_wait(ahead)) > self.config.max_queue_seconds:
-            refusal = (f"{ahead} photos are queued, about {wait:.1f} s of work (the limit is "
-                       f"{self.config.max_queue_seconds:g} s)")
-        else:
-            return
-        self._counts.rejected += 1
-        raise QueueFullError(f"{refusal}; try again shortly")
+        refusal = queue_refusal(ahead, self._estimated_wait(ahead) if ahead else 0.0,
+                                self.config.queue_capacity, self.config.max_queue_seconds)
+        if refusal is not None:
+            self._counts.rejected += 1
+            raise QueueFullError(f"{refusal}; try again shortly")
 
     # --- extras of this implementation ----------------------------------------------------
 
@@ -452,3 +443,18 @@ class ProcessCaptionService(CaptionService):
             self._child = None
             self._child_ready.clear()
         self._closed.set()
+
+
+def queue_refusal(ahead: int, estimated_wait: float, capacity: int, max_seconds: float) -> str | None:
+    """Why a request behind ``ahead`` others, answered in about ``estimated_wait`` seconds, is
+    refused; None when it is taken.
+
+    The limit is seconds of work: the photos ahead at the measured seconds per photo must be done
+    within ``max_seconds``. A request to an idle service is always taken (however slow the
+    device), and ``capacity`` bounds the photos held whatever the speed (memory).
+    """
+    if ahead >= capacity:
+        return f"{ahead} photos are queued (the limit is {capacity})"
+    if ahead and estimated_wait > max_seconds:
+        return f"{ahead} photos are queued, about {estimated_wait:.1f} s of work (the limit is {max_seconds:g} s)"
+    return None

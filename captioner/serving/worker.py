@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
@@ -331,9 +332,14 @@ class Worker:
     def run(self) -> int:
         """The batcher: forms batches and hands them to the compute thread (see the module doc)."""
         filling: _Filling | None = None
+        backlog: deque[_Prepared] = deque()  # prepared while the batch being filled is full
         outstanding = 0  # batches handed over and not finished
         stopping = False
         while True:
+            while backlog and (filling is None or len(filling.items) < self.batching.max_batch_size):
+                if filling is None:
+                    filling = _Filling(self._ring, self.batching.max_batch_size, _preprocessing_key(self.captioner))
+                filling.add(backlog.popleft())
             if filling is not None:
                 timeout = self._batch_timeout(filling, outstanding, stopping)
                 if timeout == 0:
@@ -355,9 +361,7 @@ class Worker:
             elif isinstance(item, _Loaded):
                 self._work.put(item)  # switched between batches, in order, by the compute thread
             else:
-                if filling is None:
-                    filling = _Filling(self._ring, self.batching.max_batch_size, _preprocessing_key(self.captioner))
-                filling.add(item)
+                backlog.append(item)
         self._work.put(_STOP)
         self._compute_thread.join()
         for pool in (self._image_decoder, self._loader, self._renderer):
