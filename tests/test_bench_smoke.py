@@ -78,6 +78,27 @@ def test_worker_bench_counts_busy_answers_and_compares_like_with_like(tiny_model
     assert document["freezing_at_batch_1"]["ratio_frozen_over_eager"] > 0
 
 
+def test_precision_bench_compares_float32_with_itself_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
+    data = tmp_path / "flickr"
+    (data / "images").mkdir(parents=True)
+    names = [f"p{i}.jpg" for i in range(3)]
+    for i, name in enumerate(names):
+        (data / "images" / name).write_bytes(photo_bytes(60 + i))
+    (data / "captions.txt").write_text("image,caption\n" + "".join(f"{n},a photo of thing {i}\n"
+                                                                   for i, n in enumerate(names)))
+    (data / "val.txt").write_text("\n".join(names))
+    out = tmp_path / "precision.json"
+    document = run_bench("precision.py", out, "--model", str(tiny_model), "--data", f"flickr:{data}",
+                         "--precision", "float32", "--device", "cpu", "--batch-size", "2", "--out", str(out))
+    assert_reports_its_run(document, "precision.py", tmp_path)
+    assert (document["photos"], document["identical_captions"], document["identical_share"]) == (3, 3, 1.0)
+    assert document["difference"] == {"Bleu_4": 0.0, "CIDEr": 0.0} and document["changed_examples"] == []
+    refused = subprocess.run([sys.executable, "bench/precision.py", "--model", str(tiny_model), "--data",
+                              f"flickr:{data}", "--precision", "bfloat16", "--device", "cpu", "--out",
+                              str(tmp_path / "no.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "needs a CUDA device" in refused.stderr
+
+
 def test_storage_bench_measures_a_bare_insert_baseline(tmp_path: Path) -> None:
     out = tmp_path / "storage.json"
     document = run_bench("storage_throughput.py", out, "--rows", "20", "--tasks", "2", "--out", str(out))
