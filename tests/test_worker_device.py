@@ -25,6 +25,7 @@ from captioner.serving.base import ModelLoadError, QueueFullError
 from captioner.serving.config import DEVICE_BATCHING, Batching, ServiceConfig
 from captioner.serving.process import ProcessCaptionService, queue_refusal
 from captioner.serving.protocol import BatchDone, Ready, Request, Shutdown, WorkerSettings
+from captioner.serving.stats import Counters
 from captioner.serving.worker import Worker
 from tests.helpers import photo_bytes
 
@@ -62,6 +63,21 @@ def test_admission_counts_seconds_of_work_with_a_hard_cap_on_photos() -> None:
     assert refusal is not None and "10.1 s of work" in refusal
     refusal = queue_refusal(256, 0.5, 256, 10.0)  # a fast device still holds at most `capacity` photos
     assert refusal is not None and "the limit is 256" in refusal
+
+
+def test_batches_of_one_move_the_time_per_photo_less_than_full_batches() -> None:
+    # An idle service runs batches of one, dearer per photo than the full batches of a long queue:
+    # they must not make admission think a long queue is slower than it is.
+    def counters() -> Counters:
+        counts = Counters()
+        counts.worker_started(Ready("v", None, 1, "cpu", 1, 0.1, 0, max_batch_size=8))
+        return counts
+
+    alone, full = counters(), counters()
+    alone.batch_done(BatchDone((), 1, 0.5, 0, 0))  # 0.5 s per photo, one photo
+    full.batch_done(BatchDone((), 8, 4.0, 0, 0))  # 0.5 s per photo, a full batch
+    assert full.per_image_seconds == pytest.approx(0.1 + 0.2 * 0.4)
+    assert alone.per_image_seconds - 0.1 == pytest.approx((full.per_image_seconds - 0.1) / 8)
 
 
 async def test_a_slow_queue_is_refused_by_its_estimated_wait_and_a_short_one_admitted(tiny_checkpoint: Path) -> None:
