@@ -130,10 +130,11 @@ def level_requests(photos: int, callers: int) -> int:
     return max(photos, 2 * callers)
 
 
-async def through_worker(caller: Caller, photos: list[bytes], requests: int,
-                         callers: int) -> tuple[list[CaptionResult], list[float], float]:
-    """Each request's result (request i is photo i mod len(photos)) and latency (busy answers and
-    retries included), and the wall time."""
+async def through_worker(caller: Caller, photos: list[bytes], callers: int,
+                         requests: int | None = None) -> tuple[list[CaptionResult], list[float], float]:
+    """Each request's result (request i is photo i mod len(photos); default one request a photo)
+    and latency (busy answers and retries included), and the wall time."""
+    requests = len(photos) if requests is None else requests
     work: asyncio.Queue[int] = asyncio.Queue()
     for index in range(requests):
         work.put_nowait(index)
@@ -157,7 +158,7 @@ async def measure_level(caller: Caller, photos: list[bytes], callers: int) -> di
     """One level of concurrency: throughput, latency, batch sizes, busy answers, the captions."""
     caller.busy_answers = 0
     requests = level_requests(len(photos), callers)
-    results, latencies, wall = await through_worker(caller, photos, requests, callers)
+    results, latencies, wall = await through_worker(caller, photos, callers, requests)
     sizes = Counter(r.batch_size for r in results)
     level = {"callers": callers, "requests": requests, "photos_per_second": round(requests / wall, 3),
              "wall_seconds": round(wall, 2), "latency_p50_ms": round(percentile(latencies, 50) * 1000, 1),
