@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 import torch
 
-import captioner.serving.worker as worker_module
 from captioner.images import ImageLimits
 from captioner.inference import Captioner, check_precision
 from captioner.serving.base import ModelLoadError, QueueFullError
@@ -155,13 +154,13 @@ def worker_in_process(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) ->
     """A Worker in a thread of this process, with two decoding threads whose image decoding
     waits until two decodes run at once (it fails after 10 s if the pool decodes one at a time)."""
     both_decoding = threading.Barrier(2, timeout=10)
-    real_load = worker_module.load_image_for
+    real_decode = Worker._decode_image
 
-    def load_in_pairs(*args: Any, **kwargs: Any) -> Any:
+    def decode_in_pairs(self: Worker, *args: Any, **kwargs: Any) -> Any:
         both_decoding.wait()
-        return real_load(*args, **kwargs)
+        return real_decode(self, *args, **kwargs)
 
-    monkeypatch.setattr(worker_module, "load_image_for", load_in_pairs)
+    monkeypatch.setattr(Worker, "_decode_image", decode_in_pairs)
     requests_out, requests_in = Pipe(duplex=False)
     results_out, results_in = Pipe(duplex=False)
     settings = WorkerSettings(str(tiny_checkpoint), "cpu", 1, None, 5.0, ImageLimits(), None, False, 0.0,
