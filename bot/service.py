@@ -23,6 +23,8 @@ def service_config(settings: Settings, checkpoint: str | None) -> ServiceConfig:
         "max_batch_size": settings.batch_size,
         "max_wait_ms": settings.batch_wait_ms,
         "queue_capacity": settings.queue_capacity,
+        "max_queue_seconds": settings.max_queue_seconds,
+        "precision": settings.precision,
         "request_timeout": settings.request_timeout,
         "default_beam_size": settings.beam_size,
     }

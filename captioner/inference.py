@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -19,7 +20,7 @@ from . import checkpoint
 from .beam import BeamConfig, Hypothesis, SpecialIds, beam_search
 from .checkpoint import CaptionModel
 from .confidence import ConfidenceRule, classifier_guesses
-from .images import ImageLimits, load_image
+from .images import ImageLimits, load_image_for
 from .result import CaptionResult
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,27 @@ log = logging.getLogger(__name__)
 # The frozen encoder may differ from the eager one by float rounding (batch norm folded into the
 # convolutions), no more: features of a few photo-like images must agree this closely.
 FREEZE_TOLERANCE = 1e-3
+
+# The model's compute precision: float32, or autocast to a 16-bit type (CUDA only: on CPU autocast
+# is slower than float32 for this model, and whether captions change is measured on a GPU with
+# bench/precision.py).
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16,
+                                                  "float16": torch.float16}
+
+
+def check_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None: plain float32); raises ValueError
+    for an unknown precision, for a 16-bit one off CUDA, and for bfloat16 on a GPU without it."""
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, not {precision!r}")
+    dtype = AUTOCAST_DTYPES[precision]
+    if dtype is None:
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"precision {precision} needs a CUDA device; on {device.type} only float32 is served")
+    if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision bfloat16 is not supported by {torch.cuda.get_device_name(device)}")
+    return dtype
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -74,8 +96,11 @@ class Captioner:
     """A loaded model on a device, ready to caption batches of images."""
 
     def __init__(self, model: CaptionModel, device: str | torch.device = "auto",
-                 beam: BeamConfig | None = None, encoder_batch_size: int | None = None) -> None:
+                 beam: BeamConfig | None = None, encoder_batch_size: int | None = None,
+                 precision: str = "float32") -> None:
         self.device = resolve_device(device)
+        self.precision = precision
+        self._autocast_dtype = check_precision(precision, self.device)  # before moving the weights
         self.model = model.to(self.device)
         self.model.encoder.eval()
         self.model.decoder.eval()
@@ -89,9 +114,10 @@ class Captioner:
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | torch.device = "auto",
-             beam: BeamConfig | None = None) -> Captioner:
+             beam: BeamConfig | None = None, precision: str = "float32") -> Captioner:
         target = resolve_device(device)
-        return cls(checkpoint.load(path, device=target), target, beam)
+        check_precision(precision, target)  # refuse before paying for the load
+        return cls(checkpoint.load(path, device=target), target, beam, precision=precision)
 
     @property
     def version(self) -> str:
@@ -99,7 +125,18 @@ class Captioner:
 
     def prepare(self, data: bytes, limits: ImageLimits | None = None) -> Tensor:
         """Untrusted bytes -> model input; raises captioner.images.ImageError subclasses."""
-        return preprocess(self.model, load_image(data, limits or ImageLimits()))
+        return preprocess(self.model, self.load_image(data, limits)[0])
+
+    def load_image(self, data: bytes, limits: ImageLimits | None = None) -> tuple[Image.Image, tuple[int, int]]:
+        """(the picture, its full upright size) for untrusted bytes: a big JPEG is decoded by
+        libjpeg at the smallest 1/2, 1/4 or 1/8 scale that still covers the model's input (the
+        model squashes every photo to that size anyway), as the caption worker does."""
+        return load_image_for(data, limits or ImageLimits(), draft_to=self.model.config.image_size)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
 
     @torch.inference_mode()
     def calibrate_encoder_batch_size(self, candidates: Sequence[int] = (1, 2, 4, 8), images: int = 8) -> int:
@@ -154,17 +191,21 @@ class Captioner:
 
     @torch.inference_mode()
     def encode(self, images: Tensor) -> Tensor:
-        chunks = [self._encoder(chunk.to(self.device))
-                  for chunk in images.split(self.encoder_batch_size)]
-        return torch.cat(chunks)
+        # From pinned memory the copy to a GPU is asynchronous, ordered before the encoder on the
+        # same stream; from ordinary memory non_blocking is a plain copy.
+        with self._autocast():
+            chunks = [self._encoder(chunk.to(self.device, non_blocking=True))
+                      for chunk in images.split(self.encoder_batch_size)]
+            return torch.cat(chunks)
 
     @torch.inference_mode()
     def decode(self, features: Tensor, beam: BeamConfig | None = None,
                attention: bool = True) -> list[CaptionResult]:
         config = beam or self.beam
         features = features.to(self.device).float()
-        hyps = beam_search(self.model.decoder, features, config, self.special)
-        seen = classifier_guesses(self.model.encoder.backbone.classifier, features)
+        with self._autocast():
+            hyps = beam_search(self.model.decoder, features, config, self.special)
+            seen = classifier_guesses(self.model.encoder.backbone.classifier, features)
         regions = features.size(1)
         return [self._to_result(h, regions, config.beam_size, len(hyps), attention, guesses)
                 for h, guesses in zip(hyps, seen, strict=True)]
@@ -182,7 +223,8 @@ class Captioner:
 
     def caption_bytes(self, data: bytes, beam: BeamConfig | None = None,
                       attention: bool = True) -> CaptionResult:
-        return self.caption_images([load_image(data)], beam, attention)[0]
+        image, (width, height) = self.load_image(data)
+        return replace(self.caption_images([image], beam, attention)[0], width=width, height=height)
 
     def _to_result(self, hyp: Hypothesis, regions: int, beam_size: int, batch_size: int,
                    attention: bool, seen: tuple[tuple[str, float], ...]) -> CaptionResult:

@@ -4,8 +4,8 @@
 Each field names its variable once (``validation_alias``); ``.env.example`` documents every one of
 them, and ``tests/test_settings.py`` keeps the two in step. An empty value means the default.
 
-The caption service's tuning (batch size and wait, queue capacity, request timeout, worker
-threads, beam size) and the image checks' pixel limit default to None here: None means "the
+The caption service's tuning (batch size and wait, queue capacity and seconds, request timeout,
+worker threads, beam size, precision) and the image checks' pixel limit default to None here: None means "the
 caption service's own default", which lives in ``captioner.serving.config.ServiceConfig``.
 """
 
@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     batch_size: int | None = Field(None, gt=0, validation_alias="CAPTIONBOT_BATCH_SIZE")
     batch_wait_ms: float | None = Field(None, ge=0, validation_alias="CAPTIONBOT_BATCH_WAIT_MS")
     queue_capacity: int | None = Field(None, gt=0, validation_alias="CAPTIONBOT_QUEUE_CAPACITY")
+    max_queue_seconds: float | None = Field(None, gt=0, validation_alias="CAPTIONBOT_MAX_QUEUE_SECONDS")
+    # float32, or autocast to bfloat16 / float16 on CUDA (refused on CPU)
+    precision: Literal["float32", "bfloat16", "float16"] | None = Field(None, validation_alias="CAPTIONBOT_PRECISION")
     request_timeout: float | None = Field(None, gt=0, validation_alias="CAPTIONBOT_REQUEST_TIMEOUT")
     # 0 = never switch to a newly promoted model by itself
     # where photos are captioned: a worker process here, or a Ray Serve deployment (one or many machines)
@@ -134,7 +137,7 @@ class Settings(BaseSettings):
             raise ValueError("expected auto, cpu, cuda or cuda:N")
         return lowered
 
-    @field_validator("batch_wait_ms", "request_timeout", "model_poll_seconds", "max_file_mb",
+    @field_validator("batch_wait_ms", "max_queue_seconds", "request_timeout", "model_poll_seconds", "max_file_mb",
                      "max_megapixels", "photo_retention_days", "trained_photo_retention_days",
                      "photo_quota_mb", "min_free_disk_mb")
     @classmethod

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from bench.report import ROOT, absolute_paths, command_line, relative
+from captioner.serving.config import DEVICE_BATCHING
 from common.settings import Settings
 from tests.bot_support import fast_checkpoint
 from tests.helpers import photo_bytes
@@ -60,15 +61,42 @@ def assert_reports_its_run(document: dict[str, Any], script: str, tmp_path: Path
 def test_worker_bench_counts_busy_answers_and_compares_like_with_like(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "worker.json"
     # A queue of 2 and 6 callers: the service must answer busy, and the benchmark must carry on.
-    document = run_bench("worker.py", out, "--device", "cpu", "--requests", "8", "--callers", "6",
-                         "--queue-capacity", "2", "--single", "2", "--warmup", "2",
-                         "--checkpoint", str(tiny_model), "--out", str(out))
+    document = run_bench("worker.py", out, "--device", "cpu", "--photos", "8", "--callers", "1,6",
+                         "--queue-capacity", "2", "--single", "2", "--warmup", "2", "--sweep", "2",
+                         "--sweep-callers", "3", "--checkpoint", str(tiny_model), "--out", str(out))
     context = assert_reports_its_run(document, "worker.py", tmp_path)
     assert any("caption worker process" in p for p in context["started_by_this_run"])
-    assert document["worker"]["busy_answers"] > 0
-    assert document["requests"] == 8 and document["identical_captions"] is True
+    alone, crowd = document["levels"]
+    assert (alone["callers"], alone["requests"], crowd["callers"], crowd["requests"]) == (1, 8, 6, 12)
+    assert alone["busy_answers"] == 0 and crowd["busy_answers"] > 0
+    assert all(level["ratio_vs_one_at_a_time"] > 0 for level in document["levels"])
+    assert document["identical_captions"] is True and document["caption_mismatches"] == 0
+    assert document["worker"]["max_batch_size"] == DEVICE_BATCHING["cpu"].max_batch_size  # the CPU's default
+    assert document["worker"]["decode_threads"] >= 1
+    assert document["batch_size_sweep"]["rows"][0]["max_batch_size"] == 2
     assert isinstance(document["baseline"]["encoder_frozen"], bool)
     assert document["freezing_at_batch_1"]["ratio_frozen_over_eager"] > 0
+
+
+def test_precision_bench_compares_float32_with_itself_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
+    data = tmp_path / "flickr"
+    (data / "images").mkdir(parents=True)
+    names = [f"p{i}.jpg" for i in range(3)]
+    for i, name in enumerate(names):
+        (data / "images" / name).write_bytes(photo_bytes(60 + i))
+    (data / "captions.txt").write_text("image,caption\n" + "".join(f"{n},a photo of thing {i}\n"
+                                                                   for i, n in enumerate(names)))
+    (data / "val.txt").write_text("\n".join(names))
+    out = tmp_path / "precision.json"
+    document = run_bench("precision.py", out, "--model", str(tiny_model), "--data", f"flickr:{data}",
+                         "--precision", "float32", "--device", "cpu", "--batch-size", "2", "--out", str(out))
+    assert_reports_its_run(document, "precision.py", tmp_path)
+    assert (document["photos"], document["identical_captions"], document["identical_share"]) == (3, 3, 1.0)
+    assert document["difference"] == {"Bleu_4": 0.0, "CIDEr": 0.0} and document["changed_examples"] == []
+    refused = subprocess.run([sys.executable, "bench/precision.py", "--model", str(tiny_model), "--data",
+                              f"flickr:{data}", "--precision", "bfloat16", "--device", "cpu", "--out",
+                              str(tmp_path / "no.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "needs a CUDA device" in refused.stderr
 
 
 def test_storage_bench_measures_a_bare_insert_baseline(tmp_path: Path) -> None:

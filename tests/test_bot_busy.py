@@ -22,6 +22,7 @@ from bot import texts
 from bot.app import CaptionBot
 from bot.service import service_config
 from captioner.serving.base import CaptionService
+from captioner.serving.config import DEVICE_BATCHING
 from captioner.serving.process import ProcessCaptionService
 from common.settings import Settings
 from tests.bot_support import TOKEN, fast_checkpoint
@@ -119,9 +120,11 @@ async def test_with_no_more_handlers_than_places_the_overflow_is_still_told_busy
 
 async def test_with_the_default_settings_a_full_bot_says_busy_at_once(tmp_path: Path) -> None:
     defaults = Settings()
-    assert (defaults.concurrent_updates, defaults.queue_capacity) == (64, None)  # the queue's own 64
-    # Six batches of eight, two seconds each: the queue stays full well past the last arrival.
-    async with running_bot(tmp_path, concurrent_updates=None, batch_delay=2.0) as fake:
+    assert (defaults.concurrent_updates, defaults.queue_capacity) == (64, None)  # the queue's own 256
+    # The 48 photos the bot admits take 12 s at a quarter of a second each, in batches of the CPU's
+    # default size: the queue stays full well past the last arrival.
+    batch_delay = 0.25 * DEVICE_BATCHING["cpu"].max_batch_size
+    async with running_bot(tmp_path, concurrent_updates=None, batch_delay=batch_delay) as fake:
         photos = await send_at_once(fake, 100)
         answers = await the_answers(fake, photos)
         busy = [photo for photo, text in zip(photos, answers, strict=True) if text == texts.BUSY]

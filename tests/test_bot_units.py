@@ -36,8 +36,8 @@ TOKEN = "123456:AAE-secret-part-of-the-token_xyz"
 def test_unset_service_settings_keep_the_caption_services_defaults() -> None:
     config = service_config(Settings(token=TOKEN), None)
     defaults = ServiceConfig()
-    tuning = ("device", "threads", "max_batch_size", "max_wait_ms", "queue_capacity", "request_timeout",
-              "default_beam_size")
+    tuning = ("device", "threads", "max_batch_size", "max_wait_ms", "queue_capacity", "max_queue_seconds",
+              "precision", "request_timeout", "default_beam_size")
     assert {f: getattr(config, f) for f in tuning} == {f: getattr(defaults, f) for f in tuning}
     assert config.image_limits.max_pixels == ImageLimits().max_pixels
     assert config.image_limits.max_bytes == BOT_API_DOWNLOAD_LIMIT and config.checkpoint is None
@@ -45,8 +45,10 @@ def test_unset_service_settings_keep_the_caption_services_defaults() -> None:
 
 def test_service_settings_are_passed_through_unchanged(tmp_path: Path) -> None:
     settings = Settings(token=TOKEN, batch_size=8, batch_wait_ms=25, max_file_mb=5, max_megapixels=2,
-                        request_timeout=30, worker_threads=2, queue_capacity=3, beam_size=1, device="cpu")
+                        request_timeout=30, worker_threads=2, queue_capacity=3, beam_size=1, device="cpu",
+                        max_queue_seconds=4, precision="bfloat16")
     config = service_config(settings, str(tmp_path))
+    assert (config.max_queue_seconds, config.precision) == (4.0, "bfloat16")  # the worker refuses it on CPU
     assert (config.max_batch_size, config.max_wait_ms) == (8, 25.0)
     assert (config.request_timeout, config.threads, config.queue_capacity) == (30.0, 2, 3)
     assert (config.default_beam_size, config.device) == (1, "cpu")

@@ -117,10 +117,7 @@ class ProcessCaptionService(CaptionService):
                 raise ServiceClosedError("the caption service is not running")
             if self._broken is not None:
                 raise WorkerCrashedError(self._broken)
-            if len(self._pending) >= self.config.queue_capacity:
-                self._counts.rejected += 1
-                raise QueueFullError(f"{len(self._pending)} photos are queued (the limit is "
-                                     f"{self.config.queue_capacity}); try again shortly")
+            self._admit()
             now = time.monotonic()
             request = wire.Request(next(self._ids), data, beam, bool(attention), now + limit, now)
             pending = PendingRequest(request, loop.create_future(), loop)
@@ -140,9 +137,7 @@ class ProcessCaptionService(CaptionService):
         with self._lock:
             in_flight = sum(1 for p in self._pending.values() if p.running)
             waiting = len(self._pending) - in_flight
-            per_image = self._counts.per_image_seconds
-        ahead = waiting + in_flight
-        estimate = per_image * (ahead + 1) + self.config.max_wait_ms / 1000.0
+            estimate = self._estimated_wait(len(self._pending))
         return QueueStatus(waiting, in_flight, self.config.queue_capacity, estimate)
 
     @property
@@ -188,6 +183,24 @@ class ProcessCaptionService(CaptionService):
                 break
             await asyncio.sleep(0.02)
         await asyncio.to_thread(self._shutdown)
+
+    # --- admission ------------------------------------------------------------------------
+
+    def _estimated_wait(self, ahead: int) -> float:
+        """Seconds until a request submitted behind ``ahead`` others is answered, at the measured
+        seconds per photo (0 until a warm-up or a batch measured it; caller holds the lock)."""
+        child = self._child
+        window = child.ready.max_wait_ms if child is not None else (self.config.max_wait_ms or 0.0)
+        return self._counts.per_image_seconds * (ahead + 1) + window / 1000.0
+
+    def _admit(self) -> None:
+        """Raise QueueFullError unless one more request fits (caller holds the lock)."""
+        ahead = len(self._pending)
+        refusal = queue_refusal(ahead, self._estimated_wait(ahead) if ahead else 0.0,
+                                self.config.queue_capacity, self.config.max_queue_seconds)
+        if refusal is not None:
+            self._counts.rejected += 1
+            raise QueueFullError(f"{refusal}; try again shortly")
 
     # --- extras of this implementation ----------------------------------------------------
 
@@ -430,3 +443,18 @@ class ProcessCaptionService(CaptionService):
             self._child = None
             self._child_ready.clear()
         self._closed.set()
+
+
+def queue_refusal(ahead: int, estimated_wait: float, capacity: int, max_seconds: float) -> str | None:
+    """Why a request behind ``ahead`` others, answered in about ``estimated_wait`` seconds, is
+    refused; None when it is taken.
+
+    The limit is seconds of work: the photos ahead at the measured seconds per photo must be done
+    within ``max_seconds``. A request to an idle service is always taken (however slow the
+    device), and ``capacity`` bounds the photos held whatever the speed (memory).
+    """
+    if ahead >= capacity:
+        return f"{ahead} photos are queued (the limit is {capacity})"
+    if ahead and estimated_wait > max_seconds:
+        return f"{ahead} photos are queued, about {estimated_wait:.1f} s of work (the limit is {max_seconds:g} s)"
+    return None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from ..images import Details, ImageError, ImageLimits, ImageProblem, image_error
 from ..result import CaptionResult
 from .base import ServiceError
-from .config import ServiceConfig
+from .config import Precision, ServiceConfig
 
 # --- parent -> worker ---------------------------------------------------------------------
 
@@ -24,17 +24,20 @@ class WorkerSettings:
     checkpoint: str | None
     device: str
     threads: int | None
-    max_batch_size: int
-    max_wait_ms: float
+    max_batch_size: int | None  # None: the device's default (config.resolve_batching)
+    max_wait_ms: float | None
     image_limits: ImageLimits
     encoder_batch_size: int | None
     warmup: bool
     debug_batch_delay: float
+    decode_threads: int | None = None  # None: the cores
+    precision: Precision = "float32"
 
     @classmethod
     def of(cls, config: ServiceConfig, checkpoint: str | None) -> WorkerSettings:
         return cls(checkpoint, config.device, config.threads, config.max_batch_size, config.max_wait_ms,
-                   config.image_limits, config.encoder_batch_size, config.warmup, config.debug_batch_delay)
+                   config.image_limits, config.encoder_batch_size, config.warmup, config.debug_batch_delay,
+                   config.decode_threads, config.precision)
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,13 @@ class Ready:
     pid: int
     device: str
     threads: int
-    per_image_seconds: float  # of the warm-up, 0 when none
+    per_image_seconds: float  # of the warm-up's full batch, 0 when none
     peak_rss_bytes: int
+    # What the worker resolved for its device (the config may leave them open).
+    max_batch_size: int = 0
+    max_wait_ms: float = 0.0
+    decode_threads: int = 1
+    precision: Precision = "float32"
 
 
 @dataclass(frozen=True)

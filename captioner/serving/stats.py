@@ -24,9 +24,14 @@ class ServiceStats:
     rejected: int
     crashes: int
     restarts: int
-    per_image_seconds: float  # moving average of batch compute time / batch size
+    per_image_seconds: float  # moving average of batch compute time / batch size, weighted by batch size
     worker_rss_bytes: int
     worker_peak_rss_bytes: int  # the largest peak RSS reported by any worker process
+    # What the worker resolved for its device (0 / "" before it started).
+    max_batch_size: int = 0
+    max_wait_ms: float = 0.0
+    decode_threads: int = 0
+    precision: str = ""
 
 
 @dataclass
@@ -43,8 +48,10 @@ class Counters:
     rss: int = 0
     peak_rss: int = 0
     per_image_seconds: float = 0.0
+    full_batch: int = 1  # the worker's batch size
 
     def worker_started(self, ready: Ready) -> None:
+        self.full_batch = max(1, ready.max_batch_size)
         if ready.per_image_seconds and not self.per_image_seconds:
             self.per_image_seconds = ready.per_image_seconds  # the warm-up's, until batches run
         self.peak_rss = max(self.peak_rss, ready.peak_rss_bytes)
@@ -57,7 +64,10 @@ class Counters:
         self.peak_rss = max(self.peak_rss, done.peak_rss_bytes)
         sample = done.compute_seconds / done.batch_size
         previous = self.per_image_seconds
-        self.per_image_seconds = sample if not previous else (1 - EMA_WEIGHT) * previous + EMA_WEIGHT * sample
+        # A batch counts in proportion to its size: the batches of one an idle service runs cost
+        # more per photo than the full batches a long queue gets, and admission is about the latter.
+        weight = EMA_WEIGHT * min(1.0, done.batch_size / max(1, self.full_batch))
+        self.per_image_seconds = sample if not previous else (1 - weight) * previous + weight * sample
 
     def snapshot(self, worker: Ready | None, model_version: str) -> ServiceStats:
         return ServiceStats(
@@ -66,4 +76,6 @@ class Counters:
             images=self.images, largest_batch=self.largest_batch, expired=self.expired,
             rejected=self.rejected, crashes=self.crashes, restarts=self.restarts,
             per_image_seconds=self.per_image_seconds, worker_rss_bytes=self.rss,
-            worker_peak_rss_bytes=self.peak_rss)
+            worker_peak_rss_bytes=self.peak_rss, max_batch_size=worker.max_batch_size if worker else 0,
+            max_wait_ms=worker.max_wait_ms if worker else 0.0, decode_threads=worker.decode_threads if worker else 0,
+            precision=worker.precision if worker else "")

@@ -3,11 +3,16 @@
 Threads inside the worker:
 
 * the receiver reads messages from the parent as they come (so a full pipe never blocks it);
-* one image-decoding thread turns image bytes into model inputs (bad photos are answered from there);
-* the main thread batches prepared requests: it blocks for the first, then takes more until
-  ``max_batch_size`` or ``max_wait_ms``; one batched encoder pass and one batched beam search
-  per beam size; a request whose deadline passed or whose caller gave up is skipped before compute;
-* a loader thread loads a new checkpoint while the old model keeps serving; the main thread
+* a pool of image-decoding threads, one per core by default (Pillow and the resize release the
+  GIL), turns image bytes into model inputs (bad photos are answered from there);
+* the batcher (the main thread) forms batches of prepared requests: it blocks for the first, then
+  takes more until the batch is full, or until its window (``max_wait_ms`` from the first photo's
+  arrival) has passed and the model is free. While the model computes one batch the next one
+  fills up, copied photo by photo into a staging buffer (pinned memory on CUDA), and a full one
+  is handed over at once, so the model never waits for stacking or the copy to the device;
+* the compute thread runs one batched encoder pass and one batched beam search per beam size; a
+  request whose deadline passed or whose caller gave up is skipped before compute;
+* a loader thread loads a new checkpoint while the old model keeps serving; the compute thread
   switches models between batches;
 * a render thread draws attention pictures, so other requests are not held up by them.
 """
@@ -35,9 +40,10 @@ from PIL import Image
 from torch import Tensor
 
 from ..images import ImageError
-from ..inference import Captioner
+from ..inference import Captioner, photo_like_images, preprocess
 from ..result import CaptionResult
-from .compute import DecodedPhoto, attention_picture, caption_batch, decode_photo, model_inputs
+from .compute import DecodedPhoto, attention_picture, caption_batch, decode_photo, model_inputs, preprocessing_key
+from .config import Batching, default_decode_threads, resolve_batching
 from .protocol import (
     BatchDone,
     BatchStarted,
@@ -62,7 +68,11 @@ EXIT_FATAL = 70  # the worker exits with this code after a CUDA error or running
 # A batch waits this long past its window for photos that arrived in the window but are still
 # being decoded (decoding is faster than compute, so a short wait fills the batch).
 MAX_IMAGE_DECODE_WAIT = 0.25
+# Batches handed to the compute thread and not finished: the one computing and the next one,
+# prepared. A third would only wait longer and be smaller than if it kept filling.
+PIPELINE_DEPTH = 2
 _STOP = object()
+_IDLE = object()  # compute -> batcher: a batch is finished
 
 
 @dataclass
@@ -75,6 +85,64 @@ class _Prepared:
     height: int
     thumbnail: Image.Image | None  # for the attention picture
     prep_seconds: float
+
+
+@dataclass
+class _Batch:
+    items: list[_Prepared]
+    inputs: Tensor | None  # the staged (stacked) inputs of every item, when all could be staged
+    key: tuple[Any, ...]  # the preprocessing of the staged inputs
+
+
+class _StagingRing:
+    """Buffers that batches are stacked into as their photos arrive, one per batch that can be
+    alive at once (computing, handed over, filling); pinned on CUDA so that the copy to the
+    device is asynchronous. A buffer is reused only after its batch has finished."""
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self._buffers: list[Tensor | None] = [None] * (PIPELINE_DEPTH + 1)
+        self._next = 0
+
+    def take(self, rows: int, shape: torch.Size) -> Tensor:
+        index = self._next
+        self._next = (index + 1) % len(self._buffers)
+        buffer = self._buffers[index]
+        if buffer is None or buffer.shape[0] < rows or buffer.shape[1:] != shape:
+            buffer = torch.empty((rows, *shape), dtype=torch.float32, pin_memory=self.pin)
+            self._buffers[index] = buffer
+        return buffer
+
+
+class _Filling:
+    """The batch being formed: its photos, and their inputs stacked into a staging buffer."""
+
+    def __init__(self, ring: _StagingRing, capacity: int, key: tuple[Any, ...]) -> None:
+        self.ring = ring
+        self.capacity = capacity
+        self.key = key
+        self.items: list[_Prepared] = []
+        self.buffer: Tensor | None = None
+        self.staged = True  # every item's input is in the buffer
+
+    def add(self, item: _Prepared) -> None:
+        if self.buffer is None and item.key == self.key:
+            self.buffer = self.ring.take(self.capacity, item.tensor.shape)
+        row = len(self.items)
+        self.items.append(item)
+        if item.key == () and not item.tensor.numel():
+            return  # dropped before decoding: skipped before compute, its row is never read
+        if self.buffer is None or item.key != self.key or item.tensor.shape != self.buffer.shape[1:]:
+            self.staged = False
+            return
+        self.buffer[row].copy_(item.tensor)
+
+    def window_closes(self, wait: float) -> float:
+        return min(item.received for item in self.items) + wait
+
+    def close(self) -> _Batch:
+        inputs = self.buffer[: len(self.items)] if self.staged and self.buffer is not None else None
+        return _Batch(self.items, inputs, self.key)
 
 
 @dataclass
@@ -112,24 +180,33 @@ class Worker:
         self._lock = threading.Lock()
         self._live: set[int] = set()  # received and not answered
         self._cancelled: set[int] = set()
-        self._undecoded: deque[float] = deque()  # arrival times of requests in the decode queue
-        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Arrival times of the requests being decoded, oldest first (dicts keep insertion order).
+        self._undecoded: dict[int, float] = {}
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()  # -> the batcher
+        self._work: queue.SimpleQueue[Any] = queue.SimpleQueue()  # batcher -> the compute thread
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.captioner = self._load(settings.checkpoint)
         self.checkpoint = settings.checkpoint
+        self.batching: Batching = resolve_batching(settings.max_batch_size, settings.max_wait_ms,
+                                                   self.captioner.device.type)
         warm = self._warmup(self.captioner)
-        self._image_decoder = ThreadPoolExecutor(1, thread_name_prefix="image-decode")
+        self.decode_threads = settings.decode_threads or default_decode_threads()
+        self._ring = _StagingRing(pin=self.captioner.device.type == "cuda")
+        self._image_decoder = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="image-decode")
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="load")
         self._renderer = ThreadPoolExecutor(1, thread_name_prefix="render")
+        self._compute_thread = threading.Thread(target=self._compute_loop, name="compute", daemon=True)
+        self._compute_thread.start()
         self._send(Ready(self.captioner.version, settings.checkpoint, os.getpid(), str(self.captioner.device),
-                         torch.get_num_threads(), warm, peak_rss_bytes()))
+                         torch.get_num_threads(), warm, peak_rss_bytes(), self.batching.max_batch_size,
+                         self.batching.max_wait_ms, self.decode_threads, settings.precision))
         threading.Thread(target=self._receive, name="receive", daemon=True).start()
 
     # --- loading --------------------------------------------------------------------------
 
     def _load(self, checkpoint: str | None) -> Captioner:
-        captioner = Captioner.load(checkpoint, self.settings.device)
+        captioner = Captioner.load(checkpoint, self.settings.device, precision=self.settings.precision)
         captioner.freeze_encoder()
         if self.settings.encoder_batch_size:
             captioner.encoder_batch_size = self.settings.encoder_batch_size
@@ -138,13 +215,20 @@ class Worker:
         return captioner
 
     def _warmup(self, captioner: Captioner) -> float:
-        """First calls are slow (kernel selection, allocations): pay that before serving."""
+        """First calls are slow (kernel selection, allocations): pay that before serving. Returns
+        the seconds per photo of a full batch of photo-like images, timed after that: what a
+        full queue costs, which is what the service's admission needs to know first."""
         if not self.settings.warmup:
             return 0.0
         size = captioner.model.config.image_size
-        started = time.perf_counter()
         captioner.caption_tensors(torch.zeros(1, 3, size, size), attention=False)
-        return time.perf_counter() - started
+        count = self.batching.max_batch_size
+        # A few distinct pictures, repeated: making 128 of them would cost more than captioning.
+        pictures = photo_like_images(min(count, 4), size=size)
+        batch = torch.stack([preprocess(captioner.model, pictures[i % len(pictures)]) for i in range(count)])
+        started = time.perf_counter()
+        captioner.caption_tensors(batch, attention=False)
+        return (time.perf_counter() - started) / count
 
     def _load_new(self, message: Reload) -> None:
         try:
@@ -179,10 +263,11 @@ class Worker:
                 self._inbox.put(_STOP)
                 return
             if isinstance(message, Request):
+                arrived = time.monotonic()
                 with self._lock:
                     self._live.add(message.id)
-                    self._undecoded.append(time.monotonic())
-                self._image_decoder.submit(self._prepare, message)
+                    self._undecoded[message.id] = arrived
+                self._image_decoder.submit(self._prepare, message, arrived)
             elif isinstance(message, Cancel):
                 with self._lock:
                     self._cancelled.update(i for i in message.ids if i in self._live)
@@ -205,15 +290,12 @@ class Worker:
 
     # --- decoding photos ------------------------------------------------------------------
 
-    def _prepare(self, request: Request) -> None:
-        with self._lock:
-            received = self._undecoded[0] if self._undecoded else time.monotonic()
+    def _prepare(self, request: Request, received: float) -> None:
         try:
             self._decode_image(request, received)
         finally:
             with self._lock:
-                if self._undecoded:
-                    self._undecoded.popleft()
+                self._undecoded.pop(request.id, None)
 
     def _decode_image(self, request: Request, received: float) -> None:
         if self._dropped(request, time.monotonic()):  # no decoding for nobody; the batcher answers
@@ -232,61 +314,90 @@ class Worker:
     # --- batching -------------------------------------------------------------------------
 
     def run(self) -> int:
-        wait = self.settings.max_wait_ms / 1000.0
+        """The batcher: forms batches and hands them to the compute thread (see the module doc)."""
+        filling: _Filling | None = None
+        backlog: deque[_Prepared] = deque()  # prepared while the batch being filled is full
+        outstanding = 0  # batches handed over and not finished
+        stopping = False
         while True:
-            item = self._inbox.get()
-            if item is _STOP:
+            while backlog and (filling is None or len(filling.items) < self.batching.max_batch_size):
+                if filling is None:
+                    filling = _Filling(self._ring, self.batching.max_batch_size, preprocessing_key(self.captioner))
+                filling.add(backlog.popleft())
+            if filling is not None:
+                timeout = self._batch_timeout(filling, outstanding, stopping)
+                if timeout == 0:
+                    self._work.put(filling.close())
+                    filling, outstanding = None, outstanding + 1
+                    continue
+            elif stopping:
                 break
-            if isinstance(item, _Loaded):
-                self._switch(item)
+            else:
+                timeout = None
+            try:
+                item = self._inbox.get(timeout=timeout)
+            except queue.Empty:
                 continue
-            batch: list[_Prepared] = [item]
-            deferred: list[_Loaded] = []
-            stop = False
-            # The window opens when the batch's first photo reached this process.
-            until = item.received + wait
-            while len(batch) < self.settings.max_batch_size:
-                now = time.monotonic()
-                if now < until:
-                    timeout = until - now
-                elif now < until + MAX_IMAGE_DECODE_WAIT and self._image_decoding_arrived_before(until):
-                    timeout = 0.005  # re-check: a photo that fails to decode never shows up here
-                else:
-                    timeout = 0.0
-                try:
-                    item = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
-                except queue.Empty:
-                    if timeout > 0:
-                        continue
-                    break
-                if item is _STOP:
-                    stop = True
-                    break
-                if isinstance(item, _Loaded):
-                    deferred.append(item)
-                else:
-                    batch.append(item)
-            self._run_batch(batch)
-            for loaded in deferred:
-                self._switch(loaded)
-            if stop:
-                break
+            if item is _STOP:
+                stopping = True
+            elif item is _IDLE:
+                outstanding -= 1
+            elif isinstance(item, _Loaded):
+                self._work.put(item)  # switched between batches, in order, by the compute thread
+            else:
+                backlog.append(item)
+        self._work.put(_STOP)
+        self._compute_thread.join()
         for pool in (self._image_decoder, self._loader, self._renderer):
             pool.shutdown(wait=False, cancel_futures=True)
         return 0
 
+    def _batch_timeout(self, filling: _Filling, outstanding: int, stopping: bool) -> float | None:
+        """0: hand the batch over now; None: wait for the next message; else wait at most this long."""
+        if outstanding >= PIPELINE_DEPTH:
+            return None  # one computing and one ready: this one fills up until the first finishes
+        if len(filling.items) >= self.batching.max_batch_size or stopping:
+            return 0
+        if outstanding:
+            return None  # the model is busy: keep filling this batch until it is free
+        until = filling.window_closes(self.batching.max_wait_ms / 1000.0)
+        now = time.monotonic()
+        if now < until:
+            return until - now
+        if now < until + MAX_IMAGE_DECODE_WAIT and self._image_decoding_arrived_before(until):
+            return 0.005  # re-check: a photo that fails to decode never shows up here
+        return 0
+
     def _image_decoding_arrived_before(self, moment: float) -> bool:
         with self._lock:
-            return bool(self._undecoded) and self._undecoded[0] <= moment
+            oldest = next(iter(self._undecoded.values()), None)
+        return oldest is not None and oldest <= moment
 
-    def _run_batch(self, items: list[_Prepared]) -> None:
+    # --- computing ------------------------------------------------------------------------
+
+    def _compute_loop(self) -> None:
+        while True:
+            work = self._work.get()
+            if work is _STOP:
+                return
+            if isinstance(work, _Loaded):
+                self._switch(work)
+                continue
+            try:
+                self._run_batch(work)
+            finally:
+                self._inbox.put(_IDLE)
+
+    def _run_batch(self, batch: _Batch) -> None:
         now = time.monotonic()
         live: list[_Prepared] = []
+        rows: list[int] = []
         expired: list[int] = []
-        for item in items:
+        for row, item in enumerate(batch.items):
             reason = self._dropped(item.request, now)
             if reason is None:
                 live.append(item)
+                rows.append(row)
                 continue
             self._forget(item.request.id)
             if reason == "expired":
@@ -301,13 +412,17 @@ class Worker:
             time.sleep(self.settings.debug_batch_delay)
         captioner = self.captioner
         try:
-            captions: list[CaptionResult | None] = list(self._compute(captioner, live))
+            inputs = self._inputs(captioner, batch, live, rows)
+            captions: list[CaptionResult | None] = list(self._compute(captioner, live, inputs))
         except Exception as err:
             if _is_fatal(err):
                 log.error("fatal error in a batch of %d, exiting: %r", len(live), err)
                 _exit(EXIT_FATAL)
             log.exception("batch of %d failed; captioning its photos one by one", len(live))
             captions = [self._compute_alone(captioner, item) for item in live]
+        finally:
+            if captioner.device.type == "cuda":  # the staged inputs' copy is done before the buffer is reused
+                torch.cuda.synchronize(captioner.device)
         compute = time.perf_counter() - started
         results = []
         for item, caption in zip(live, captions, strict=True):
@@ -323,16 +438,28 @@ class Worker:
                 results.append(Captioned(item.request.id, replace(result, attention=None)))
         self._send(BatchDone(tuple(results), len(live), compute, rss_bytes(), peak_rss_bytes()))
 
-    def _compute(self, captioner: Captioner, items: list[_Prepared]) -> list[CaptionResult]:
-        """One batched encoder pass, then one batched beam search per beam size."""
+    def _inputs(self, captioner: Captioner, batch: _Batch, live: list[_Prepared], rows: list[int]) -> Tensor:
+        """The live photos' inputs: the staged ones when they were prepared for this model, else
+        stacked here (photos prepared for a model that a reload replaced are prepared again)."""
+        key = preprocessing_key(captioner)
+        if batch.inputs is not None and batch.key == key:
+            if len(rows) == len(batch.items):
+                return batch.inputs
+            return batch.inputs.index_select(0, torch.tensor(rows))
+        return self._stacked(captioner, live)
+
+    def _stacked(self, captioner: Captioner, items: list[_Prepared]) -> Tensor:
         photos = [DecodedPhoto(item.tensor, item.key, item.width, item.height, item.thumbnail) for item in items]
-        inputs = model_inputs(captioner, photos, [item.request.image for item in items], self.settings.image_limits)
+        return model_inputs(captioner, photos, [item.request.image for item in items], self.settings.image_limits)
+
+    def _compute(self, captioner: Captioner, items: list[_Prepared], inputs: Tensor) -> list[CaptionResult]:
+        """One batched encoder pass, then one batched beam search per beam size."""
         return caption_batch(captioner, inputs, [item.request.beam_size for item in items],
                              [item.request.attention for item in items])
 
     def _compute_alone(self, captioner: Captioner, item: _Prepared) -> CaptionResult | None:
         try:
-            return self._compute(captioner, [item])[0]
+            return self._compute(captioner, [item], self._stacked(captioner, [item]))[0]
         except Exception as err:
             if _is_fatal(err):
                 _exit(EXIT_FATAL)
