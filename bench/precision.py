@@ -7,9 +7,10 @@
 Every photo of the split is prepared once (the worker's decoding: ``Captioner.prepare``), then
 captioned in batches by the same model at float32 (the baseline, measured in the same run) and at
 ``--precision`` (``Captioner(precision=...)``, the worker's ``CAPTIONBOT_PRECISION``): the share
-of identical captions, each side's corpus CIDEr and BLEU-4 (pycocoevalcap, as ``train evaluate``),
-their difference, and images/s of each side (model time only, photos already prepared), with
-examples of captions that changed. This is the figure that decides whether a 16-bit precision may
+of identical captions, each side's corpus CIDEr-D (``train/cider.py``, equal to pycocoevalcap's
+CIDEr-D on the same tokens, and needing no Java or pycocoevalcap on a GPU machine), the
+difference, and images/s of each side (model time only, photos already prepared), with examples
+of captions that changed. This is the figure that decides whether a 16-bit precision may
 be switched on by default (``captioner/serving/config.py``).
 
 16-bit autocast is a CUDA feature: on CPU the script refuses it (as the worker does), and
@@ -35,10 +36,11 @@ from torch import Tensor  # noqa: E402
 from bench.report import RESULTS, relative, start_run, write_result  # noqa: E402
 from captioner.beam import BeamConfig  # noqa: E402
 from captioner.inference import AUTOCAST_DTYPES, Captioner, resolve_device  # noqa: E402
-from train import metrics  # noqa: E402
+from captioner.vocab import tokenize  # noqa: E402
 from train.data import ImageRecord, load_dataset  # noqa: E402
+from train.scst import reference_cider  # noqa: E402
 
-SCORED = ("Bleu_4", "CIDEr")
+SCORED = ("CIDEr",)
 EXAMPLES = 8
 
 
@@ -55,9 +57,10 @@ def caption_all(captioner: Captioner, inputs: list[Tensor], beam: BeamConfig,
 
 
 def scores(records: list[ImageRecord], texts: list[str]) -> dict[str, float]:
-    references = {r.image_id: list(r.captions) for r in records}
-    hypotheses = {r.image_id: text for r, text in zip(records, texts, strict=True)}
-    return metrics.score(references, hypotheses, SCORED).values
+    """Corpus CIDEr-D, document frequencies from the split's own references (as pycocoevalcap)."""
+    cider = reference_cider(records)
+    per_photo = cider.score([r.image_id for r in records], [tokenize(text) for text in texts])
+    return {"CIDEr": float(per_photo.mean())}
 
 
 def main(argv: list[str] | None = None) -> None:
