@@ -65,6 +65,40 @@ def test_tiny_fit_overfits_a_few_images(tmp_path: Path, flickr: str) -> None:
     assert meta["decoding"]["beam_size"] == 2
 
 
+def test_a_run_killed_inside_an_epoch_resumes_exactly(tmp_path: Path, flickr: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # One batch per chunk and a checkpoint at every chunk: OUT/last is saved inside each epoch.
+    monkeypatch.setattr(fit_module, "CHUNK_BATCHES", 1)
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    options: dict[str, Any] = dict(epochs=2, dropout=0.3, progress=False, checkpoint_minutes=1e-9)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    main(tiny_fit_args(flickr, straight, tmp_path / "cache", **options))
+
+    save_mid_epoch = fit_module._save_mid_epoch
+    saves: list[int] = []
+
+    def killed_inside_the_second_epoch(*args: Any) -> None:
+        save_mid_epoch(*args)
+        saves.append(args[3])  # the epoch index
+        if saves.count(1) == 2:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(fit_module, "_save_mid_epoch", killed_inside_the_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny_fit_args(flickr, resumed, tmp_path / "cache", **options))
+    state = json.loads((resumed / "last" / "trainer.json").read_text())["info"]
+    assert state["epoch"] == 0 and state["within_epoch"]["batches_done"] == 2
+    monkeypatch.setattr(fit_module, "_save_mid_epoch", save_mid_epoch)
+    main(tiny_fit_args(flickr, resumed, tmp_path / "cache", resume=True, **options))
+
+    for folder, name in [("last", "model.safetensors"), ("last", "trainer.safetensors"), ("best", "model.safetensors")]:
+        a, b = load_file(str(straight / folder / name)), load_file(str(resumed / folder / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{folder}/{name}: {key} differs"
+    assert without_timings(history(straight)) == without_timings(history(resumed))
+
+
 def test_resume_continues_exactly(tmp_path: Path, flickr: str, monkeypatch: pytest.MonkeyPatch) -> None:
     options: dict[str, Any] = dict(epochs=3, dropout=0.3, label_smoothing=0.1, weight_decay=0.01,
                                    progress=False)

@@ -36,6 +36,7 @@ FIT_HELP: dict[str, str] = {
     "min_freq": "words seen fewer times in the training split map to <unk>",
     "max_caption_len": "training captions are cut to this many words",
     "patience": "stop after this many epochs without a better validation CIDEr",
+    "checkpoint_minutes": "also save OUT/last within an epoch this often, in minutes (0: at epoch ends only)",
     "val_beam": "beam size for validation decoding",
     "val_max_len": "maximum caption length for validation decoding",
     "val_length_penalty": "length normalisation exponent for validation decoding",

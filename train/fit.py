@@ -67,6 +67,9 @@ class TrainConfig(LoopConfig):
     # where the weights come from
     init_from: str = ""
     resume: bool = False
+    # Also save OUT/last inside an epoch, this often (minutes; 0: at epoch ends only), so that an
+    # epoch longer than a working session (self-critical training on a busy CPU) is not lost.
+    checkpoint_minutes: float = 10.0
     # self-critical training (train.scst) instead of teacher forcing; --batch-size counts images then
     scst: bool = False
     scst_samples: int = 5
@@ -138,6 +141,9 @@ class Progress:
     step: int = 0
     best_cider: float = -1.0
     stale: int = 0  # epochs since the best validation CIDEr
+    # Inside ``epoch``: batches already trained on and the sum of their reported values.
+    batches_done: int = 0
+    value_sum: float = 0.0
 
 
 def _device(cfg: TrainConfig, world: int) -> torch.device:
@@ -195,8 +201,8 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
             # Different dropout masks per rank, reproducible per epoch (so --resume stays exact).
             torch.manual_seed(cfg.seed + 1000 * epoch + rank)
         t0 = time.time()
-        train_value, run.step = train_epoch(cfg, model, optimizer, source, examples, batches, run.step,
-                                            total_steps, decoder, f"epoch {epoch}", objective)
+        train_value = _train_epoch_in_chunks(cfg, out, model, optimizer, source, examples, batches, total_steps,
+                                             decoder, epoch, objective, run, save=rank == 0 and world == 1)
         train_seconds = time.time() - t0
         record: dict[str, Any] = {"epoch": epoch, "step": run.step,
                                   _train_key(objective): _mean_over_ranks(train_value, device, world),
@@ -213,6 +219,51 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     if world > 1:
         _finish_distributed(model, device, rank, world, run.step)
     return run.history
+
+
+# Batches trained between two looks at the clock for a mid-epoch checkpoint.
+CHUNK_BATCHES = 25
+
+
+def _train_epoch_in_chunks(cfg: TrainConfig, out: Path, model: CaptionModel, optimizer: torch.optim.Optimizer,
+                           source: FeatureSource, examples: list[Example], batches: list[list[int]],
+                           total_steps: int, decoder: nn.Module, epoch: int, objective: Objective | None,
+                           run: Progress, save: bool) -> float:
+    """One epoch, resumed at ``run.batches_done``; OUT/last saved every ``checkpoint_minutes``.
+
+    The epoch's batches depend only on (seed, epoch), and the saved state holds the torch RNG,
+    so a run resumed from a mid-epoch checkpoint takes exactly the steps it would have taken.
+    Returns the mean of the objective's reported value over the epoch's batches.
+    """
+    last_save = time.monotonic()
+    while run.batches_done < len(batches):
+        chunk = batches[run.batches_done:run.batches_done + CHUNK_BATCHES]
+        before = run.step
+        value, run.step = train_epoch(cfg, model, optimizer, source, examples, chunk, run.step, total_steps,
+                                      decoder, f"epoch {epoch}", objective)
+        taken = run.step - before
+        if taken:
+            run.value_sum += value * taken
+            run.batches_done += taken
+        if taken < len(chunk):  # --max-steps reached
+            break
+        if save and cfg.checkpoint_minutes and time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes \
+                and run.batches_done < len(batches):
+            _save_mid_epoch(out, model, optimizer, epoch, run)
+            log.info("epoch %d: %d/%d batches, %s %.4f so far; saved %s", epoch, run.batches_done, len(batches),
+                     _train_key(objective).removeprefix("train_"), run.value_sum / run.batches_done, out / "last")
+            last_save = time.monotonic()
+    value = run.value_sum / run.batches_done if run.batches_done else float("nan")
+    run.batches_done, run.value_sum = 0, 0.0
+    return value
+
+
+def _save_mid_epoch(out: Path, model: CaptionModel, optimizer: torch.optim.Optimizer, epoch: int,
+                    run: Progress) -> None:
+    save_trainer_state(out / "last", model, optimizer, {
+        "epoch": epoch - 1, "step": run.step, "best_cider": run.best_cider, "stale": run.stale,
+        "history": run.history, "within_epoch": {"batches_done": run.batches_done, "value_sum": run.value_sum},
+    })
 
 
 def _objective(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageRecord],
@@ -246,7 +297,10 @@ def _resume(cfg: TrainConfig, out: Path, model: CaptionModel, optimizer: torch.o
         return Progress({"epochs": [], "config": asdict(cfg)})
     state = load_trainer_state(out / "last", model, optimizer)
     run = Progress(state["history"], state["epoch"] + 1, state["step"], state["best_cider"], state["stale"])
-    log.info("resumed from %s at epoch %d, step %d", out / "last", run.epoch, run.step)
+    within = state.get("within_epoch")
+    if within:
+        run.batches_done, run.value_sum = int(within["batches_done"]), float(within["value_sum"])
+    log.info("resumed from %s at epoch %d (batch %d), step %d", out / "last", run.epoch, run.batches_done, run.step)
     if run.stale >= cfg.patience:
         log.info("that run had already stopped early (no better validation CIDEr for %d epochs)", run.stale)
         run.epoch = cfg.epochs
