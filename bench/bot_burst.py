@@ -35,7 +35,8 @@ from tests.fake_telegram import FakeTelegram  # noqa: E402
 from tests.helpers import photo_bytes  # noqa: E402
 
 TOKEN = "7000001:AAF-fake-token-For_Bench_0123456789"
-KINDS = {"📷": "caption", "⏳": "queue notice", "🐢": "slow down", "😮": "busy"}
+# A caption starts with 📷, or with 🤔 when the model is unsure (bot/texts.py words it with a hedge).
+KINDS = {"📷": "caption", "🤔": "unsure caption", "⏳": "queue notice", "🐢": "slow down", "😮": "busy"}
 
 
 def first_replies(fake: FakeTelegram, photos: list[dict[str, Any]]) -> list[tuple[float, str]]:

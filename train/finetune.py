@@ -432,7 +432,8 @@ async def _register(cfg: FinetuneConfig, base: CaptionModel, report: dict[str, A
 FINETUNE_HELP = {
     "db": "DATABASE_URL of the bot's database (default: $DATABASE_URL)",
     "data_dir": "the bot's data folder (photos; default $CAPTIONBOT_DATA_DIR)",
-    "from_export": "a folder written by `python -m storage export` instead",
+    "from_export": "a folder written by `python -m storage export` instead (it names no people: the per-person "
+                   "caps cannot apply and the new-word rule counts photos, not people; --db is the trusted path)",
     "base": "checkpoint to start from (default: the active model version, else the bundled model; a version that "
             "learned from corrections of people who used /forget is replaced by its newest ancestor that did not)",
     "out": "candidates are written to OUT/NAME/",

@@ -24,13 +24,11 @@ class Batching:
 
 # The batching a device gets when the config leaves it open (None). On a GPU a batch of 128 costs
 # little more than a batch of 32 (issue 13's H100 figures, beam 3: 1,121 images/s at 32 and 2,700
-# at 128) and a 2 ms window keeps a lone request fast. On a CPU, `python bench/worker.py --sweep
-# 8,16,32,32,16,8` (bench/results/worker.json, "batch_size_sweep": a fresh worker per size, 64
-# callers, each size twice in reverse order) gave 16 the most photos/s on average, ahead of 8 (the
-# batched beam search gains; the encoder runs in chunks of its own) and 32 (which doubles a batch's
-# latency). The run shared 2 cores with other jobs (load average ~7.5): the margins are near the
-# noise, so re-run it on the machine that serves. The 25 ms window is what the bot always served
-# with (not swept).
+# at 128). On a CPU, `python bench/worker.py --sweep 8,16,32,32,16,8` (bench/results/worker.json,
+# "batch_size_sweep": a fresh worker per size, 64 callers, each size twice in reverse order) puts
+# 16 and 32 within the noise of each other and both ahead of 8 on average; 16 keeps a batch, and
+# so a photo's wait behind it, half as long. Re-run it on the machine that serves. The wait only
+# holds an idle model for photos still being decoded (captioner/serving/worker.py; not swept).
 DEVICE_BATCHING: dict[str, Batching] = {
     "cuda": Batching(max_batch_size=128, max_wait_ms=2.0),
     "cpu": Batching(max_batch_size=16, max_wait_ms=25.0),

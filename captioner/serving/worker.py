@@ -6,8 +6,9 @@ Threads inside the worker:
 * a pool of image-decoding threads, one per core by default (Pillow and the resize release the
   GIL), turns image bytes into model inputs (bad photos are answered from there);
 * the batcher (the main thread) forms batches of prepared requests: it blocks for the first, then
-  takes more until the batch is full, or until its window (``max_wait_ms`` from the first photo's
-  arrival) has passed and the model is free. While the model computes one batch the next one
+  takes more until the batch is full, or until the model is free and no photo is still being
+  decoded (photos being decoded are waited for up to ``max_wait_ms`` from the first photo's
+  arrival); an idle model with nothing on the way starts at once. While the model computes one batch the next one
   fills up, copied photo by photo into a staging buffer (pinned memory on CUDA), and a full one
   is handed over at once, so the model never waits for stacking or the copy to the device;
 * the compute thread runs one batched encoder pass and one batched beam search per beam size; a
@@ -360,8 +361,12 @@ class Worker:
             return 0
         if outstanding:
             return None  # the model is busy: keep filling this batch until it is free
-        until = filling.window_closes(self.batching.max_wait_ms / 1000.0)
         now = time.monotonic()
+        if not self._image_decoding_arrived_before(now):
+            # The model is idle and no photo is on its way: waiting would only add latency. Under
+            # load, batches fill up while the model computes (above), so this costs no throughput.
+            return 0
+        until = filling.window_closes(self.batching.max_wait_ms / 1000.0)
         if now < until:
             return until - now
         if now < until + MAX_IMAGE_DECODE_WAIT and self._image_decoding_arrived_before(until):

@@ -1,0 +1,77 @@
+"""Print README benchmark-table cells from result files, so that no figure is typed by hand.
+
+    python bench/readme_rows.py worker      # the result cell of the bench/worker.py row
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _load(name: str) -> dict[str, Any]:
+    return dict(json.loads((RESULTS / f"{name}.json").read_text()))
+
+
+def worker() -> str:
+    d = _load("worker")
+    parts = [f"one at a time {d['baseline']['photos_per_second']:.2f} photos/s"]
+    for level in d["levels"]:
+        parts.append(f"{level['callers']} callers: {level['photos_per_second']:.1f} photos/s "
+                     f"({level['ratio_vs_one_at_a_time']:.2f}x), p50/p95 {level['latency_p50_ms'] / 1000:.2f}/"
+                     f"{level['latency_p95_ms'] / 1000:.2f} s, {level['busy_answers']} busy")
+    best = max(level["ratio_vs_one_at_a_time"] for level in d["levels"])
+    single = d["single_request"]
+    sweep: dict[int, list[str]] = {}
+    for row in d.get("batch_size_sweep", {}).get("rows", []):
+        sweep.setdefault(row["max_batch_size"], []).append(f"{row['photos_per_second']:.1f}")
+    mismatches = d.get("caption_mismatches", 0)
+    total = sum(level["requests"] for level in d["levels"])
+    load = d["context"].get("load_average_before")
+    text = "; ".join(parts) + f"; best **{best:.2f}x** one at a time; {total - mismatches}/{total} captions identical"
+    text += (f"; single request {single['worker_ms']:.0f} ms through the worker vs {single['in_process_ms']:.0f} ms "
+             f"in-process ({single['ratio']:.2f}x)")
+    if sweep:
+        text += "; photos/s by batch size at 64 callers, both passes: " + ", ".join(
+            f"{size}: {' / '.join(values)}" for size, values in sweep.items())
+    text += f"; freezing alone {d['freezing_at_batch_1']['ratio_frozen_over_eager']:.2f}x at batch 1"
+    text += f"; worker peak RSS {d['worker_peak_rss_mb']:,.0f} MB"
+    if load:
+        text += f" (load average {load[0]:.1f} at the start)"
+    return text
+
+
+def scale() -> str:
+    d = _load("scale")
+    runs = d["runs"]
+    best = max(runs["embedded_1_thread"]["photos_per_second"], runs["embedded_2_threads"]["photos_per_second"])
+    rate = {name: run["photos_per_second"] for name, run in runs.items()}
+    text = (f"embedded {rate['embedded_1_thread']:.2f} photos/s (1 thread; {rate['embedded_2_threads']:.2f} with 2); "
+            f"Ray 1 replica {rate['ray_1_replica']:.2f}, 2 replicas {rate['ray_2_replicas']:.2f} "
+            f"(**{rate['ray_2_replicas'] / best:.2f}x** the best embedded, target 0.9x), two nodes "
+            f"{rate['two_nodes']:.2f} ({rate['two_nodes'] / best:.2f}x, replicas on "
+            f"{runs['two_nodes']['replica_nodes']} nodes)")
+    identical = all(run["identical_captions"] for run in runs.values())
+    load = d["context"].get("load_average_before")
+    return text + f"; identical captions: {identical}" + (f" (load average {load[0]:.1f} at the start)" if load else "")
+
+
+def bot_burst() -> str:
+    d = _load("bot_burst")
+    first = d["first_reply_ms"]
+    kinds = ", ".join(f"{count} {kind}" for kind, count in d["first_reply_kinds"].items())
+    load = d["context"].get("load_average_before")
+    return (f"{d['photos']} photos from {d['people']} people: first reply p50 {first['p50_ms'] / 1000:.1f} s, p95 "
+            f"{first['p95_ms'] / 1000:.1f} s, max {first['max_ms'] / 1000:.1f} s; first replies: {kinds}; every photo "
+            f"had its reply after {d['seconds_until_every_photo_had_a_reply']:.1f} s"
+            + (f" (load average {load[0]:.1f} at the start)" if load else ""))
+
+
+ROWS = {"worker": worker, "scale": scale, "bot_burst": bot_burst}
+
+if __name__ == "__main__":
+    print(ROWS[sys.argv[1]]())
