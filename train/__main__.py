@@ -57,6 +57,8 @@ FIT_HELP: dict[str, str] = {
             "--batch-size then counts images)",
     "scst_samples": "captions sampled per image under --scst (at least 2)",
     "scst_max_len": "maximum length of a sampled caption under --scst",
+    "scst_baseline": "under --scst, each sample's baseline: mean (of the image's other samples) or greedy "
+                     "(the reward of the image's greedy caption)",
     "resume": "continue the run in --out exactly where it stopped (weights, optimizer, schedule, RNG)",
     "progress": "log progress",
 }

@@ -34,7 +34,7 @@ from .data import CaptionDataset, ImageRecord, load_dataset
 from .features import FeatureSource, feature_source
 from .loop import Example, LoopConfig, Objective, bucketed_batches, build_examples, train_epoch
 from .scoring import SplitResult, score_records
-from .scst import SelfCritical, image_examples, reference_cider
+from .scst import BASELINES, SelfCritical, image_examples, reference_cider
 from .state import load_trainer_state, save_trainer_state
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class TrainConfig(LoopConfig):
     scst: bool = False
     scst_samples: int = 5
     scst_max_len: int = 20
+    scst_baseline: str = "mean"
     model: dict[str, Any] = field(default_factory=dict)
 
     def model_config(self) -> ModelConfig:
@@ -272,7 +273,9 @@ def _objective(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageR
     default), or with --scst one example per image and the self-critical objective."""
     if not cfg.scst:
         return build_examples(train_records, model.vocab, cfg.max_caption_len), None
-    if cfg.scst_samples < 2:
+    if cfg.scst_baseline not in BASELINES:
+        raise ValueError(f"--scst-baseline must be one of {', '.join(BASELINES)}")
+    if cfg.scst_samples < 2 and cfg.scst_baseline == "mean":
         raise ValueError("--scst-samples must be at least 2 (each sample's baseline is the others' mean)")
     if world > 1:
         raise ValueError("--scst runs in one process (sampling bypasses DistributedDataParallel)")
@@ -281,7 +284,8 @@ def _objective(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageR
     if model.config.fine_tune_blocks > 0:
         raise ValueError("--scst trains the decoder on cached features: use a checkpoint with a frozen encoder")
     cider = reference_cider(train_records)
-    return image_examples(train_records), SelfCritical(cider, model.vocab, cfg.scst_samples, cfg.scst_max_len)
+    return image_examples(train_records), SelfCritical(cider, model.vocab, cfg.scst_samples, cfg.scst_max_len,
+                                                               cfg.scst_baseline)
 
 
 def _train_key(objective: Objective | None) -> str:
