@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from captioner.__main__ import build_parser
+from captioner.serving.config import DEVICE_BATCHING
 from captioner.serving.ray_cli import spec_from_args
 from captioner.serving.ray_spec import ModelChoice, RaySpec
 
@@ -55,8 +56,14 @@ def test_serve_command_line() -> None:
     args = build_parser().parse_args(["serve", "--autoscale", "1:4", "--resource", "node2=1", "--keys", "k.txt"])
     spec = spec_from_args(args, cluster_gpus=2)
     assert (spec.autoscale_min, spec.autoscale_max, spec.gpus_per_replica, spec.device) == (1, 4, 1.0, "cuda")
-    assert spec.max_batch_size == 64 and spec.resources == {"node2": 1.0} and spec.http
+    # The embedded worker's batching for the device (one rule, captioner/serving/config.py).
+    gpu, cpu_batching = DEVICE_BATCHING["cuda"], DEVICE_BATCHING["cpu"]
+    assert (spec.max_batch_size, spec.batch_wait_ms) == (gpu.max_batch_size, gpu.max_wait_ms)
+    assert spec.resources == {"node2": 1.0} and spec.http
     cpu = spec_from_args(build_parser().parse_args(["serve", "--replicas", "2"]), cluster_gpus=0)
-    assert (cpu.replicas, cpu.gpus_per_replica, cpu.device, cpu.max_batch_size, cpu.http) == (2, 0.0, "cpu", 8, False)
+    assert (cpu.replicas, cpu.gpus_per_replica, cpu.device, cpu.max_batch_size, cpu.http) == (
+        2, 0.0, "cpu", cpu_batching.max_batch_size, False)
+    chosen = spec_from_args(build_parser().parse_args(["serve", "--batch-size", "4", "--batch-wait-ms", "5"]), 0)
+    assert (chosen.max_batch_size, chosen.batch_wait_ms) == (4, 5.0)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--autoscale", "4:1"])

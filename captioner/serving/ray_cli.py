@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..images import ImageLimits
+from .config import resolve_batching
 from .ray_spec import APP_NAME, ModelChoice, RaySpec
 
 log = logging.getLogger("captioner.serving.ray")
@@ -48,8 +49,10 @@ def add_serve_parser(sub: Any) -> None:
                        help="sha256 of the checkpoint's model.safetensors (checked on each node)")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (on each replica)")
     serve.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: its CPUs)")
-    serve.add_argument("--batch-size", type=int, default=None, help="photos per batch (default: 64 on GPU, 8 on CPU)")
-    serve.add_argument("--batch-wait-ms", type=float, default=25.0)
+    serve.add_argument("--batch-size", type=int, default=None,
+                       help="photos per batch (default: the device's, as the embedded worker: serving/config.py)")
+    serve.add_argument("--batch-wait-ms", type=float, default=None,
+                       help="how long a batch waits for more photos (default: the device's)")
     serve.add_argument("--max-ongoing", type=int, default=None, help="requests one replica holds (default: 2 batches)")
     serve.add_argument("--max-queued", type=int, default=64, help="requests each caller queues before 'busy'")
     serve.add_argument("--beam", type=int, default=None, help="default beam size (default: the model's own)")
@@ -66,7 +69,9 @@ def add_serve_parser(sub: Any) -> None:
 
 def spec_from_args(args: argparse.Namespace, cluster_gpus: float) -> RaySpec:
     gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if cluster_gpus >= 1 else 0.0)
-    batch = args.batch_size or (64 if gpus else 8)
+    # The same per-device batching as the embedded worker (one rule: config.DEVICE_BATCHING).
+    batching = resolve_batching(args.batch_size, args.batch_wait_ms, "cuda" if gpus else "cpu")
+    batch = batching.max_batch_size
     resources: dict[str, float] = {}
     for item in args.resource:
         name, sep, amount = item.partition("=")
@@ -78,7 +83,7 @@ def spec_from_args(args: argparse.Namespace, cluster_gpus: float) -> RaySpec:
         replicas=args.replicas, autoscale_min=low, autoscale_max=high, gpus_per_replica=gpus,
         cpus_per_replica=args.cpus_per_replica, resources=resources,
         device=args.device if args.device != "auto" else ("cuda" if gpus else "cpu"), threads=args.threads,
-        max_batch_size=batch, batch_wait_ms=args.batch_wait_ms, max_ongoing_requests=args.max_ongoing or 2 * batch,
+        max_batch_size=batch, batch_wait_ms=batching.max_wait_ms, max_ongoing_requests=args.max_ongoing or 2 * batch,
         max_queued_requests=args.max_queued, default_beam_size=args.beam, max_image_bytes=args.max_bytes,
         max_image_pixels=args.max_pixels, http=args.keys is not None,
         keys_file=str(args.keys.expanduser().resolve()) if args.keys else None,
