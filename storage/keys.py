@@ -9,9 +9,12 @@ salt to reshuffle the held-out photos without also losing every forgotten person
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -26,15 +29,24 @@ _PERSON_DOMAIN = b"forgotten-person:"  # domain separation: this key hashes noth
 
 
 def load_or_create_key(path: Path) -> bytes:
-    """The secret in ``path``, created (random, owner-only file) on first use."""
+    """The secret in ``path``, created (random, owner-only file) on first use.
+
+    The key is written to a private temporary file and hard-linked into place: the link either
+    creates ``path`` whole or fails because another process got there first, so two first runs
+    cannot pick different keys and none can read a file that is still being written.
+    """
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # created 0600
         try:
-            with path.open("x") as handle:  # exclusive: two first runs cannot pick different keys
+            with os.fdopen(fd, "w") as handle:
                 handle.write(secrets.token_hex(KEY_BYTES) + "\n")
-            path.chmod(0o600)
-        except FileExistsError:
-            pass
+                handle.flush()
+                os.fsync(handle.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(temp, path)
+        finally:
+            os.unlink(temp)
     key = bytes.fromhex(path.read_text().strip())
     if len(key) < MIN_KEY_BYTES:
         raise ValueError(f"{path} holds no usable key; delete it to make a new one")

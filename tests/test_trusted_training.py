@@ -84,6 +84,37 @@ def test_the_salt_is_made_once_and_kept_secret(tmp_path: Path) -> None:
     assert load_or_create_salt(tmp_path / "other") != salt
 
 
+def test_processes_starting_together_get_the_same_whole_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Several bot and trainer processes may start at once on a fresh data folder (CI saw one read
+    # an empty key file). The first creator is slow to produce its key; the second must neither
+    # read a half-written file nor end up with a different key.
+    import secrets
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from storage import keys as key_module
+
+    first_call = threading.Event()
+    real_token_hex = secrets.token_hex
+
+    def slow_first(nbytes: int) -> str:
+        if not first_call.is_set():
+            first_call.set()
+            time.sleep(0.3)
+        return real_token_hex(nbytes)
+
+    monkeypatch.setattr(key_module.secrets, "token_hex", slow_first)
+    path = tmp_path / "key"
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(key_module.load_or_create_key, path)
+        assert first_call.wait(5)
+        fast = pool.submit(key_module.load_or_create_key, path)
+        keys = [slow.result(), fast.result()]
+    assert keys[0] == keys[1] and len(keys[0]) == 32
+    assert path.stat().st_mode & 0o077 == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["key"]  # no temporary file left behind
+
+
 def test_no_person_makes_up_more_than_their_share_of_the_held_out_photos() -> None:
     contributors = {f"{p:04d}{i:060x}": {p} for p in range(40) for i in range(5)}
     contributors |= {f"ffff{i:060x}": {999} for i in range(200)}  # one account with 200 photos
