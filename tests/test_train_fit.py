@@ -42,6 +42,16 @@ def without_timings(doc: dict[str, Any]) -> dict[str, Any]:
     return {**doc, "epochs": epochs, "config": config}
 
 
+def assert_same_run(straight: Path, resumed: Path) -> None:
+    """Weights, optimizer state and history of a resumed run equal those of an uninterrupted one."""
+    for folder, name in [("last", "model.safetensors"), ("last", "trainer.safetensors"), ("best", "model.safetensors")]:
+        a, b = load_file(str(straight / folder / name)), load_file(str(resumed / folder / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{folder}/{name}: {key} differs"
+    assert without_timings(history(straight)) == without_timings(history(resumed))
+
+
 @pytest.mark.slow
 def test_tiny_fit_overfits_a_few_images(tmp_path: Path, flickr: str) -> None:
     out = tmp_path / "run"
@@ -91,12 +101,7 @@ def test_a_run_killed_inside_an_epoch_resumes_exactly(tmp_path: Path, flickr: st
     monkeypatch.setattr(fit_module, "_save_mid_epoch", save_mid_epoch)
     main(tiny_fit_args(flickr, resumed, tmp_path / "cache", resume=True, **options))
 
-    for folder, name in [("last", "model.safetensors"), ("last", "trainer.safetensors"), ("best", "model.safetensors")]:
-        a, b = load_file(str(straight / folder / name)), load_file(str(resumed / folder / name))
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{folder}/{name}: {key} differs"
-    assert without_timings(history(straight)) == without_timings(history(resumed))
+    assert_same_run(straight, resumed)
 
 
 def test_resume_continues_exactly(tmp_path: Path, flickr: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,13 +125,7 @@ def test_resume_continues_exactly(tmp_path: Path, flickr: str, monkeypatch: pyte
     assert len(history(resumed)["epochs"]) == 2
     main(tiny_fit_args(flickr, resumed, tmp_path / "cache", resume=True, **options))
 
-    files = [("last", "model.safetensors"), ("last", "trainer.safetensors"), ("best", "model.safetensors")]
-    for folder, name in files:
-        a, b = load_file(str(straight / folder / name)), load_file(str(resumed / folder / name))
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{folder}/{name}: {key} differs"
-    assert without_timings(history(straight)) == without_timings(history(resumed))
+    assert_same_run(straight, resumed)
     a_state = json.loads((straight / "last" / "trainer.json").read_text())
     b_state = json.loads((resumed / "last" / "trainer.json").read_text())
     assert a_state["param_groups"] == b_state["param_groups"] and a_state["scalars"] == b_state["scalars"]
