@@ -183,6 +183,10 @@ def test_the_gate_judges_by_corpus_cider_when_it_was_computed() -> None:
     tiny = gate(base, cand, 0.03, 0.007, min_gain=0.05)
     assert not tiny.promote and "need > +0.050" in tiny.reason
     assert gate(base, cand, 0.03, 0.06, min_gain=0.05).promote
+    # The floor is on CIDEr-D's scale: a run judged by a fallback metric only needs a gain above 0.
+    fallback_base = {"corrections": {"CIDEr": 0.2}, "validation": {"CIDEr": 0.5}}
+    fallback_cand = {"corrections": {"CIDEr": 0.3}, "validation": {"CIDEr": 0.5}}
+    assert gate(fallback_base, fallback_cand, 0.03, 0.007, min_gain=0.05).promote
 
 
 def test_new_words_always_wait_for_review_and_review_mode_holds_everything() -> None:

@@ -355,10 +355,8 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
     # The per-photo gain is tested on the metric the gate decides by.
     key = corrections_metric(before["corrections"], after["corrections"])
     lower_bound = paired_bootstrap_lower_bound(base_photos.get(key, {}), candidate_photos.get(key, {}))
-    # The effect-size floor is on CIDEr-D's scale; the fallback metrics only need a gain above 0.
-    min_gain = cfg.min_gain if key == HELDOUT_METRIC else 0.0
     decision = gate(before, after, cfg.margin, lower_bound, len(corrections.heldout), cfg.min_photos_for_test,
-                    min_gain)
+                    cfg.min_gain)
     status = promotion_status(decision.promote, bool(new_words), cfg.promotion or "review")
 
     name = cfg.name or f"{base.version.split('+')[0]}+ft{datetime.now(UTC):%Y%m%d%H%M%S}"

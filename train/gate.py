@@ -52,7 +52,8 @@ def gate(base: dict[str, dict[str, float]], candidate: dict[str, dict[str, float
     """Better on the held-out corrections, and validation CIDEr within ``margin`` of the base.
 
     "Better" means a higher corpus score and, when per-photo scores are given, a 95% paired
-    bootstrap lower bound of the per-photo gain (same metric) strictly above ``min_gain``: a
+    bootstrap lower bound of the per-photo gain (same metric) strictly above ``min_gain`` (for
+    CIDEr-D; above 0 for the fallback metrics): a
     gain that is certain but tiny is what fine-tuning on noise buys (drifting toward generic
     phrases), not what people taught. With fewer than ``min_photos`` held-out photos there is
     nothing to resample: the candidate is rejected.
@@ -67,6 +68,8 @@ def gate(base: dict[str, dict[str, float]], candidate: dict[str, dict[str, float
     b_val, c_val = base["validation"].get("CIDEr"), candidate["validation"].get("CIDEr")
     if not c_corr > b_corr:
         return GateDecision(False, f"not better on held-out corrections ({key} {c_corr:.3f} vs base {b_corr:.3f})")
+    # The effect-size floor is on CIDEr-D's scale; the fallback metrics only need a gain above 0.
+    min_gain = min_gain if key == HELDOUT_METRIC else 0.0
     if improvement_lower_bound is not None and not improvement_lower_bound > min_gain:
         need = f"; need > {min_gain:+.3f}" if min_gain else ""
         return GateDecision(False, f"gain on held-out corrections too small or not significant ({key} "
