@@ -75,6 +75,25 @@ def _banned_ngram_mask(history: Tensor, n: int, vocab_size: int) -> Tensor:
 def beam_search(decoder: Decoder, features: Tensor, config: BeamConfig = BeamConfig(),
                 special: SpecialIds = SpecialIds()) -> list[Hypothesis]:
     """Best hypothesis for each of the N images in ``features`` (N, L, C)."""
+    return _best_per_image(*_search(decoder, features, config, special), config)
+
+
+def n_best(decoder: Decoder, features: Tensor, config: BeamConfig = BeamConfig(),
+           special: SpecialIds = SpecialIds()) -> list[list[Hypothesis]]:
+    """All ``config.beam_size`` final beams of each image, best first (self-critical training
+    with beam candidates reranks them by CIDEr). A beam that never took a second path is
+    still returned, with a score of -inf."""
+    log_prob, lengths, finished, history, attention = _search(decoder, features, config, special)
+    scores = _normalise(log_prob, lengths, config.length_penalty)
+    order = scores.argsort(dim=1, descending=True)
+    k = config.beam_size
+    return [[_hypothesis(log_prob, scores, lengths, finished, history, attention, i, int(b), k)
+             for b in order[i]] for i in range(log_prob.size(0))]
+
+
+def _search(decoder: Decoder, features: Tensor, config: BeamConfig,
+            special: SpecialIds) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Run the search: (log_prob, lengths, finished) per (image, beam), history and attention per row."""
     n_images, k, vocab = features.size(0), config.beam_size, decoder.vocab_size
     device = features.device
     rows = n_images * k
@@ -115,7 +134,7 @@ def beam_search(decoder: Decoder, features: Tensor, config: BeamConfig = BeamCon
         if bool(finished.all()):
             break
 
-    return _best_per_image(log_prob, lengths, finished, history, attention, config)
+    return log_prob, lengths, finished, history, attention
 
 
 def _mask_step(log_probs: Tensor, history: Tensor, step: int, finished: Tensor, config: BeamConfig,
@@ -137,20 +156,22 @@ def _mask_step(log_probs: Tensor, history: Tensor, step: int, finished: Tensor, 
 
 def _best_per_image(log_prob: Tensor, lengths: Tensor, finished: Tensor, history: Tensor,
                     attention: Tensor, config: BeamConfig) -> list[Hypothesis]:
-    n_images, k = log_prob.shape
     scores = _normalise(log_prob, lengths, config.length_penalty)
     best = scores.argmax(dim=1)
-    results = []
-    for i in range(n_images):
-        b = int(best[i])
-        row = i * k + b
-        done = bool(finished[i, b])
-        n_words = int(lengths[i, b]) - (1 if done else 0)
-        results.append(Hypothesis(
-            tokens=history[row, :n_words].tolist(),
-            log_prob=float(log_prob[i, b]),
-            score=float(scores[i, b]),
-            attention=attention[row, :n_words].cpu(),
-            finished=done,
-        ))
-    return results
+    k = log_prob.size(1)
+    return [_hypothesis(log_prob, scores, lengths, finished, history, attention, i, int(best[i]), k)
+            for i in range(log_prob.size(0))]
+
+
+def _hypothesis(log_prob: Tensor, scores: Tensor, lengths: Tensor, finished: Tensor, history: Tensor,
+                attention: Tensor, image: int, beam: int, k: int) -> Hypothesis:
+    row = image * k + beam
+    done = bool(finished[image, beam])
+    n_words = int(lengths[image, beam]) - (1 if done else 0)
+    return Hypothesis(
+        tokens=history[row, :n_words].tolist(),
+        log_prob=float(log_prob[image, beam]),
+        score=float(scores[image, beam]),
+        attention=attention[row, :n_words].cpu(),
+        finished=done,
+    )

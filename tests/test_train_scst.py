@@ -14,6 +14,7 @@ from pycocoevalcap.cider.cider import Cider
 from safetensors.torch import load_file
 
 from captioner import checkpoint
+from captioner.beam import BeamConfig, beam_search, n_best
 from captioner.model import Decoder
 from tests.helpers import TINY_WORDS, make_checkpoint, tiny_config
 from tests.test_train_support import make_flickr, tiny_fit_args
@@ -22,7 +23,14 @@ from train import metrics
 from train.__main__ import main
 from train.cider import CiderD
 from train.loop import Example
-from train.scst import SelfCritical, caption_words, sample_captions, self_critical_loss, special_ids
+from train.scst import (
+    SelfCritical,
+    beam_candidates,
+    caption_words,
+    sample_captions,
+    self_critical_loss,
+    special_ids,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -129,6 +137,57 @@ def test_the_loss_moves_probability_toward_the_better_sample(tiny_checkpoint: Pa
     assert all(p.grad is None or float(p.grad.abs().max()) == 0 for p in decoder.parameters())
 
 
+def test_beam_candidates_are_the_final_beams_best_first_scored_with_gradients(tiny_checkpoint: Path) -> None:
+    model = checkpoint.load(tiny_checkpoint)
+    decoder, special = model.decoder, special_ids(model.vocab)
+    torch.manual_seed(2)
+    features = torch.randn(3, 4, decoder.encoder_dim)
+    beam = BeamConfig(beam_size=4, max_len=7, length_penalty=1.0, block_ngram=3)
+    with torch.no_grad():
+        found = n_best(decoder, features, beam, special)
+        best = beam_search(decoder, features, beam, special)
+    assert [beams[0].tokens for beams in found] == [h.tokens for h in best]  # the served caption leads
+    assert all(len(beams) == 4 and len({tuple(h.tokens) for h in beams}) == 4 for beams in found)
+    assert all([h.score for h in beams] == sorted((h.score for h in beams), reverse=True) for beams in found)
+
+    candidates = beam_candidates(decoder, features, beam, special)
+    assert candidates.log_probs.requires_grad
+    words = caption_words(candidates.tokens, model.vocab)
+    assert words == [[model.vocab.words[t] for t in h.tokens] for beams in found for h in beams]
+    # Scored again, each candidate's log-probability is at least the one the search summed: scoring
+    # renormalises over the words that may be said, the search only masks the others out.
+    rescored = (candidates.log_probs * candidates.mask).sum(1).detach()
+    searched = torch.tensor([h.log_prob for beams in found for h in beams])
+    assert (rescored >= searched - 1e-4).all() and (rescored < 0).all()
+
+
+def test_self_critical_steps_on_beam_candidates_raise_the_served_captions_reward(tiny_checkpoint: Path) -> None:
+    """Rewarding the beams (not samples) ranks them by CIDEr-D: the best beam's reward rises."""
+    model = checkpoint.load(tiny_checkpoint)
+    captions = ["a dog runs on the grass", "a man in a red shirt", "two cat in the water", "the man is on the grass"]
+    cider = CiderD({f"i{k}": [c.split()] * 5 for k, c in enumerate(captions)})
+    beam = BeamConfig(beam_size=4, max_len=8, length_penalty=1.0)
+    objective = SelfCritical(cider, model.vocab, samples=4, max_len=8, sampling="beam", beam=beam)
+    torch.manual_seed(0)
+    features = torch.randn(4, 4, model.decoder.encoder_dim)
+    ids = [f"i{k}" for k in range(4)]
+
+    def served_reward() -> float:
+        with torch.no_grad():
+            hyps = beam_search(model.decoder, features, beam, special_ids(model.vocab))
+        return float(cider.score(ids, [[model.vocab.words[t] for t in h.tokens] for h in hyps]).mean())
+
+    before = served_reward()
+    optimizer = torch.optim.Adam(model.decoder.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss, _ = objective(model.decoder, features, [Example(i, []) for i in ids])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = served_reward()
+    assert after > before + 1.0, (before, after)
+
+
 def test_the_loss_needs_two_samples() -> None:
     with pytest.raises(ValueError, match="at least 2"):
         self_critical_loss(torch.zeros(3, 2), torch.ones(3, 2), torch.zeros(3, 1))
@@ -140,10 +199,11 @@ def scst_options(init: Path, **extra: Any) -> dict[str, Any]:
     return {**options, **extra}
 
 
-def test_scst_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("sampling", ["multinomial", "beam"])
+def test_scst_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sampling: str) -> None:
     flickr = f"flickr:{make_flickr(tmp_path / 'data', n_train=4, n_val=2)}"
     init = make_checkpoint(tmp_path / "init", config=tiny_config(dropout=0.3))
-    options = scst_options(init)
+    options = scst_options(init, scst_sampling=sampling)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     main(tiny_fit_args(flickr, straight, tmp_path / "cache", **options))
 

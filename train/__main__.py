@@ -59,6 +59,9 @@ FIT_HELP: dict[str, str] = {
     "scst_max_len": "maximum length of a sampled caption under --scst",
     "scst_baseline": "under --scst, each sample's baseline: mean (of the image's other samples) or greedy "
                      "(the reward of the image's greedy caption)",
+    "scst_sampling": "under --scst, where the rewarded captions come from: multinomial (drawn word by word, "
+                     "Rennie et al.) or beam (the final beams of a beam search with the --val-* length "
+                     "penalty and n-gram blocking, --scst-samples wide: what serving ranks)",
     "resume": "continue the run in --out exactly where it stopped (weights, optimizer, schedule, RNG)",
     "progress": "log progress",
 }

@@ -34,7 +34,7 @@ from .data import CaptionDataset, ImageRecord, load_dataset
 from .features import FeatureSource, feature_source
 from .loop import Example, LoopConfig, Objective, bucketed_batches, build_examples, train_epoch
 from .scoring import SplitResult, score_records
-from .scst import BASELINES, SelfCritical, image_examples, reference_cider
+from .scst import BASELINES, SAMPLING, SelfCritical, image_examples, reference_cider
 from .state import load_trainer_state, save_trainer_state
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class TrainConfig(LoopConfig):
     scst_samples: int = 5
     scst_max_len: int = 20
     scst_baseline: str = "mean"
+    scst_sampling: str = "multinomial"
     model: dict[str, Any] = field(default_factory=dict)
 
     def model_config(self) -> ModelConfig:
@@ -275,6 +276,8 @@ def _objective(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageR
         return build_examples(train_records, model.vocab, cfg.max_caption_len), None
     if cfg.scst_baseline not in BASELINES:
         raise ValueError(f"--scst-baseline must be one of {', '.join(BASELINES)}")
+    if cfg.scst_sampling not in SAMPLING:
+        raise ValueError(f"--scst-sampling must be one of {', '.join(SAMPLING)}")
     if cfg.scst_samples < 2 and cfg.scst_baseline == "mean":
         raise ValueError("--scst-samples must be at least 2 (each sample's baseline is the others' mean)")
     if world > 1:
@@ -284,8 +287,11 @@ def _objective(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageR
     if model.config.fine_tune_blocks > 0:
         raise ValueError("--scst trains the decoder on cached features: use a checkpoint with a frozen encoder")
     cider = reference_cider(train_records)
-    return image_examples(train_records), SelfCritical(cider, model.vocab, cfg.scst_samples, cfg.scst_max_len,
-                                                               cfg.scst_baseline)
+    # Beam candidates are found with the validation decoding settings: those the model is selected
+    # by, and shipped with.
+    objective = SelfCritical(cider, model.vocab, cfg.scst_samples, cfg.scst_max_len, cfg.scst_baseline,
+                             cfg.scst_sampling, cfg.val_beam_config())
+    return image_examples(train_records), objective
 
 
 def _train_key(objective: Objective | None) -> str:

@@ -11,12 +11,12 @@ others', optimising the metric people judge captions by rather than the next wor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
-from captioner.beam import SpecialIds
+from captioner.beam import BeamConfig, SpecialIds, n_best
 from captioner.model import Decoder
 from captioner.vocab import Vocabulary, tokenize
 
@@ -78,6 +78,24 @@ def sample_captions(decoder: Decoder, features: Tensor, samples: int, max_len: i
     return Samples(torch.stack(words, 1), torch.stack(log_probs, 1), torch.stack(masks, 1))
 
 
+def beam_candidates(decoder: Decoder, features: Tensor, beam: BeamConfig, special: SpecialIds) -> Samples:
+    """The ``beam.beam_size`` final beams of each image of ``features`` as rows (image-major),
+    scored again with gradients: the candidates beam search chooses among when serving."""
+    with torch.no_grad():
+        found = n_best(decoder, features, beam, special)
+    rows = []
+    for beams in found:
+        best = beams[0]
+        for hyp in beams:  # a beam that never came alive (score -inf) stands in as the best one
+            hyp = hyp if hyp.score > float("-inf") else best
+            rows.append(hyp.tokens + ([special.end] if hyp.finished else []))
+    width = max(len(row) for row in rows)
+    given = torch.full((len(rows), width), special.pad, dtype=torch.long, device=features.device)
+    for i, row in enumerate(rows):
+        given[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return sample_captions(decoder, features, beam.beam_size, width, special, given=given)
+
+
 def caption_words(tokens: Tensor, vocab: Vocabulary) -> list[list[str]]:
     """The words of each sampled row, up to its <end>."""
     out = []
@@ -104,6 +122,11 @@ def self_critical_loss(log_probs: Tensor, mask: Tensor, rewards: Tensor, baselin
 
 
 BASELINES = ("mean", "greedy")
+# Where the captions that are rewarded come from: drawn word by word from the model (Rennie et al.;
+# unbiased) or the final beams of a beam search with the serving settings (they are what decoding
+# ranks, so rewarding them teaches the model to rank them by CIDEr; biased toward what the model
+# already prefers, with no exploration beyond the beam).
+SAMPLING = ("multinomial", "beam")
 
 
 @dataclass
@@ -115,6 +138,8 @@ class SelfCritical:
     samples: int = 5
     max_len: int = 20
     baseline: str = "mean"  # "mean" of the other samples, or the "greedy" caption's reward
+    sampling: str = "multinomial"  # or "beam" (see SAMPLING)
+    beam: BeamConfig | None = None  # length penalty and n-gram blocking of the "beam" candidates
     name: str = "reward"
 
     def __call__(self, decoder: nn.Module, features: Tensor, batch: Sequence[Example]) -> tuple[Tensor, Tensor]:
@@ -122,6 +147,8 @@ class SelfCritical:
             raise TypeError("self-critical training runs the plain decoder (not under torchrun)")
         if self.baseline not in BASELINES:
             raise ValueError(f"the self-critical baseline is one of {BASELINES}, not {self.baseline!r}")
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"self-critical sampling is one of {SAMPLING}, not {self.sampling!r}")
         special = special_ids(self.vocab)
         was_training = decoder.training
         # Dropout off: the policy improved is the one that serves captions. With the decoder's
@@ -129,7 +156,11 @@ class SelfCritical:
         # lowered the greedy captions' own training reward (0.633 -> 0.558 on 300 images).
         decoder.eval()
         try:
-            drawn = sample_captions(decoder, features, self.samples, self.max_len, special)
+            if self.sampling == "beam":
+                beam = replace(self.beam or BeamConfig(), beam_size=self.samples, max_len=self.max_len)
+                drawn = beam_candidates(decoder, features, beam, special)
+            else:
+                drawn = sample_captions(decoder, features, self.samples, self.max_len, special)
             greedy = None
             if self.baseline == "greedy":
                 with torch.no_grad():
