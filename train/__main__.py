@@ -11,7 +11,7 @@ from captioner.model import ModelConfig
 
 # finetune imports storage (SQLAlchemy, Alembic) at once: before logging is set up, so that their
 # INFO lines at import time stay out of every command's output.
-from . import evaluate, finetune, review
+from . import evaluate, finetune, review, ship
 from .cli import DEVICE_HELP, VAL_LIMIT_HELP, HelpFormatter, add_dataclass_options, config_from_args
 from .fit import TrainConfig, fit
 
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(sub, HelpFormatter)
     finetune.add_parser(sub, HelpFormatter)
     review.add_parsers(sub, HelpFormatter)
+    ship.add_parser(sub, HelpFormatter)
     return parser
 
 

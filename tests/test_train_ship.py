@@ -1,0 +1,58 @@
+"""``python -m train ship``: float16 weights, the shipping metadata, stale scores dropped, a whole swap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner import checkpoint
+from captioner.inference import beam_config_from_meta
+from tests.helpers import make_checkpoint
+from train.__main__ import main
+
+
+def ship_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["ship", "--model", str(model), "--out", str(out), "--version", "tiny-v2", "--training",
+            "python -m train fit ... --scst", "--beam", "5", "--length-penalty", "1.0", "--block-ngram", "3", *extra]
+
+
+def test_ship_writes_a_half_precision_model_with_its_provenance_and_no_stale_scores(tmp_path: Path) -> None:
+    run = make_checkpoint(tmp_path / "run" / "best", version="run-best")
+    checkpoint.update_meta(run, "metrics", {"CIDEr": 0.9})  # measured on the float32 weights: not carried
+    checkpoint.update_meta(run, "trained_on", "flickr:data")
+    history = tmp_path / "run" / "history.json"
+    history.write_text(json.dumps({"epochs": [{"epoch": 0}]}))
+    out = tmp_path / "models" / "default"
+    old = make_checkpoint(out, version="old-v1", seed=1)
+    assert old == out
+
+    assert main(ship_args(run, out, "--history", str(history))) == 0
+
+    document = checkpoint.read_document(out)
+    meta = document["meta"]
+    assert document["dtype"] == "float16"
+    assert meta["version"] == "tiny-v2" and meta["trained_on"] == "flickr:data"
+    assert meta["training"].endswith("--scst") and meta["histories"] == ["history.json"]
+    assert "metrics" not in meta and "confidence" not in meta
+    assert beam_config_from_meta(meta) == beam_config_from_meta(
+        {"decoding": {"beam_size": 5, "max_len": 20, "length_penalty": 1.0, "block_ngram": 3}})
+    assert json.loads((out / "history.json").read_text()) == {"epochs": [{"epoch": 0}]}
+    # The weights are the run's, rounded to float16; nothing of the old model or the staging is left.
+    shipped, original = checkpoint.load(out), checkpoint.load(run)
+    for (name, a), (_, b) in zip(shipped.decoder.state_dict().items(), original.decoder.state_dict().items(),
+                                 strict=True):
+        assert torch.allclose(a, b.half().float()), name
+    assert sorted(p.name for p in out.parent.iterdir()) == ["default"]
+
+
+def test_ship_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
+    run = make_checkpoint(tmp_path / "best")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="not a checkpoint"):
+        main(ship_args(run, precious))
+    assert (precious / "notes.txt").read_text() == "keep me"
