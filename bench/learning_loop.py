@@ -9,7 +9,8 @@
    concept word, before and after; and overall validation CIDEr before and after.
 4. Show the gate rejecting a bad fine-tune: the same photos "corrected" with random captions.
 
-Run: python bench/learning_loop.py [--base-epochs 3] [--photos 100]
+Run: python bench/learning_loop.py [--base-epochs 3] [--base-scst-epochs 1] [--photos 100]
+(--base-scst-epochs: refine the base with self-critical training first, as the shipped model is.)
 Writes bench/results/learning_loop.json.
 """
 
@@ -112,6 +113,18 @@ def concept_recall(model_path: str, records: list[ImageRecord], cache_root: Path
     return hits / max(1, len(hyps)), hyps
 
 
+def refine_with_scst(spec: str, base_path: str, out: Path, args: argparse.Namespace) -> str:
+    """The base after ``--base-scst-epochs`` of self-critical training, with the shipped model's
+    recipe (beam candidates, 50 photos a step, lr 5e-5): fine-tuning must work from such a model."""
+    if not (out / "best" / "model.json").exists():
+        fit(TrainConfig(data=spec, out=str(out), cache=str(args.cache), epochs=args.base_scst_epochs,
+                        init_from=base_path, scst=True, scst_sampling="beam", scst_samples=5, batch_size=50,
+                        lr=5e-5, warmup_steps=20, val_beam=5, val_length_penalty=1.0, val_block_ngram=3,
+                        patience=args.base_scst_epochs, val_limit=500, progress=True, threads=args.threads,
+                        checkpoint_minutes=10.0, resume=True))
+    return str(out / "best")
+
+
 def parse_and_start(parser: argparse.ArgumentParser, out: Path) -> tuple[argparse.Namespace, Run]:
     """Add --threads and --out, parse, start the run's report, set up logging and torch threads."""
     parser.add_argument("--threads", type=int, default=0)
@@ -131,6 +144,9 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=100, help="corrected photos")
     parser.add_argument("--base-epochs", type=int, default=3)
     parser.add_argument("--base-dim", type=int, default=256, help="decoder size of the base model")
+    parser.add_argument("--base-scst-epochs", type=int, default=0,
+                        help="then refine the base with self-critical training on beam candidates, as the "
+                             "shipped model is, and run the loop from that")
     parser.add_argument("--ft-epochs", type=int, default=20)
     parser.add_argument("--ft-lr", type=float, default=2e-4)
     parser.add_argument("--replay-ratio", type=float, default=4.0)
@@ -153,6 +169,8 @@ def main() -> None:
                         model=dims, progress=True, threads=args.threads, patience=args.base_epochs,
                         val_limit=500))
     base_path = str(base_dir / "best")
+    if args.base_scst_epochs:
+        base_path = refine_with_scst(spec, base_path, args.work / "base-scst", args)
     base = checkpoint.load(base_path)
     leaked = sorted(w for w in CONCEPT if w in base.vocab)
     assert not leaked, f"base vocabulary must lack the concept, has {leaked}"
@@ -196,7 +214,7 @@ def main() -> None:
         "concept_words": sorted(CONCEPT), "held_back_train_photos": len(concept_train),
         "concept_val_photos": len(concept_val), "corrected_photos": len(photos),
         "base": {"checkpoint": relative(base_path), "epochs": args.base_epochs, "dim": args.base_dim,
-                 "vocabulary": len(base.vocab)},
+                 "scst_epochs": args.base_scst_epochs, "vocabulary": len(base.vocab)},
         "results": results,
     }
     write_result(args.out, document)

@@ -147,13 +147,18 @@ def test_raw_images_then_fine_tuning_the_top_encoder_block(tmp_path: Path, flick
 
     # Stage 2: start from the cached run's model, unfreeze the top block, train from raw images.
     tuned = tmp_path / "tuned"
+    # The parent's own facts, measured on its weights, must not pass to the child.
+    checkpoint.update_meta(cached / "best", "confidence", {"min_score": -1.0})
+    checkpoint.update_meta(cached / "best", "training", "the parent's command")
     main(tiny_fit_args(flickr, tuned, tmp_path / "cache", epochs=2, progress=False, init_from=cached / "best",
                        fine_tune_blocks=1, lr=1e-3, encoder_lr=1e-2, embed_dim=99))
     assert sorted((tmp_path / "cache").iterdir()) == cache_folders  # the cache was not used
     before, after = checkpoint.load(cached / "best"), checkpoint.load(tuned / "last")
     assert after.config.fine_tune_blocks == 1 and after.config.embed_dim == before.config.embed_dim
     assert checkpoint.read_document(tuned / "last")["stores_encoder"]
-    assert checkpoint.read_document(tuned / "last")["meta"]["parent"] == str(cached / "best")
+    child_meta = checkpoint.read_document(tuned / "last")["meta"]
+    assert child_meta["parent"] == str(cached / "best")
+    assert "confidence" not in child_meta and "training" not in child_meta
     assert after.vocab.words == before.vocab.words
     old, new = before.encoder.backbone.state_dict(), after.encoder.backbone.state_dict()
     top = "stages.3."

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 VALIDATION_METRICS = tuple(k for k in metrics.METRIC_KEYS if k != "METEOR")
 
 
+INHERITED_FACTS = ("created", "training", "metrics", "confidence", "histories")
+
+
 @dataclass
 class TrainConfig(LoopConfig):
     """``python -m train fit``: the shared loop settings plus data, vocabulary, model selection, stages."""
@@ -172,8 +175,12 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.val_limit:
         val_records = val_records[: cfg.val_limit]
     model = prepare_model(cfg, dataset)
+    # With --init-from the parent's own facts (when it was made, how, its scores and its confidence
+    # rule, both measured on its weights) do not describe this run's weights.
+    for inherited in INHERITED_FACTS:
+        model.meta.pop(inherited, None)
     model.meta.update({"trained_on": dataset.name, "train_split": cfg.train_split,
-                       "parent": cfg.init_from or None})
+                       "parent": cfg.init_from or None, "created": datetime.now(UTC).isoformat(timespec="seconds")})
     model.to(device)
     if model.config.fine_tune_blocks > 0:
         cfg.raw_images = True
