@@ -109,6 +109,22 @@ def test_finetune_learns_new_words_and_is_promoted(loop_setup: tuple[Path, str, 
     assert untrained == report["corrections_heldout_photos"] * 1
 
 
+def test_a_self_critically_trained_base_is_fine_tuned_with_self_critical_epochs_at_the_end(
+        loop_setup: tuple[Path, str, Path], tmp_path: Path) -> None:
+    base, url, data_dir = loop_setup
+    checkpoint.update_meta(base, "scst", {"sampling": "beam", "samples": 5, "baseline": "mean"})
+    before = checkpoint.load(base)
+    report = finetune(_config(tmp_path, base, url, data_dir, name="cand-scst", epochs=2, margin=1.0,
+                              scst_lr=1e-3))
+    assert len(report["scst_rewards"]) == 3  # the default for such a base
+    candidate = checkpoint.load(report["checkpoint"])
+    assert candidate.meta["scst"] == before.meta["scst"]  # its own fine-tunes end the same way
+    # Told not to, it does not; a base without the mark gets none unless asked.
+    report = finetune(_config(tmp_path, base, url, data_dir, name="cand-no-scst", epochs=2, margin=1.0,
+                              scst_epochs=0, all_corrections=True, register=False))
+    assert report["scst_rewards"] == []
+
+
 @pytest.mark.slow
 def test_a_candidate_that_learned_nothing_is_rejected(loop_setup: tuple[Path, str, Path], tmp_path: Path) -> None:
     base, url, data_dir = loop_setup

@@ -24,7 +24,9 @@ def test_ship_writes_a_half_precision_model_with_its_provenance_and_no_stale_sco
     checkpoint.update_meta(run, "metrics", {"CIDEr": 0.9})  # measured on the float32 weights: not carried
     checkpoint.update_meta(run, "trained_on", "flickr:data")
     history = tmp_path / "run" / "history.json"
-    history.write_text(json.dumps({"epochs": [{"epoch": 0}]}))
+    recorded = {"epochs": [{"epoch": 0}], "config": {"scst": True, "scst_sampling": "beam", "scst_samples": 5,
+                                                       "scst_baseline": "mean"}}
+    history.write_text(json.dumps(recorded))
     out = tmp_path / "models" / "default"
     old = make_checkpoint(out, version="old-v1", seed=1)
     assert old == out
@@ -39,7 +41,9 @@ def test_ship_writes_a_half_precision_model_with_its_provenance_and_no_stale_sco
     assert "metrics" not in meta and "confidence" not in meta
     assert beam_config_from_meta(meta) == beam_config_from_meta(
         {"decoding": {"beam_size": 5, "max_len": 20, "length_penalty": 1.0, "block_ngram": 3}})
-    assert json.loads((out / "history.json").read_text()) == {"epochs": [{"epoch": 0}]}
+    assert json.loads((out / "history.json").read_text()) == recorded
+    # Trained self-critically (its history says so): its fine-tunes end with self-critical epochs.
+    assert meta["scst"] == {"sampling": "beam", "samples": 5, "baseline": "mean"}
     # The weights are the run's, rounded to float16; nothing of the old model or the staging is left.
     shipped, original = checkpoint.load(out), checkpoint.load(run)
     for (name, a), (_, b) in zip(shipped.decoder.state_dict().items(), original.decoder.state_dict().items(),

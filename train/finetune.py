@@ -61,7 +61,7 @@ from .features import FeatureSource, drop_cached_under, feature_source
 from .gate import HELDOUT_METRIC, corrections_metric, gate, paired_bootstrap_lower_bound
 from .loop import Example, LoopConfig, bucketed_batches, build_examples, train_epoch
 from .scoring import score_records
-from .scst import reference_cider
+from .scst import SelfCritical, image_examples, reference_cider
 from .trust import CorrectionRow, CorrectionSet, grow_vocabulary, split_corrections, word_uses
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,11 @@ EXIT_PROMOTED, EXIT_ERROR, EXIT_REJECTED, EXIT_AWAITING_REVIEW = 0, 1, 3, 4
 PROMOTION_MODES = ("review", "auto")
 # What the gate looks at (METEOR would start a Java process for a handful of photos).
 GATE_METRICS = ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr")
+# The self-critical epochs that end a fine-tune from a self-critically trained base: as many, as
+# wide and as large batches as the recipe the shipped model was trained with (README).
+SCST_POLISH_EPOCHS = 3
+SCST_POLISH_BEAMS = 5
+SCST_POLISH_BATCH = 50
 
 
 class FinetuneError(RuntimeError):
@@ -113,6 +118,12 @@ class FinetuneConfig(LoopConfig):
     min_gain: float = 0.05
     # With fewer held-out photos than this, the significance test is skipped (too few to resample).
     min_photos_for_test: int = 5
+    # A base trained with self-critical training (meta "scst") loses what that training gave when
+    # fine-tuned with cross-entropy alone, so the fine-tune ends with this many epochs of it, on
+    # the corrections (rewarded against the corrections) and a replay sample. None: 3 for such a
+    # base, else 0.
+    scst_epochs: int | None = None
+    scst_lr: float = 5e-5
     name: str | None = None
     register: bool = True
     save_dtype: str = "float16"
@@ -235,6 +246,40 @@ def train_candidate(cfg: FinetuneConfig, model: CaptionModel, source: FeatureSou
     return losses
 
 
+def self_critical_polish(cfg: FinetuneConfig, model: CaptionModel, source: FeatureSource,
+                         corrections: list[ImageRecord], replay: list[ImageRecord], epochs: int) -> list[float]:
+    """Self-critical epochs on beam candidates after the cross-entropy phases, as the base was
+    trained: each epoch takes every corrected photo and a replay sample of ``replay_ratio`` times
+    as many training photos; a corrected photo's candidates are rewarded against its corrections,
+    a replay photo's against its references (CIDEr-D over both, document frequencies included)."""
+    if not epochs or not corrections:
+        return []
+    rng = np.random.default_rng(cfg.seed + 1)
+    references = {r.image_id: r for r in replay}
+    references.update({r.image_id: r for r in corrections})  # a corrected training photo: what people said
+    cider = reference_cider(list(references.values()))
+    beam = replace(default_beam_config(model), beam_size=SCST_POLISH_BEAMS)
+    objective = SelfCritical(cider, model.vocab, samples=beam.beam_size, max_len=beam.max_len,
+                             sampling="beam", beam=beam)
+    optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=cfg.scst_lr)
+    correction_ids = [r.image_id for r in corrections]
+    replay_ids = [i for i in references if i not in set(correction_ids)]
+    n_replay = min(len(replay_ids), round(cfg.replay_ratio * len(corrections)))
+    rewards = []
+    for epoch in range(epochs):
+        picked = [replay_ids[i] for i in rng.choice(len(replay_ids), n_replay, replace=False)] if n_replay else []
+        examples = image_examples([references[i] for i in [*correction_ids, *picked]])
+        batches = [b.tolist() for b in np.array_split(rng.permutation(len(examples)),
+                                                   max(1, -(-len(examples) // SCST_POLISH_BATCH)))]
+        reward, _ = train_epoch(cfg, model, optimizer, source, examples, batches, step=0, total_steps=0,
+                                objective=objective)
+        rewards.append(reward)
+        log.info("fine-tune (self-critical) epoch %d: %d corrected + %d replay photos, reward %.4f", epoch,
+                 len(correction_ids), len(picked), reward)
+    model.decoder.eval()
+    return rewards
+
+
 def _epochs(cfg: FinetuneConfig, model: CaptionModel, source: FeatureSource, corrections: list[Example],
             replay: list[Example], optimizer: torch.optim.Optimizer, rng: np.random.Generator, epochs: int,
             phase: str) -> list[float]:
@@ -351,6 +396,8 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
     correction_examples = build_examples(corrections.train, candidate.vocab, cfg.max_caption_len)
     replay_examples = build_examples(replay_records, candidate.vocab, cfg.max_caption_len)
     losses = train_candidate(cfg, candidate, source, correction_examples, replay_examples, len(base.vocab))
+    polish_epochs = scst_polish_epochs(cfg, base)
+    rewards = self_critical_polish(cfg, candidate, source, corrections.train, replay_records, polish_epochs)
     after, candidate_photos = _judge(candidate, source, corrections.heldout, val_records, beam, corpus)
     # The per-photo gain is tested on the metric the gate decides by.
     key = corrections_metric(before["corrections"], after["corrections"])
@@ -372,7 +419,7 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
         "checkpoint": str(out.resolve()), "passed_gate": decision.promote,
         "status": status.value, "reason": decision.reason, "base": before, "candidate": after,
         "new_words": new_words, "gate_metric": key,
-        "heldout_gain_lower_bound": lower_bound, "train_losses": losses,
+        "heldout_gain_lower_bound": lower_bound, "train_losses": losses, "scst_rewards": rewards,
         "corrections_train_photos": len(corrections.train),
         "corrections_heldout_photos": len(corrections.heldout), "replay_ratio": cfg.replay_ratio,
         "corrections_left_for_later": corrections.left_for_later,
@@ -380,6 +427,13 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
     }
     atomic_write_text(out / "finetune_report.json", json.dumps(report, indent=1, default=str) + "\n")
     return report
+
+
+def scst_polish_epochs(cfg: FinetuneConfig, base: CaptionModel) -> int:
+    """--scst-epochs, else 3 when the base was trained self-critically (its meta says so), else 0."""
+    if cfg.scst_epochs is not None:
+        return cfg.scst_epochs
+    return SCST_POLISH_EPOCHS if base.meta.get("scst") else 0
 
 
 def promotion_status(passed_gate: bool, adds_words: bool, promotion: str) -> ModelStatus:
@@ -463,6 +517,9 @@ FINETUNE_HELP = {
     "device": DEVICE_HELP,
     "cache": "encoder feature cache folder",
     "register": "register the candidate in the database (--no-register: do not)",
+    "scst_epochs": "self-critical epochs after the cross-entropy ones (default: 3 if the base was trained "
+                   "self-critically, else 0)",
+    "scst_lr": "learning rate of the self-critical epochs",
 }
 NOT_OPTIONS = {"min_lr_ratio", "warmup_steps", "grad_clip", "alpha_c", "label_smoothing", "max_caption_len",
                "max_steps", "progress", "min_photos_for_test", "save_dtype"}

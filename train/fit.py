@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 VALIDATION_METRICS = tuple(k for k in metrics.METRIC_KEYS if k != "METEOR")
 
 
-INHERITED_FACTS = ("created", "training", "metrics", "confidence", "histories")
+INHERITED_FACTS = ("created", "training", "metrics", "confidence", "histories", "scst")
 
 
 @dataclass
@@ -181,6 +181,9 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
         model.meta.pop(inherited, None)
     model.meta.update({"trained_on": dataset.name, "train_split": cfg.train_split,
                        "parent": cfg.init_from or None, "created": datetime.now(UTC).isoformat(timespec="seconds")})
+    if cfg.scst:  # a fine-tune from this model ends the same way (train.finetune.scst_polish_epochs)
+        model.meta["scst"] = {"sampling": cfg.scst_sampling, "samples": cfg.scst_samples,
+                              "baseline": cfg.scst_baseline}
     model.to(device)
     if model.config.fine_tune_blocks > 0:
         cfg.raw_images = True

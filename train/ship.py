@@ -41,6 +41,17 @@ def shipped_meta(meta: dict[str, Any], version: str, training: str, decoding: Be
             "histories": histories, "created": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
+def self_critical_fact(histories: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """meta["scst"] from the training stages' recorded configs: a model trained self-critically is
+    fine-tuned with self-critical epochs at the end (train.finetune.scst_polish_epochs)."""
+    for history in histories:
+        config = history.get("config", {})
+        if config.get("scst"):
+            return {"sampling": config.get("scst_sampling", "multinomial"), "samples": config.get("scst_samples"),
+                    "baseline": config.get("scst_baseline", "mean")}
+    return None
+
+
 def ship(model_path: str, out: Path, version: str, training: str, decoding: BeamConfig,
          histories: list[Path]) -> Path:
     """Write the float16 model into ``out`` (replaced whole) with its histories; returns ``out``."""
@@ -48,12 +59,15 @@ def ship(model_path: str, out: Path, version: str, training: str, decoding: Beam
         raise SystemExit(f"{out} exists and is not a checkpoint folder: refusing to replace it")
     model = checkpoint.load(model_path, "cpu")
     names = [f"history_{i}.json" if len(histories) > 1 else "history.json" for i in range(len(histories))]
+    stages = [json.loads(path.read_text()) for path in histories]  # not JSON: fails here, before the swap
     model.meta = shipped_meta(model.meta, version, training, decoding, names)
+    scst = model.meta.get("scst") or self_critical_fact(stages)
+    if scst:
+        model.meta["scst"] = scst
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     checkpoint.save(model, staging, dtype=torch.float16)
     for source, name in zip(histories, names, strict=True):
-        json.loads(source.read_text())  # a history that is not JSON fails here, before the swap
         shutil.copyfile(source, staging / name)
     staging.chmod(0o755)
     retired = out.with_name(f".{out.name}.old")
