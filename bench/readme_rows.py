@@ -71,7 +71,23 @@ def bot_burst() -> str:
             + (f" (load average {load[0]:.1f} at the start)" if load else ""))
 
 
-ROWS = {"worker": worker, "scale": scale, "bot_burst": bot_burst}
+def encoders() -> str:
+    """The README's encoder table (markdown), from bench/results/encoders.json."""
+    d = _load("encoders")
+    lines = ["| encoder | val CIDEr by epoch (fit's beam 3) | BLEU-4 | METEOR | CIDEr | training (s) "
+             "| CPU latency, one photo (p50) |",  # training: wall clock, on a machine shared with other runs
+             "|---|---|---|---|---|---|---|"]
+    for row in d["results"]:
+        val, training = row["val"], row["training"]
+        epochs = " / ".join(f"{c:.3f}" for c in training["val_cider_by_epoch"])
+        meteor = val.get("METEOR", float("nan"))
+        lines.append(f"| {training['encoder']} | {epochs} | {val['Bleu_4']:.3f} | {meteor:.3f} "
+                     f"| {val['CIDEr']:.3f} | {training['train_seconds']:,.0f} | {row['latency_ms_p50']:.0f} ms "
+                     f"({row['latency_ratio_to_baseline']:.2f}x) |")
+    return "\n".join(lines)
+
+
+ROWS = {"worker": worker, "scale": scale, "bot_burst": bot_burst, "encoders": encoders}
 
 if __name__ == "__main__":
     print(ROWS[sys.argv[1]]())
