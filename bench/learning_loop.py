@@ -150,6 +150,8 @@ def main() -> None:
     parser.add_argument("--ft-epochs", type=int, default=20)
     parser.add_argument("--ft-lr", type=float, default=2e-4)
     parser.add_argument("--replay-ratio", type=float, default=4.0)
+    parser.add_argument("--ft-scst-epochs", type=int, default=None,
+                        help="self-critical epochs ending each fine-tune (default: the fine-tune's own rule)")
     args, run = parse_and_start(parser, RESULTS / "learning_loop.json")
     if not (FLICKR8K / "captions.txt").is_file():
         sys.exit(f"needs the Flickr8k data at {FLICKR8K}")
@@ -192,6 +194,7 @@ def main() -> None:
         report = finetune(FinetuneConfig(base=base_path, db=url, data_dir=str(args.work / f"{label}-data"),
                                          out=str(args.work / "candidates"), cache=str(args.cache), device="cpu",
                                          epochs=args.ft_epochs, lr=args.ft_lr, replay_ratio=args.replay_ratio,
+                                         scst_epochs=args.ft_scst_epochs,
                                          name=f"loop-{label}"))
         recall_after, samples = concept_recall(report["checkpoint"], concept_val, args.cache)
         results[label] = {
@@ -202,6 +205,7 @@ def main() -> None:
             "val_cider_after": round(report["candidate"]["validation"]["CIDEr"], 4),
             "heldout_corrections_before": report["base"]["corrections"],
             "heldout_corrections_after": report["candidate"]["corrections"],
+            "scst_rewards": report["scst_rewards"],
             "examples": dict(list(samples.items())[:5]), "seconds": report["seconds"],
         }
         vb, va = report["base"]["validation"]["CIDEr"], report["candidate"]["validation"]["CIDEr"]

@@ -87,7 +87,33 @@ def encoders() -> str:
     return "\n".join(lines)
 
 
-ROWS = {"worker": worker, "scale": scale, "bot_burst": bot_burst, "encoders": encoders}
+SCST_RUNS = ("flickr8k-scst", "scst-greedy", "scst-b50", "scst-lr5", "scst-beam")
+
+
+def scst() -> str:
+    """The README's table of self-critical runs (markdown), from their committed histories in
+    bench/results/training/ (each a ``fit`` run's history.json, paths made relative)."""
+    lines = ["| run | rewarded captions | baseline | dropout while sampling | photos a step | lr | warm-up "
+             "| validation decoding (beam, length penalty, blocking) | val CIDEr by epoch | train reward by epoch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in SCST_RUNS:
+        path = RESULTS / "training" / f"{name}.json"
+        if not path.is_file():
+            continue
+        history = json.loads(path.read_text())
+        c, epochs = history["config"], history["epochs"]
+        # Runs before the dropout change (and its scst_baseline option) sampled with dropout on.
+        dropout = "on" if "scst_baseline" not in c else "off"
+        cider = " / ".join(f"{e['val']['CIDEr']:.3f}" for e in epochs)
+        reward = " / ".join(f"{e['train_reward']:.3f}" for e in epochs)
+        lines.append(f"| `{name}` | {c.get('scst_sampling', 'multinomial')} x{c['scst_samples']} "
+                     f"| {c.get('scst_baseline', 'mean')} | {dropout} | {c['batch_size']} | {c['lr']:g} "
+                     f"| {c['warmup_steps']} | {c['val_beam']}, {c['val_length_penalty']:g}, {c['val_block_ngram']} "
+                     f"| {cider} | {reward} |")
+    return "\n".join(lines)
+
+
+ROWS = {"worker": worker, "scale": scale, "bot_burst": bot_burst, "encoders": encoders, "scst": scst}
 
 if __name__ == "__main__":
     print(ROWS[sys.argv[1]]())

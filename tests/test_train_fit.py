@@ -157,7 +157,7 @@ def test_raw_images_then_fine_tuning_the_top_encoder_block(tmp_path: Path, flick
     assert after.config.fine_tune_blocks == 1 and after.config.embed_dim == before.config.embed_dim
     assert checkpoint.read_document(tuned / "last")["stores_encoder"]
     child_meta = checkpoint.read_document(tuned / "last")["meta"]
-    assert child_meta["parent"] == str(cached / "best")
+    assert child_meta["parent"] == checkpoint.read_document(cached / "best")["meta"]["version"]
     assert "confidence" not in child_meta and "training" not in child_meta
     assert after.vocab.words == before.vocab.words
     old, new = before.encoder.backbone.state_dict(), after.encoder.backbone.state_dict()

@@ -175,12 +175,13 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.val_limit:
         val_records = val_records[: cfg.val_limit]
     model = prepare_model(cfg, dataset)
+    parent = model.meta.get("version") if cfg.init_from else None  # lineage by version, as finetune records it
     # With --init-from the parent's own facts (when it was made, how, its scores and its confidence
     # rule, both measured on its weights) do not describe this run's weights.
     for inherited in INHERITED_FACTS:
         model.meta.pop(inherited, None)
     model.meta.update({"trained_on": dataset.name, "train_split": cfg.train_split,
-                       "parent": cfg.init_from or None, "created": datetime.now(UTC).isoformat(timespec="seconds")})
+                       "parent": parent, "created": datetime.now(UTC).isoformat(timespec="seconds")})
     if cfg.scst:  # a fine-tune from this model ends the same way (train.finetune.scst_polish_epochs)
         model.meta["scst"] = {"sampling": cfg.scst_sampling, "samples": cfg.scst_samples,
                               "baseline": cfg.scst_baseline}

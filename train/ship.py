@@ -53,7 +53,7 @@ def self_critical_fact(histories: list[dict[str, Any]]) -> dict[str, Any] | None
 
 
 def ship(model_path: str, out: Path, version: str, training: str, decoding: BeamConfig,
-         histories: list[Path]) -> Path:
+         histories: list[Path], parent: str | None = None) -> Path:
     """Write the float16 model into ``out`` (replaced whole) with its histories; returns ``out``."""
     if out.exists() and not (out / checkpoint.META_FILE).is_file():
         raise SystemExit(f"{out} exists and is not a checkpoint folder: refusing to replace it")
@@ -61,6 +61,8 @@ def ship(model_path: str, out: Path, version: str, training: str, decoding: Beam
     names = [f"history_{i}.json" if len(histories) > 1 else "history.json" for i in range(len(histories))]
     stages = [json.loads(path.read_text()) for path in histories]  # not JSON: fails here, before the swap
     model.meta = shipped_meta(model.meta, version, training, decoding, names)
+    if parent:
+        model.meta["parent"] = parent
     scst = model.meta.get("scst") or self_critical_fact(stages)
     if scst:
         model.meta["scst"] = scst
@@ -88,6 +90,9 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     parser.add_argument("--training", required=True, help="the commands that trained it, in order")
     parser.add_argument("--history", action="append", type=Path, default=[],
                         help="a training stage's history.json, copied beside the model (repeat per stage)")
+    parser.add_argument("--parent", default=None,
+                        help="the version it was trained from, when the run recorded a path (runs before fit "
+                             "recorded versions)")
     parser.add_argument("--beam", type=int, required=True, help="shipped beam size")
     parser.add_argument("--max-len", type=int, default=20, help="shipped maximum caption length")
     parser.add_argument("--length-penalty", type=float, required=True, help="shipped length penalty")
@@ -97,7 +102,7 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     decoding = BeamConfig(args.beam, args.max_len, args.length_penalty, args.block_ngram)
-    out = ship(args.model, args.out, args.version, args.training, decoding, args.history)
+    out = ship(args.model, args.out, args.version, args.training, decoding, args.history, args.parent)
     size = (out / checkpoint.WEIGHTS_FILE).stat().st_size / 1e6
     print(f"shipped {args.version} to {out} ({size:.1f} MB, float16); now measure it: "
           f"python -m train evaluate --model {out} --data DATA --split val --write-metrics, then "
