@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--replay-ratio", type=float, default=4.0)
     parser.add_argument("--ft-scst-epochs", type=int, default=None,
                         help="self-critical epochs ending each fine-tune (default: the fine-tune's own rule)")
+    parser.add_argument("--ft-scst-replay-ratio", type=float, default=4.0)
     args, run = parse_and_start(parser, RESULTS / "learning_loop.json")
     if not (FLICKR8K / "captions.txt").is_file():
         sys.exit(f"needs the Flickr8k data at {FLICKR8K}")
@@ -194,7 +195,7 @@ def main() -> None:
         report = finetune(FinetuneConfig(base=base_path, db=url, data_dir=str(args.work / f"{label}-data"),
                                          out=str(args.work / "candidates"), cache=str(args.cache), device="cpu",
                                          epochs=args.ft_epochs, lr=args.ft_lr, replay_ratio=args.replay_ratio,
-                                         scst_epochs=args.ft_scst_epochs,
+                                         scst_epochs=args.ft_scst_epochs, scst_replay_ratio=args.ft_scst_replay_ratio,
                                          name=f"loop-{label}"))
         recall_after, samples = concept_recall(report["checkpoint"], concept_val, args.cache)
         results[label] = {

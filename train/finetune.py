@@ -124,6 +124,7 @@ class FinetuneConfig(LoopConfig):
     # base, else 0.
     scst_epochs: int | None = None
     scst_lr: float = 5e-5
+    scst_replay_ratio: float = 4.0  # replay photos per corrected photo in each self-critical epoch
     name: str | None = None
     register: bool = True
     save_dtype: str = "float16"
@@ -249,9 +250,9 @@ def train_candidate(cfg: FinetuneConfig, model: CaptionModel, source: FeatureSou
 def self_critical_polish(cfg: FinetuneConfig, model: CaptionModel, source: FeatureSource,
                          corrections: list[ImageRecord], replay: list[ImageRecord], epochs: int) -> list[float]:
     """Self-critical epochs on beam candidates after the cross-entropy phases, as the base was
-    trained: each epoch takes every corrected photo and a replay sample of ``replay_ratio`` times
-    as many training photos; a corrected photo's candidates are rewarded against its corrections,
-    a replay photo's against its references (CIDEr-D over both, document frequencies included)."""
+    trained: each epoch takes every corrected photo and ``scst_replay_ratio`` times as many
+    training photos; a corrected photo's candidates are rewarded against its corrections, a replay
+    photo's against its references (CIDEr-D over both, document frequencies included)."""
     if not epochs or not corrections:
         return []
     rng = np.random.default_rng(cfg.seed + 1)
@@ -264,7 +265,7 @@ def self_critical_polish(cfg: FinetuneConfig, model: CaptionModel, source: Featu
     optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=cfg.scst_lr)
     correction_ids = [r.image_id for r in corrections]
     replay_ids = [i for i in references if i not in set(correction_ids)]
-    n_replay = min(len(replay_ids), round(cfg.replay_ratio * len(corrections)))
+    n_replay = min(len(replay_ids), round(cfg.scst_replay_ratio * len(corrections)))
     rewards = []
     for epoch in range(epochs):
         picked = [replay_ids[i] for i in rng.choice(len(replay_ids), n_replay, replace=False)] if n_replay else []
@@ -520,6 +521,7 @@ FINETUNE_HELP = {
     "scst_epochs": "self-critical epochs after the cross-entropy ones (default: 3 if the base was trained "
                    "self-critically, else 0)",
     "scst_lr": "learning rate of the self-critical epochs",
+    "scst_replay_ratio": "replay photos per corrected photo in each self-critical epoch",
 }
 NOT_OPTIONS = {"min_lr_ratio", "warmup_steps", "grad_clip", "alpha_c", "label_smoothing", "max_caption_len",
                "max_steps", "progress", "min_photos_for_test", "save_dtype"}
