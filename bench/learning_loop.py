@@ -152,7 +152,8 @@ def main() -> None:
     parser.add_argument("--replay-ratio", type=float, default=4.0)
     parser.add_argument("--ft-scst-epochs", type=int, default=None,
                         help="self-critical epochs ending each fine-tune (default: the fine-tune's own rule)")
-    parser.add_argument("--ft-scst-replay-ratio", type=float, default=4.0)
+    parser.add_argument("--ft-scst-replay-ratio", type=float, default=None,
+                        help="replay photos per corrected photo in those epochs (default: the fine-tune's)")
     args, run = parse_and_start(parser, RESULTS / "learning_loop.json")
     if not (FLICKR8K / "captions.txt").is_file():
         sys.exit(f"needs the Flickr8k data at {FLICKR8K}")
@@ -185,6 +186,7 @@ def main() -> None:
     bad_texts = [rng.choice(others) for _ in photos]
 
     recall_before, _ = concept_recall(base_path, concept_val, args.cache)
+    scst_options = {} if args.ft_scst_replay_ratio is None else {"scst_replay_ratio": args.ft_scst_replay_ratio}
     captioner = Captioner.load(base_path, "cpu")
     results: dict[str, dict[str, object]] = {}
     for label, texts in (("good", good_texts), ("bad", bad_texts)):
@@ -195,7 +197,7 @@ def main() -> None:
         report = finetune(FinetuneConfig(base=base_path, db=url, data_dir=str(args.work / f"{label}-data"),
                                          out=str(args.work / "candidates"), cache=str(args.cache), device="cpu",
                                          epochs=args.ft_epochs, lr=args.ft_lr, replay_ratio=args.replay_ratio,
-                                         scst_epochs=args.ft_scst_epochs, scst_replay_ratio=args.ft_scst_replay_ratio,
+                                         scst_epochs=args.ft_scst_epochs, **scst_options,
                                          name=f"loop-{label}"))
         recall_after, samples = concept_recall(report["checkpoint"], concept_val, args.cache)
         results[label] = {

@@ -22,7 +22,14 @@ from tests.helpers import ROOT, TINY_WORDS, photo_bytes, tiny_config
 from tests.test_train_support import make_flickr, tiny_fit_args
 from train import metrics
 from train.__main__ import main
-from train.finetune import EXIT_AWAITING_REVIEW, EXIT_PROMOTED, EXIT_REJECTED, FinetuneConfig, finetune
+from train.finetune import (
+    EXIT_AWAITING_REVIEW,
+    EXIT_PROMOTED,
+    EXIT_REJECTED,
+    SCST_FINETUNE_EPOCHS,
+    FinetuneConfig,
+    finetune,
+)
 from train.gate import corrections_metric, gate, paired_bootstrap_lower_bound
 from train.trust import WordUse, grow_vocabulary
 
@@ -116,13 +123,14 @@ def test_a_self_critically_trained_base_is_fine_tuned_with_self_critical_epochs_
     before = checkpoint.load(base)
     report = finetune(_config(tmp_path, base, url, data_dir, name="cand-scst", epochs=2, margin=1.0,
                               scst_lr=1e-3))
-    assert len(report["scst_rewards"]) == 3  # the default for such a base
+    assert len(report["scst_rewards"]) == SCST_FINETUNE_EPOCHS  # the default for such a base ...
+    assert len(report["train_losses"]) == report["config"]["new_word_epochs"]  # ... replacing the decoder's
     candidate = checkpoint.load(report["checkpoint"])
     assert candidate.meta["scst"] == before.meta["scst"]  # its own fine-tunes end the same way
     # Told not to, it does not; a base without the mark gets none unless asked.
     report = finetune(_config(tmp_path, base, url, data_dir, name="cand-no-scst", epochs=2, margin=1.0,
                               scst_epochs=0, all_corrections=True, register=False))
-    assert report["scst_rewards"] == []
+    assert report["scst_rewards"] == [] and len(report["train_losses"]) == report["config"]["new_word_epochs"] + 2
 
 
 @pytest.mark.slow

@@ -11,7 +11,10 @@
 2. Add the new words that enough distinct people used on enough distinct photos (new rows
    only: old words' predictions are unchanged until training moves them).
 3. Fine-tune on the corrections mixed with a replay sample of the base model's own training
-   data, so the model learns the new things without forgetting the old ones.
+   data, so the model learns the new things without forgetting the old ones: the new words'
+   rows first, then the whole decoder, with cross-entropy, or, for a base trained
+   self-critically (``meta.scst``), self-critically on beam candidates rewarded against the
+   corrections (cross-entropy there undid what self-critical training gave).
 4. Score base and candidate on the held-out corrections and on the base's validation split.
    The held-out corrections are scored with CIDEr-D whose document frequencies come from the
    base model's training references (``HELDOUT_METRIC``), not from the held-out sentences alone:
@@ -70,11 +73,12 @@ EXIT_PROMOTED, EXIT_ERROR, EXIT_REJECTED, EXIT_AWAITING_REVIEW = 0, 1, 3, 4
 PROMOTION_MODES = ("review", "auto")
 # What the gate looks at (METEOR would start a Java process for a handful of photos).
 GATE_METRICS = ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr")
-# The self-critical epochs that end a fine-tune from a self-critically trained base: as many, as
-# wide and as large batches as the recipe the shipped model was trained with (README).
-SCST_POLISH_EPOCHS = 3
-SCST_POLISH_BEAMS = 5
-SCST_POLISH_BATCH = 50
+# The self-critical phase of a fine-tune from a self-critically trained base: beams as wide and
+# batches as large as the shipped model's own self-critical training (README); 10 epochs, chosen
+# with bench/learning_loop.py (bench/results/learning_loop_variants/).
+SCST_FINETUNE_EPOCHS = 10
+SCST_FINETUNE_BEAMS = 5
+SCST_FINETUNE_BATCH = 50
 
 
 class FinetuneError(RuntimeError):
@@ -119,12 +123,14 @@ class FinetuneConfig(LoopConfig):
     # With fewer held-out photos than this, the significance test is skipped (too few to resample).
     min_photos_for_test: int = 5
     # A base trained with self-critical training (meta "scst") loses what that training gave when
-    # fine-tuned with cross-entropy alone, so the fine-tune ends with this many epochs of it, on
-    # the corrections (rewarded against the corrections) and a replay sample. None: 3 for such a
-    # base, else 0.
+    # its whole decoder is fine-tuned with cross-entropy (bench/results/learning_loop_variants/),
+    # so for such a base the second phase is self-critical instead: this many epochs on the
+    # corrections (rewarded against the corrections) and a replay sample, after
+    # ``scst_xe_epochs`` of cross-entropy. None: SCST_FINETUNE_EPOCHS for such a base, else 0.
     scst_epochs: int | None = None
     scst_lr: float = 5e-5
-    scst_replay_ratio: float = 4.0  # replay photos per corrected photo in each self-critical epoch
+    scst_replay_ratio: float = 2.0  # replay photos per corrected photo in each self-critical epoch
+    scst_xe_epochs: int = 0  # cross-entropy epochs of the whole decoder before them
     name: str | None = None
     register: bool = True
     save_dtype: str = "float16"
@@ -220,12 +226,12 @@ def corrections_from_export(folder: str) -> CorrectionSet:
 
 def train_candidate(cfg: FinetuneConfig, model: CaptionModel, source: FeatureSource,
                     corrections: list[Example], replay: list[Example], old_vocab_size: int | None = None,
-                    ) -> list[float]:
-    """Fine-tune the decoder in two phases; each epoch mixes all corrections with a fresh replay sample.
+                    decoder_epochs: int | None = None) -> list[float]:
+    """Fine-tune the decoder with cross-entropy; each epoch mixes all corrections with a fresh replay sample.
 
     Phase 1 trains only the new words' embedding and output rows (old words' logits cannot move),
     at a high learning rate: the decoder already sees the new thing, it lacks the word for it.
-    Phase 2 fine-tunes the whole decoder gently.
+    Phase 2 fine-tunes the whole decoder gently, for ``decoder_epochs`` (default ``cfg.epochs``).
     """
     rng = np.random.default_rng(cfg.seed)
     losses: list[float] = []
@@ -242,12 +248,13 @@ def train_candidate(cfg: FinetuneConfig, model: CaptionModel, source: FeatureSou
             for hook in hooks:
                 hook.remove()
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr)
-    losses += _epochs(cfg, model, source, corrections, replay, optimizer, rng, cfg.epochs, "decoder")
+    epochs = cfg.epochs if decoder_epochs is None else decoder_epochs
+    losses += _epochs(cfg, model, source, corrections, replay, optimizer, rng, epochs, "decoder")
     decoder.eval()
     return losses
 
 
-def self_critical_polish(cfg: FinetuneConfig, model: CaptionModel, source: FeatureSource,
+def self_critical_phase(cfg: FinetuneConfig, model: CaptionModel, source: FeatureSource,
                          corrections: list[ImageRecord], replay: list[ImageRecord], epochs: int) -> list[float]:
     """Self-critical epochs on beam candidates after the cross-entropy phases, as the base was
     trained: each epoch takes every corrected photo and ``scst_replay_ratio`` times as many
@@ -259,7 +266,7 @@ def self_critical_polish(cfg: FinetuneConfig, model: CaptionModel, source: Featu
     references = {r.image_id: r for r in replay}
     references.update({r.image_id: r for r in corrections})  # a corrected training photo: what people said
     cider = reference_cider(list(references.values()))
-    beam = replace(default_beam_config(model), beam_size=SCST_POLISH_BEAMS)
+    beam = replace(default_beam_config(model), beam_size=SCST_FINETUNE_BEAMS)
     objective = SelfCritical(cider, model.vocab, samples=beam.beam_size, max_len=beam.max_len,
                              sampling="beam", beam=beam)
     optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=cfg.scst_lr)
@@ -271,7 +278,7 @@ def self_critical_polish(cfg: FinetuneConfig, model: CaptionModel, source: Featu
         picked = [replay_ids[i] for i in rng.choice(len(replay_ids), n_replay, replace=False)] if n_replay else []
         examples = image_examples([references[i] for i in [*correction_ids, *picked]])
         batches = [b.tolist() for b in np.array_split(rng.permutation(len(examples)),
-                                                   max(1, -(-len(examples) // SCST_POLISH_BATCH)))]
+                                                   max(1, -(-len(examples) // SCST_FINETUNE_BATCH)))]
         reward, _ = train_epoch(cfg, model, optimizer, source, examples, batches, step=0, total_steps=0,
                                 objective=objective)
         rewards.append(reward)
@@ -396,9 +403,11 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
     before, base_photos = _judge(base, source, corrections.heldout, val_records, beam, corpus)
     correction_examples = build_examples(corrections.train, candidate.vocab, cfg.max_caption_len)
     replay_examples = build_examples(replay_records, candidate.vocab, cfg.max_caption_len)
-    losses = train_candidate(cfg, candidate, source, correction_examples, replay_examples, len(base.vocab))
-    polish_epochs = scst_polish_epochs(cfg, base)
-    rewards = self_critical_polish(cfg, candidate, source, corrections.train, replay_records, polish_epochs)
+    scst_epochs = scst_phase_epochs(cfg, base)
+    decoder_epochs = cfg.scst_xe_epochs if scst_epochs else cfg.epochs
+    losses = train_candidate(cfg, candidate, source, correction_examples, replay_examples, len(base.vocab),
+                             decoder_epochs)
+    rewards = self_critical_phase(cfg, candidate, source, corrections.train, replay_records, scst_epochs)
     after, candidate_photos = _judge(candidate, source, corrections.heldout, val_records, beam, corpus)
     # The per-photo gain is tested on the metric the gate decides by.
     key = corrections_metric(before["corrections"], after["corrections"])
@@ -430,11 +439,12 @@ def _run(cfg: FinetuneConfig, device: torch.device, base: CaptionModel, candidat
     return report
 
 
-def scst_polish_epochs(cfg: FinetuneConfig, base: CaptionModel) -> int:
-    """--scst-epochs, else 3 when the base was trained self-critically (its meta says so), else 0."""
+def scst_phase_epochs(cfg: FinetuneConfig, base: CaptionModel) -> int:
+    """--scst-epochs, else SCST_FINETUNE_EPOCHS when the base was trained self-critically (its meta
+    says so), else 0."""
     if cfg.scst_epochs is not None:
         return cfg.scst_epochs
-    return SCST_POLISH_EPOCHS if base.meta.get("scst") else 0
+    return SCST_FINETUNE_EPOCHS if base.meta.get("scst") else 0
 
 
 def promotion_status(passed_gate: bool, adds_words: bool, promotion: str) -> ModelStatus:
@@ -518,8 +528,9 @@ FINETUNE_HELP = {
     "device": DEVICE_HELP,
     "cache": "encoder feature cache folder",
     "register": "register the candidate in the database (--no-register: do not)",
-    "scst_epochs": "self-critical epochs after the cross-entropy ones (default: 3 if the base was trained "
-                   "self-critically, else 0)",
+    "scst_epochs": "self-critical epochs of the whole decoder, after the new words' phase and --scst-xe-epochs "
+                   "(default: 10 if the base was trained self-critically, else 0; then they replace --epochs)",
+    "scst_xe_epochs": "with self-critical epochs: cross-entropy epochs of the whole decoder before them",
     "scst_lr": "learning rate of the self-critical epochs",
     "scst_replay_ratio": "replay photos per corrected photo in each self-critical epoch",
 }
