@@ -271,7 +271,8 @@ def self_critical_phase(cfg: FinetuneConfig, model: CaptionModel, source: Featur
                              sampling="beam", beam=beam)
     optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=cfg.scst_lr)
     correction_ids = [r.image_id for r in corrections]
-    replay_ids = [i for i in references if i not in set(correction_ids)]
+    corrected = set(correction_ids)
+    replay_ids = [i for i in references if i not in corrected]
     n_replay = min(len(replay_ids), round(cfg.scst_replay_ratio * len(corrections)))
     rewards = []
     for epoch in range(epochs):
