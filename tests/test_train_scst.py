@@ -229,6 +229,9 @@ def test_scst_resume_continues_exactly(tmp_path: Path, monkeypatch: pytest.Monke
     assert [e["train_reward"] for e in a_hist] == [e["train_reward"] for e in b_hist]
     assert [e["val"] for e in a_hist] == [e["val"] for e in b_hist]
     assert json.loads((resumed / "last" / "trainer.json").read_text())["info"]["step"] == 6
+    # The model says how it was trained, so that its fine-tunes are self-critical too.
+    assert checkpoint.read_document(straight / "last")["meta"]["scst"] == {
+        "sampling": sampling, "samples": 3, "baseline": "mean"}
     # The weights moved away from the initial checkpoint.
     start, end = load_file(str(init / "model.safetensors")), load_file(str(straight / "last" / "model.safetensors"))
     assert any(not torch.equal(start[k].float(), end[k].float()) for k in start if k in end)

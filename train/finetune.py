@@ -266,8 +266,8 @@ def self_critical_phase(cfg: FinetuneConfig, model: CaptionModel, source: Featur
     references = {r.image_id: r for r in replay}
     references.update({r.image_id: r for r in corrections})  # a corrected training photo: what people said
     cider = reference_cider(list(references.values()))
-    beam = replace(default_beam_config(model), beam_size=SCST_FINETUNE_BEAMS)
-    objective = SelfCritical(cider, model.vocab, samples=beam.beam_size, max_len=beam.max_len,
+    beam = default_beam_config(model)  # its length penalty and blocking; the objective sets the width
+    objective = SelfCritical(cider, model.vocab, samples=SCST_FINETUNE_BEAMS, max_len=beam.max_len,
                              sampling="beam", beam=beam)
     optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=cfg.scst_lr)
     correction_ids = [r.image_id for r in corrections]

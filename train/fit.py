@@ -34,7 +34,7 @@ from .data import CaptionDataset, ImageRecord, load_dataset
 from .features import FeatureSource, feature_source
 from .loop import Example, LoopConfig, Objective, bucketed_batches, build_examples, train_epoch
 from .scoring import SplitResult, score_records
-from .scst import BASELINES, SAMPLING, SelfCritical, image_examples, reference_cider
+from .scst import BASELINES, SAMPLING, SelfCritical, image_examples, reference_cider, self_critical_fact
 from .state import load_trainer_state, save_trainer_state
 
 log = logging.getLogger(__name__)
@@ -182,9 +182,9 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
         model.meta.pop(inherited, None)
     model.meta.update({"trained_on": dataset.name, "train_split": cfg.train_split,
                        "parent": parent, "created": datetime.now(UTC).isoformat(timespec="seconds")})
-    if cfg.scst:  # a fine-tune from this model ends the same way (train.finetune.scst_polish_epochs)
-        model.meta["scst"] = {"sampling": cfg.scst_sampling, "samples": cfg.scst_samples,
-                              "baseline": cfg.scst_baseline}
+    scst = self_critical_fact(vars(cfg))
+    if scst:
+        model.meta["scst"] = scst
     model.to(device)
     if model.config.fine_tune_blocks > 0:
         cfg.raw_images = True

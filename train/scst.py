@@ -10,8 +10,9 @@ others', optimising the metric people judge captions by rather than the next wor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -176,6 +177,17 @@ class SelfCritical:
             greedy_scores = self.cider.score(image_ids, caption_words(greedy.tokens, self.vocab))
             baseline = torch.as_tensor(greedy_scores, dtype=torch.float32).view(len(batch), 1)
         return self_critical_loss(drawn.log_probs, drawn.mask, rewards, baseline), rewards.mean()
+
+
+def self_critical_fact(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A model's ``meta["scst"]`` from the ``fit`` config that trained it (a TrainConfig's fields or
+    a history's recorded ``config``), None if it was not trained self-critically. A model with it
+    is fine-tuned self-critically (``train.finetune.scst_phase_epochs``). Configs recorded before
+    an option existed get that option's default."""
+    if not config.get("scst"):
+        return None
+    return {"sampling": config.get("scst_sampling", "multinomial"), "samples": config.get("scst_samples"),
+            "baseline": config.get("scst_baseline", "mean")}
 
 
 def image_examples(records: Sequence[ImageRecord]) -> list[Example]:

@@ -29,6 +29,8 @@ import torch
 from captioner import checkpoint
 from captioner.beam import BeamConfig
 
+from .scst import self_critical_fact
+
 # Measured on other weights (or decoding settings): never carried into a shipped model.
 MEASURED_KEYS = ("metrics", "confidence")
 
@@ -39,17 +41,6 @@ def shipped_meta(meta: dict[str, Any], version: str, training: str, decoding: Be
     kept = {k: v for k, v in meta.items() if k not in MEASURED_KEYS}
     return {**kept, "version": version, "training": training, "decoding": asdict(decoding),
             "histories": histories, "created": datetime.now(UTC).isoformat(timespec="seconds")}
-
-
-def self_critical_fact(histories: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """meta["scst"] from the training stages' recorded configs: a model trained self-critically is
-    fine-tuned with self-critical epochs at the end (train.finetune.scst_polish_epochs)."""
-    for history in histories:
-        config = history.get("config", {})
-        if config.get("scst"):
-            return {"sampling": config.get("scst_sampling", "multinomial"), "samples": config.get("scst_samples"),
-                    "baseline": config.get("scst_baseline", "mean")}
-    return None
 
 
 def ship(model_path: str, out: Path, version: str, training: str, decoding: BeamConfig,
@@ -63,7 +54,8 @@ def ship(model_path: str, out: Path, version: str, training: str, decoding: Beam
     model.meta = shipped_meta(model.meta, version, training, decoding, names)
     if parent:
         model.meta["parent"] = parent
-    scst = model.meta.get("scst") or self_critical_fact(stages)
+    recorded = [fact for stage in stages if (fact := self_critical_fact(stage.get("config", {})))]
+    scst = model.meta.get("scst") or (recorded[0] if recorded else None)
     if scst:
         model.meta["scst"] = scst
     out.parent.mkdir(parents=True, exist_ok=True)
