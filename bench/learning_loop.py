@@ -9,7 +9,7 @@
    concept word, before and after; and overall validation CIDEr before and after.
 4. Show the gate rejecting a bad fine-tune: the same photos "corrected" with random captions.
 
-Run: python bench/learning_loop.py [--base-epochs 3] [--base-scst-epochs 1] [--photos 100]
+Run: python bench/learning_loop.py [--base-epochs 3] [--base-scst-epochs 1] [--photos 100] [--base-encoder NAME]
 (--base-scst-epochs: refine the base with self-critical training first, as the shipped model is.)
 Writes bench/results/learning_loop.json.
 """
@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=100, help="corrected photos")
     parser.add_argument("--base-epochs", type=int, default=3)
     parser.add_argument("--base-dim", type=int, default=256, help="decoder size of the base model")
+    parser.add_argument("--base-encoder", default=checkpoint.read_document(None)["config"]["encoder"],
+                        help="encoder of the base model (default: the bundled model's)")
     parser.add_argument("--base-scst-epochs", type=int, default=0,
                         help="then refine the base with self-critical training on beam candidates, as the "
                              "shipped model is, and run the loop from that")
@@ -168,7 +170,8 @@ def main() -> None:
 
     base_dir = args.work / "base"
     if not (base_dir / "best" / "model.json").exists():
-        dims = {"embed_dim": args.base_dim, "attention_dim": args.base_dim, "hidden_dim": args.base_dim}
+        dims = {"embed_dim": args.base_dim, "attention_dim": args.base_dim, "hidden_dim": args.base_dim,
+                "encoder": args.base_encoder}
         fit(TrainConfig(data=spec, out=str(base_dir), cache=str(args.cache), epochs=args.base_epochs,
                         model=dims, progress=True, threads=args.threads, patience=args.base_epochs,
                         val_limit=500))
@@ -202,6 +205,9 @@ def main() -> None:
         recall_after, samples = concept_recall(report["checkpoint"], concept_val, args.cache)
         results[label] = {
             "passed_gate": report["passed_gate"], "status": report["status"], "reason": report["reason"],
+            "heldout_gain_lower_bound": report["heldout_gain_lower_bound"],
+            "heldout_photos": report["corrections_heldout_photos"],
+            "train_photos": report["corrections_train_photos"],
             "new_words": report["new_words"],
             "concept_recall_before": round(recall_before, 3), "concept_recall_after": round(recall_after, 3),
             "val_cider_before": round(report["base"]["validation"]["CIDEr"], 4),
@@ -220,7 +226,8 @@ def main() -> None:
         "context": run.context(str(resolve_device("auto"))),
         "concept_words": sorted(CONCEPT), "held_back_train_photos": len(concept_train),
         "concept_val_photos": len(concept_val), "corrected_photos": len(photos),
-        "base": {"checkpoint": relative(base_path), "epochs": args.base_epochs, "dim": args.base_dim,
+        "base": {"checkpoint": relative(base_path), "encoder": base.config.encoder, "epochs": args.base_epochs,
+                 "dim": args.base_dim,
                  "scst_epochs": args.base_scst_epochs, "vocabulary": len(base.vocab)},
         "results": results,
     }
