@@ -144,8 +144,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=100, help="corrected photos")
     parser.add_argument("--base-epochs", type=int, default=3)
     parser.add_argument("--base-dim", type=int, default=256, help="decoder size of the base model")
-    parser.add_argument("--base-encoder", default=checkpoint.read_document(None)["config"]["encoder"],
-                        help="encoder of the base model (default: the bundled model's)")
+    parser.add_argument("--base-encoder", default=None, help="encoder of the base model (default: the bundled model's)")
     parser.add_argument("--base-scst-epochs", type=int, default=0,
                         help="then refine the base with self-critical training on beam candidates, as the "
                              "shipped model is, and run the loop from that")
@@ -169,9 +168,14 @@ def main() -> None:
     spec = write_layout(args.work / "data", rest_train, val)
 
     base_dir = args.work / "base"
-    if not (base_dir / "best" / "model.json").exists():
+    encoder = args.base_encoder or checkpoint.read_document(None)["config"]["encoder"]
+    if (base_dir / "best" / "model.json").exists():
+        trained = checkpoint.read_document(base_dir / "best")["config"]["encoder"]
+        if trained != encoder:
+            sys.exit(f"{base_dir} holds a base on {trained}, not {encoder}: use another --work folder")
+    else:
         dims = {"embed_dim": args.base_dim, "attention_dim": args.base_dim, "hidden_dim": args.base_dim,
-                "encoder": args.base_encoder}
+                "encoder": encoder}
         fit(TrainConfig(data=spec, out=str(base_dir), cache=str(args.cache), epochs=args.base_epochs,
                         model=dims, progress=True, threads=args.threads, patience=args.base_epochs,
                         val_limit=500))

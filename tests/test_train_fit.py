@@ -167,6 +167,9 @@ def test_raw_images_then_fine_tuning_the_top_encoder_block(tmp_path: Path, flick
         assert changed == key.startswith(top), key
     epochs = history(tuned)["epochs"]
     assert history(tuned)["config"]["raw_images"] is True and len(epochs) == 2
+    # The history records the architecture trained (the checkpoint's), not the ignored --embed-dim 99.
+    assert history(tuned)["config"]["model"] == after.config.to_json()
+    assert history(tuned)["config"]["model"]["embed_dim"] == before.config.embed_dim != 99
     # It starts from the trained decoder, not from scratch.
     assert epochs[0]["train_loss"] < history(cached)["epochs"][0]["train_loss"]
 

@@ -278,7 +278,8 @@ def self_critical_phase(cfg: FinetuneConfig, model: CaptionModel, source: Featur
     for epoch in range(epochs):
         picked = [replay_ids[i] for i in rng.choice(len(replay_ids), n_replay, replace=False)] if n_replay else []
         examples = image_examples([references[i] for i in [*correction_ids, *picked]])
-        batches = bucketed_batches(examples, SCST_FINETUNE_BATCH, rng)  # as fit batches self-critical epochs
+        # As fit batches self-critical epochs: shuffled photos (they have no tokens to bucket by).
+        batches = bucketed_batches(examples, SCST_FINETUNE_BATCH, rng)
         reward, _ = train_epoch(cfg, model, optimizer, source, examples, batches, step=0, total_steps=0,
                                 objective=objective)
         rewards.append(reward)

@@ -315,7 +315,8 @@ def _resume(cfg: TrainConfig, out: Path, model: CaptionModel, optimizer: torch.o
     if not cfg.resume or not (out / "last").exists():
         if cfg.resume:
             log.info("nothing to resume in %s: starting a new run", out)
-        return Progress({"epochs": [], "config": asdict(cfg)})
+        # The architecture trained, which with --init-from is the checkpoint's, not the command line's.
+        return Progress({"epochs": [], "config": {**asdict(cfg), "model": model.config.to_json()}})
     state = load_trainer_state(out / "last", model, optimizer)
     run = Progress(state["history"], state["epoch"] + 1, state["step"], state["best_cider"], state["stale"])
     within = state.get("within_epoch")

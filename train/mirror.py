@@ -6,12 +6,14 @@ captions, once "left" and "right" are swapped in them, so each training photo is
 time, mirrored. The result is written as a Flickr-layout dataset (``captions.txt``, one
 ``SPLIT.txt`` per split, ``images/``) that ``python -m train fit --data flickr:OUT`` reads:
 
-- the original photos are symbolic links (nothing is copied); the mirrored ones are JPEGs beside
-  them, named ``mirror_NAME`` (features are cached per file, so they are computed once, like any
-  photo's);
+- the original photos are symbolic links (nothing is copied); the mirrored ones are written beside
+  them, named ``mirror_NAME``, in the format their name says (features are cached per file, so
+  they are computed once, like any photo's);
 - the other splits are kept unchanged, so models are still selected on the same photos;
-- every word is seen twice as often, so pass ``--min-freq`` twice the usual value (10) to keep the
-  original dataset's vocabulary.
+- every word is seen twice as often, so pass ``--min-freq`` twice fit's default to keep the
+  original dataset's vocabulary;
+- "left" and "right" are swapped wherever they are words, also where they do not mean a side
+  ("the dog left the water"): rare in captions of photos, and harmless to a caption's sense.
 
 Run: python -m train mirror --data flickr:../shared/data/flickr8k --out data/flickr8k-mirror
 Writing is resumable: mirrored photos already written are kept.
@@ -33,11 +35,13 @@ from PIL import Image, ImageOps
 from common.atomic import atomic_write_bytes, atomic_write_text
 
 from .data import ImageRecord, load_dataset
+from .fit import TrainConfig
 
 log = logging.getLogger(__name__)
 
 MIRROR_PREFIX = "mirror_"
 JPEG_QUALITY = 95
+MIN_FREQ = 2 * TrainConfig().min_freq  # each word is seen twice as often
 _SIDES = {"left": "right", "right": "left"}
 _SIDE_WORD = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
@@ -57,21 +61,27 @@ def mirrored_id(image_id: str) -> str:
     return f"{parent}/{MIRROR_PREFIX}{name}" if parent else f"{MIRROR_PREFIX}{name}"
 
 
-def mirrored_jpeg(path: Path) -> bytes:
-    """The photo flipped left to right, upright as the captioner reads it (EXIF orientation applied)."""
+def mirrored_photo(path: Path) -> bytes:
+    """The photo flipped left to right, upright as the captioner reads it (EXIF orientation applied),
+    encoded in the format its file name says (JPEG when the name says nothing Pillow knows)."""
     with Image.open(path) as image:
         upright = ImageOps.exif_transpose(image).convert("RGB")
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "JPEG")
     out = io.BytesIO()
-    ImageOps.mirror(upright).save(out, format="JPEG", quality=JPEG_QUALITY)
+    ImageOps.mirror(upright).save(out, format=fmt, **({"quality": JPEG_QUALITY} if fmt == "JPEG" else {}))
     return out.getvalue()
 
 
 def _link(target: Path, link: Path) -> None:
+    """``link`` -> ``target``; a link to elsewhere is replaced, a real file is never touched (``--out``
+    must be a new folder, or one this command wrote, never the source dataset itself)."""
     link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
+    if link.is_symlink():
         if link.resolve() == target.resolve():
             return
         link.unlink()
+    elif link.exists():
+        raise FileExistsError(f"{link} is a file, not a link this command made: write to a new folder")
     link.symlink_to(target.resolve())
 
 
@@ -82,6 +92,9 @@ def write_mirrored(spec: str, out: Path, splits: Sequence[str] = ("train", "val"
     if mirror_split not in splits:
         raise ValueError(f"the split to mirror ({mirror_split}) must be one of the splits written")
     dataset = load_dataset(spec, tuple(splits))
+    already = [r.image_id for r in dataset.split(mirror_split) if Path(r.image_id).name.startswith(MIRROR_PREFIX)]
+    if already:
+        raise ValueError(f"{spec} already has mirrored photos ({already[0]}, ...): mirror the original dataset")
     images = out / "images"
     rows: list[tuple[str, str]] = []
     counts: dict[str, int] = {}
@@ -110,7 +123,7 @@ def _write_mirrors(records: Sequence[ImageRecord], images: Path, rows: list[tupl
         target = images / name
         if not target.is_file():  # resumable: a photo is written whole (atomically) or not at all
             target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(target, mirrored_jpeg(record.path))
+            atomic_write_bytes(target, mirrored_photo(record.path))
         rows.extend((name, mirror_caption(c)) for c in record.captions)
         names.append(name)
         if (n + 1) % 1000 == 0:
@@ -132,5 +145,5 @@ def run(args: argparse.Namespace) -> int:
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     counts = write_mirrored(args.data, args.out, splits, args.mirror_split)
     print(f"wrote {args.out}: " + ", ".join(f"{split} {n} images" for split, n in counts.items())
-          + f"; train on it with: python -m train fit --data flickr:{args.out} --min-freq 10 ...")
+          + f"; train on it with: python -m train fit --data flickr:{args.out} --min-freq {MIN_FREQ} ...")
     return 0
