@@ -87,7 +87,8 @@ def encoders() -> str:
     return "\n".join(lines)
 
 
-SCST_RUNS = ("flickr8k-scst", "scst-greedy", "scst-b50", "scst-lr5", "scst-beam", "lite1-scst")
+SCST_RUNS = ("flickr8k-scst", "scst-greedy", "scst-b50", "scst-lr5", "scst-beam", "lite1-scst", "mir-scst",
+             "mir-scst-lr1")
 
 
 def scst() -> str:
