@@ -88,7 +88,7 @@ def encoders() -> str:
 
 
 SCST_RUNS = ("flickr8k-scst", "scst-greedy", "scst-b50", "scst-lr5", "scst-beam", "lite1-scst", "mir-scst",
-             "mir-scst-lr1")
+             "mir-scst-lr1", "mir-xe-scst")
 
 
 def scst() -> str:
