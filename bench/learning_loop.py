@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import logging
 import random
 import sys
@@ -37,7 +36,7 @@ from captioner import checkpoint  # noqa: E402
 from captioner.inference import Captioner, resolve_device  # noqa: E402
 from captioner.vocab import tokenize  # noqa: E402
 from storage import CorrectionRejected, Storage  # noqa: E402
-from train.data import ImageRecord, load_dataset  # noqa: E402
+from train.data import ImageRecord, load_dataset, write_flickr  # noqa: E402
 from train.features import FeatureSource, fill_cache, open_cache  # noqa: E402
 from train.finetune import FinetuneConfig, finetune  # noqa: E402
 from train.fit import TrainConfig, fit  # noqa: E402
@@ -59,15 +58,7 @@ def write_layout(folder: Path, train: list[ImageRecord], val: list[ImageRecord])
     images = folder / "images"
     if not images.exists():
         images.symlink_to((FLICKR8K / "images").resolve())
-    with (folder / "captions.txt").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "caption"])
-        for record in [*train, *val]:
-            for caption in record.captions:
-                writer.writerow([record.image_id, caption])
-    (folder / "train.txt").write_text("\n".join(r.image_id for r in train) + "\n")
-    (folder / "val.txt").write_text("\n".join(r.image_id for r in val) + "\n")
-    return f"flickr:{folder}"
+    return write_flickr(folder, {"train": train, "val": val})
 
 
 async def simulate_corrections(url: str, data_dir: Path, captioner: Captioner, photos: list[ImageRecord],

@@ -10,10 +10,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from common.atomic import atomic_write_text
 
 
 class DatasetError(ValueError):
@@ -77,6 +81,21 @@ def read_flickr(directory: Path, splits: tuple[str, ...], image_root: Path | Non
         names = [n.strip() for n in split_file.read_text(encoding="utf-8").splitlines() if n.strip()]
         result[split] = [ImageRecord(n, images / n, tuple(captions[n])) for n in names if captions.get(n)]
     return CaptionDataset(f"flickr:{directory}", result)
+
+
+def write_flickr(directory: Path, splits: Mapping[str, Sequence[ImageRecord]]) -> str:
+    """Write ``splits`` as the Flickr layout ``read_flickr`` reads (captions.txt and SPLIT.txt); the
+    images are the caller's to put at ``directory/images/IMAGE_ID``. Returns the ``flickr:`` spec."""
+    directory.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "caption"])
+    for records in splits.values():
+        writer.writerows((r.image_id, c) for r in records for c in r.captions)
+    atomic_write_text(directory / "captions.txt", buffer.getvalue())
+    for split, records in splits.items():
+        atomic_write_text(directory / f"{split}.txt", "".join(f"{r.image_id}\n" for r in records))
+    return f"flickr:{directory}"
 
 
 def read_karpathy(file: Path, splits: tuple[str, ...], image_root: Path | None = None) -> CaptionDataset:

@@ -22,7 +22,6 @@ Writing is resumable: mirrored photos already written are kept.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import logging
 import re
@@ -32,9 +31,9 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from common.atomic import atomic_write_bytes, atomic_write_text
+from common.atomic import atomic_write_bytes
 
-from .data import ImageRecord, load_dataset
+from .data import ImageRecord, load_dataset, write_flickr
 from .fit import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -96,39 +95,28 @@ def write_mirrored(spec: str, out: Path, splits: Sequence[str] = ("train", "val"
     if already:
         raise ValueError(f"{spec} already has mirrored photos ({already[0]}, ...): mirror the original dataset")
     images = out / "images"
-    rows: list[tuple[str, str]] = []
-    counts: dict[str, int] = {}
+    written: dict[str, list[ImageRecord]] = {}
     for split in splits:
         records = dataset.split(split)
-        names = [r.image_id for r in records]
         for record in records:
             _link(record.path, images / record.image_id)
-            rows.extend((record.image_id, c) for c in record.captions)
-        if split == mirror_split:
-            names += _write_mirrors(records, images, rows)
-        atomic_write_text(out / f"{split}.txt", "\n".join(names) + "\n")
-        counts[split] = len(names)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["image", "caption"])
-    writer.writerows(rows)
-    atomic_write_text(out / "captions.txt", buffer.getvalue())
-    return counts
+        written[split] = [*records, *(_write_mirrors(records, images) if split == mirror_split else [])]
+    write_flickr(out, written)
+    return {split: len(records) for split, records in written.items()}
 
 
-def _write_mirrors(records: Sequence[ImageRecord], images: Path, rows: list[tuple[str, str]]) -> list[str]:
-    names = []
+def _write_mirrors(records: Sequence[ImageRecord], images: Path) -> list[ImageRecord]:
+    mirrored = []
     for n, record in enumerate(records):
         name = mirrored_id(record.image_id)
         target = images / name
         if not target.is_file():  # resumable: a photo is written whole (atomically) or not at all
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(target, mirrored_photo(record.path))
-        rows.extend((name, mirror_caption(c)) for c in record.captions)
-        names.append(name)
+        mirrored.append(ImageRecord(name, target, tuple(mirror_caption(c) for c in record.captions)))
         if (n + 1) % 1000 == 0:
             log.info("mirrored %d/%d photos", n + 1, len(records))
-    return names
+    return mirrored
 
 
 def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
