@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .model import Decoder
+from .model import StepDecoder
 
 
 @dataclass(frozen=True)
@@ -72,13 +72,13 @@ def _banned_ngram_mask(history: Tensor, n: int, vocab_size: int) -> Tensor:
 
 
 @torch.no_grad()
-def beam_search(decoder: Decoder, features: Tensor, config: BeamConfig = BeamConfig(),
+def beam_search(decoder: StepDecoder, features: Tensor, config: BeamConfig = BeamConfig(),
                 special: SpecialIds = SpecialIds()) -> list[Hypothesis]:
     """Best hypothesis for each of the N images in ``features`` (N, L, C)."""
     return _best_per_image(*_search(decoder, features, config, special), config)
 
 
-def n_best(decoder: Decoder, features: Tensor, config: BeamConfig = BeamConfig(),
+def n_best(decoder: StepDecoder, features: Tensor, config: BeamConfig = BeamConfig(),
            special: SpecialIds = SpecialIds()) -> list[list[Hypothesis]]:
     """All ``config.beam_size`` final beams of each image, best first (self-critical training
     with beam candidates reranks them by CIDEr). A beam that never took a second path is
@@ -91,7 +91,7 @@ def n_best(decoder: Decoder, features: Tensor, config: BeamConfig = BeamConfig()
              for b in order[i]] for i in range(log_prob.size(0))]
 
 
-def _search(decoder: Decoder, features: Tensor, config: BeamConfig,
+def _search(decoder: StepDecoder, features: Tensor, config: BeamConfig,
             special: SpecialIds) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Run the search: (log_prob, lengths, finished) per (image, beam), history and attention per row."""
     n_images, k, vocab = features.size(0), config.beam_size, decoder.vocab_size
@@ -99,7 +99,7 @@ def _search(decoder: Decoder, features: Tensor, config: BeamConfig,
     rows = n_images * k
 
     feats = features.repeat_interleave(k, dim=0)
-    projected = decoder.attention.project(features).repeat_interleave(k, dim=0)
+    projected = decoder.project(features).repeat_interleave(k, dim=0)
     state = decoder.init_state(features).select(torch.arange(n_images, device=device).repeat_interleave(k))
     tokens = torch.full((rows,), special.start, dtype=torch.long, device=device)
 

@@ -21,6 +21,7 @@ from .beam import BeamConfig, Hypothesis, SpecialIds, beam_search
 from .checkpoint import CaptionModel
 from .confidence import ConfidenceRule, classifier_guesses
 from .images import ImageLimits, load_image_for
+from .model import StepDecoder
 from .result import CaptionResult
 
 log = logging.getLogger(__name__)
@@ -97,13 +98,16 @@ class Captioner:
 
     def __init__(self, model: CaptionModel, device: str | torch.device = "auto",
                  beam: BeamConfig | None = None, encoder_batch_size: int | None = None,
-                 precision: str = "float32") -> None:
+                 precision: str = "float32", decoder: StepDecoder | None = None) -> None:
         self.device = resolve_device(device)
         self.precision = precision
         self._autocast_dtype = check_precision(precision, self.device)  # before moving the weights
         self.model = model.to(self.device)
         self.model.encoder.eval()
         self.model.decoder.eval()
+        # What writes the words: the model's own decoder, or an ensemble that includes it
+        # (captioner.ensemble, on the same device: evaluation and distillation only).
+        self.decoder: StepDecoder = decoder or self.model.decoder
         self.beam = beam or default_beam_config(model)
         self.confidence = ConfidenceRule.from_meta(model.meta)
         vocab = model.vocab
@@ -204,7 +208,7 @@ class Captioner:
         config = beam or self.beam
         features = features.to(self.device).float()
         with self._autocast():
-            hyps = beam_search(self.model.decoder, features, config, self.special)
+            hyps = beam_search(self.decoder, features, config, self.special)
             seen = classifier_guesses(self.model.encoder.backbone.classifier, features)
         regions = features.size(1)
         return [self._to_result(h, regions, config.beam_size, len(hyps), attention, guesses)

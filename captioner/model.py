@@ -7,7 +7,7 @@ from cached features and serving from images through the same module.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,19 @@ class StepOutput:
     state: DecoderState
 
 
+class StepDecoder(Protocol):
+    """What beam search needs of a decoder: one :class:`Decoder`, or several decoding as one
+    (:class:`captioner.ensemble.DecoderEnsemble`)."""
+
+    vocab_size: int
+
+    def project(self, features: Tensor) -> Tensor: ...
+
+    def init_state(self, features: Tensor) -> DecoderState: ...
+
+    def step(self, tokens: Tensor, features: Tensor, projected: Tensor, state: DecoderState) -> StepOutput: ...
+
+
 class Decoder(nn.Module):
     """LSTM decoder with soft attention and the paper's gating scalar beta_t on the context."""
 
@@ -106,6 +119,10 @@ class Decoder(nn.Module):
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         nn.init.zeros_(self.classifier.bias)
         nn.init.uniform_(self.classifier.weight, -0.1, 0.1)
+
+    def project(self, features: Tensor) -> Tensor:
+        """The attention's per-region projection, computed once per image (see :meth:`step`)."""
+        return self.attention.project(features)
 
     def init_state(self, features: Tensor) -> DecoderState:
         mean = features.mean(dim=1)

@@ -123,3 +123,27 @@ def test_write_metrics_keeps_float16_weights_bit_for_bit(tmp_path: Path) -> None
     assert (folder / "model.safetensors").read_bytes() == weights
     document = checkpoint.read_document(folder)
     assert document["dtype"] == "float16" and document["meta"]["metrics"] == {"CIDEr": 0.5}
+
+
+def test_ensemble_decodes_with_every_model_and_never_writes_its_scores_into_one(
+        tmp_path: Path, setup: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    model, data = setup
+    other = make_checkpoint(tmp_path / "other", seed=5, version="other-v1")
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+
+    def captions(*extra: str) -> dict[str, str]:
+        out = tmp_path / f"captions{len(extra)}.json"
+        args = ["evaluate", "--model", str(model), "--data", data, "--no-cache", "--beam", "2",
+                "--captions-out", str(out), *extra]
+        assert main(args) == 0
+        return dict(json.loads(out.read_text()))
+
+    alone = captions()
+    # A model in an ensemble with itself is that model; with another one, the words change.
+    assert captions("--ensemble", str(model)) == alone
+    assert captions("--ensemble", str(other), "--ensemble", str(other)) != alone
+    document = (model / "model.json").read_bytes()
+    assert main(["evaluate", "--model", str(model), "--ensemble", str(other), "--data", data, "--no-cache",
+                 "--write-metrics"]) == 2
+    assert (model / "model.json").read_bytes() == document

@@ -1,4 +1,4 @@
-"""Command line: ``python -m train fit|evaluate|finetune|ship|mirror ...`` (``--help`` on each)."""
+"""Command line: ``python -m train fit|evaluate|finetune|ship|mirror|distill ...`` (``--help`` on each)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from captioner.model import ModelConfig
 
 # finetune imports storage (SQLAlchemy, Alembic) at once: before logging is set up, so that their
 # INFO lines at import time stay out of every command's output.
-from . import evaluate, finetune, mirror, review, ship
+from . import distill, evaluate, finetune, mirror, review, ship
 from .cli import DEVICE_HELP, VAL_LIMIT_HELP, HelpFormatter, add_dataclass_options, config_from_args
 from .fit import TrainConfig, fit
 
@@ -62,6 +62,9 @@ FIT_HELP: dict[str, str] = {
     "scst_sampling": "under --scst, where the rewarded captions come from: multinomial (drawn word by word, "
                      "Rennie et al.) or beam (the final beams of a beam search with the --val-* length "
                      "penalty and n-gram blocking, --scst-samples wide: what serving ranks)",
+    "distill_from": "word-level distillation: comma-separated checkpoints (same encoder and words as the "
+                    "model) whose mean word distribution is mixed into each reference word's target",
+    "distill_weight": "under --distill-from, the teacher's share of each word's target (0-1)",
     "resume": "continue the run in --out exactly where it stopped (weights, optimizer, schedule, RNG)",
     "progress": "log progress",
 }
@@ -116,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_parsers(sub, HelpFormatter)
     ship.add_parser(sub, HelpFormatter)
     mirror.add_parser(sub, HelpFormatter)
+    distill.add_parser(sub, HelpFormatter)
     return parser
 
 

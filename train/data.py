@@ -98,6 +98,21 @@ def write_flickr(directory: Path, splits: Mapping[str, Sequence[ImageRecord]]) -
     return f"flickr:{directory}"
 
 
+def link_image(target: Path, link: Path) -> None:
+    """``link`` -> ``target``: a dataset written from another one links its photos, never copies them.
+
+    A link to elsewhere is replaced; a real file is never touched (the folder written must be a new
+    one, or one a command wrote, never the source dataset itself)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink():
+        if link.resolve() == target.resolve():
+            return
+        link.unlink()
+    elif link.exists():
+        raise FileExistsError(f"{link} is a file, not a link this command made: write to a new folder")
+    link.symlink_to(target.resolve())
+
+
 def read_karpathy(file: Path, splits: tuple[str, ...], image_root: Path | None = None) -> CaptionDataset:
     try:
         document = json.loads(file.read_text(encoding="utf-8"))

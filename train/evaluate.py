@@ -11,6 +11,7 @@ import json
 import logging
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from captioner import checkpoint
 from captioner.beam import BeamConfig
+from captioner.ensemble import ensemble_of
 from captioner.inference import beam_config_from_meta, default_beam_config, resolve_device
 
 from . import metrics
@@ -38,6 +40,10 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
         formatter_class=formatter)
     parser.add_argument("--model", default=None, metavar="CHECKPOINT",
                         help="checkpoint folder (default: the bundled default model)")
+    parser.add_argument("--ensemble", action="append", default=[], metavar="CHECKPOINT",
+                        help="decode with --model and this checkpoint together, their word probabilities "
+                             "averaged (repeat for more; same encoder and words): how a distillation "
+                             "teacher scores")
     parser.add_argument("--data", required=True, metavar="FORMAT:PATH",
                         help="dataset: flickr:DIR, karpathy:FILE[@IMAGE_ROOT] or "
                              "coco:ANNOTATIONS_DIR[@IMAGE_ROOT]")
@@ -79,17 +85,21 @@ def beam_from_args(args: argparse.Namespace, base: BeamConfig) -> BeamConfig:
 
 def evaluate(model_path: str | None, data: str, split: str, beam: BeamConfig | None = None, limit: int = 0,
              device: str = "auto", cache: str | None = "cache/features", batch_size: int = 100,
-             ) -> tuple[SplitResult, dict[str, Any]]:
-    """Captions and scores of ``split`` (its first ``limit`` images), and what was evaluated how."""
+             ensemble: Sequence[str] = ()) -> tuple[SplitResult, dict[str, Any]]:
+    """Captions and scores of ``split`` (its first ``limit`` images), and what was evaluated how;
+    with ``ensemble``, decoded by the model and those checkpoints together."""
     target = resolve_device(device)
     model = checkpoint.load(model_path, target)
+    others = [checkpoint.load(path, target) for path in ensemble]
+    decoder = ensemble_of([model, *others]) if others else None
     beam = beam or default_beam_config(model)
     records = load_dataset(data, (split,)).split(split)
     if limit:
         records = records[:limit]
     source = feature_source(model, {r.image_id: r.path for r in records}, target, cache)
-    result = score_records(model, source, records, beam, metrics.METRIC_KEYS, batch_size)
-    return result, {"model": model.version, "beam": asdict(beam), "decode_seconds": result.decode_seconds}
+    result = score_records(model, source, records, beam, metrics.METRIC_KEYS, batch_size, decoder)
+    name = " + ".join(m.version for m in [model, *others])
+    return result, {"model": name, "beam": asdict(beam), "decode_seconds": result.decode_seconds}
 
 
 def metrics_entry(result: SplitResult, data: str, split: str, beam: BeamConfig) -> dict[str, Any]:
@@ -102,6 +112,7 @@ def metrics_entry(result: SplitResult, data: str, split: str, beam: BeamConfig) 
 def command_line(args: argparse.Namespace, beam: BeamConfig) -> str:
     """The command that reproduces these numbers, with the decoding settings spelled out."""
     words = ["python", "-m", "train", "evaluate", *(["--model", args.model] if args.model else []),
+             *(word for path in args.ensemble for word in ("--ensemble", path)),
              "--data", args.data, "--split", args.split, "--beam", str(beam.beam_size),
              "--max-len", str(beam.max_len), "--length-penalty", str(beam.length_penalty),
              "--block-ngram", str(beam.block_ngram), *(["--limit", str(args.limit)] if args.limit else [])]
@@ -119,10 +130,14 @@ def write_meta(model_path: str | None, key: str, entry: dict[str, Any]) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.write_metrics and args.ensemble:
+        print("error: --write-metrics stores one checkpoint's own scores; an ensemble's are not its",
+              file=sys.stderr)
+        return 2
     meta = checkpoint.read_document(args.model).get("meta", {})
     beam = beam_from_args(args, beam_config_from_meta(meta))
     result, info = evaluate(args.model, args.data, args.split, beam, args.limit, args.device,
-                            None if args.no_cache else args.cache, args.batch_size)
+                            None if args.no_cache else args.cache, args.batch_size, args.ensemble)
     scores, hyps = result.scores, result.captions
     captions_out = Path(args.captions_out or f"captions_{args.split}.json")
     captions_out.write_text(json.dumps(hyps, indent=0, ensure_ascii=False) + "\n")

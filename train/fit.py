@@ -31,6 +31,7 @@ from common.atomic import atomic_write_text
 
 from . import metrics
 from .data import CaptionDataset, ImageRecord, load_dataset
+from .distill import WordDistillation, distillation_fact, split_paths, teacher_decoders
 from .features import FeatureSource, feature_source
 from .loop import Example, LoopConfig, Objective, bucketed_batches, build_examples, train_epoch
 from .scoring import SplitResult, score_records
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 VALIDATION_METRICS = tuple(k for k in metrics.METRIC_KEYS if k != "METEOR")
 
 
-INHERITED_FACTS = ("created", "training", "metrics", "confidence", "histories", "scst")
+INHERITED_FACTS = ("created", "training", "metrics", "confidence", "histories", "scst", "distillation")
 
 
 @dataclass
@@ -79,6 +80,10 @@ class TrainConfig(LoopConfig):
     scst_max_len: int = 20
     scst_baseline: str = "mean"
     scst_sampling: str = "multinomial"
+    # word-level distillation (train.distill): checkpoints whose mean word distribution is mixed
+    # into each reference word's target, comma-separated; empty: plain cross-entropy
+    distill_from: str = ""
+    distill_weight: float = 0.5
     model: dict[str, Any] = field(default_factory=dict)
 
     def model_config(self) -> ModelConfig:
@@ -186,6 +191,8 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     if scst:
         model.meta["scst"] = scst
     model.to(device)
+    if cfg.distill_from:
+        model.meta["distillation"] = distillation_fact(cfg.distill_from, cfg.distill_weight)
     if model.config.fine_tune_blocks > 0:
         cfg.raw_images = True
     images = {r.image_id: r.path for r in [*train_records, *val_records]}
@@ -282,7 +289,16 @@ def _save_mid_epoch(out: Path, model: CaptionModel, optimizer: torch.optim.Optim
 def _objective(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageRecord],
                world: int) -> tuple[list[Example], Objective | None]:
     """The training examples and objective: reference captions with cross-entropy (None: the loop's
-    default), or with --scst one example per image and the self-critical objective."""
+    default) or with a teacher's words mixed in (--distill-from), or with --scst one example per
+    image and the self-critical objective."""
+    if cfg.scst and cfg.distill_from:
+        raise ValueError("--scst and --distill-from are different stages: run them one after the other")
+    if cfg.distill_from:
+        if world > 1:
+            raise ValueError("--distill-from runs in one process")
+        teachers = teacher_decoders(split_paths(cfg.distill_from), model, next(model.decoder.parameters()).device)
+        return (build_examples(train_records, model.vocab, cfg.max_caption_len),
+                WordDistillation(teachers, cfg.distill_weight, model.vocab.pad_id, cfg.alpha_c))
     if not cfg.scst:
         return build_examples(train_records, model.vocab, cfg.max_caption_len), None
     if cfg.scst_baseline not in BASELINES:

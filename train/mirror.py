@@ -33,7 +33,7 @@ from PIL import Image, ImageOps
 
 from common.atomic import atomic_write_bytes
 
-from .data import ImageRecord, load_dataset, write_flickr
+from .data import ImageRecord, link_image, load_dataset, write_flickr
 from .fit import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -71,19 +71,6 @@ def mirrored_photo(path: Path) -> bytes:
     return out.getvalue()
 
 
-def _link(target: Path, link: Path) -> None:
-    """``link`` -> ``target``; a link to elsewhere is replaced, a real file is never touched (``--out``
-    must be a new folder, or one this command wrote, never the source dataset itself)."""
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink():
-        if link.resolve() == target.resolve():
-            return
-        link.unlink()
-    elif link.exists():
-        raise FileExistsError(f"{link} is a file, not a link this command made: write to a new folder")
-    link.symlink_to(target.resolve())
-
-
 def write_mirrored(spec: str, out: Path, splits: Sequence[str] = ("train", "val"),
                    mirror_split: str = "train") -> dict[str, int]:
     """Write ``spec``'s ``splits`` to ``out`` in the Flickr layout, ``mirror_split`` doubled with
@@ -99,7 +86,7 @@ def write_mirrored(spec: str, out: Path, splits: Sequence[str] = ("train", "val"
     for split in splits:
         records = dataset.split(split)
         for record in records:
-            _link(record.path, images / record.image_id)
+            link_image(record.path, images / record.image_id)
         written[split] = [*records, *(_write_mirrors(records, images) if split == mirror_split else [])]
     write_flickr(out, written)
     return {split: len(records) for split, records in written.items()}

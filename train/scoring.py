@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from captioner.beam import BeamConfig
 from captioner.checkpoint import CaptionModel
 from captioner.inference import Captioner
+from captioner.model import StepDecoder
 from captioner.result import CaptionResult
 
 from . import metrics
@@ -31,9 +32,10 @@ class SplitResult:
 
 
 def decode_results(model: CaptionModel, features: Features, image_ids: Sequence[str], beam: BeamConfig,
-                   batch_size: int = DECODE_BATCH) -> dict[str, CaptionResult]:
-    """Image id -> the captioner's full result (score, confidence...), ``batch_size`` images at a time."""
-    captioner = Captioner(model, features.device, beam)
+                   batch_size: int = DECODE_BATCH, decoder: StepDecoder | None = None) -> dict[str, CaptionResult]:
+    """Image id -> the captioner's full result (score, confidence...), ``batch_size`` images at a time;
+    the words from ``decoder`` (an ensemble with the model's) when given."""
+    captioner = Captioner(model, features.device, beam, decoder=decoder)
     out: dict[str, CaptionResult] = {}
     for start in range(0, len(image_ids), batch_size):
         chunk = list(image_ids[start:start + batch_size])
@@ -42,16 +44,18 @@ def decode_results(model: CaptionModel, features: Features, image_ids: Sequence[
 
 
 def decode_captions(model: CaptionModel, features: Features, image_ids: Sequence[str], beam: BeamConfig,
-                    batch_size: int = DECODE_BATCH) -> dict[str, str]:
+                    batch_size: int = DECODE_BATCH, decoder: StepDecoder | None = None) -> dict[str, str]:
     """Image id -> caption, decoded ``batch_size`` images at a time with ``beam``."""
-    return {image_id: r.text for image_id, r in decode_results(model, features, image_ids, beam, batch_size).items()}
+    results = decode_results(model, features, image_ids, beam, batch_size, decoder)
+    return {image_id: r.text for image_id, r in results.items()}
 
 
 def score_records(model: CaptionModel, features: Features, records: Sequence[ImageRecord], beam: BeamConfig,
-                  keys: Sequence[str] = metrics.METRIC_KEYS, batch_size: int = DECODE_BATCH) -> SplitResult:
+                  keys: Sequence[str] = metrics.METRIC_KEYS, batch_size: int = DECODE_BATCH,
+                  decoder: StepDecoder | None = None) -> SplitResult:
     """Decode ``records``' images and score the captions against their references."""
     start = time.perf_counter()
-    captions = decode_captions(model, features, [r.image_id for r in records], beam, batch_size)
+    captions = decode_captions(model, features, [r.image_id for r in records], beam, batch_size, decoder)
     seconds = time.perf_counter() - start
     references = {r.image_id: list(r.captions) for r in records}
     return SplitResult(metrics.score(references, captions, keys), captions, seconds)

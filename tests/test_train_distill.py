@@ -1,0 +1,177 @@
+"""`python -m train distill`: training captions written by an ensemble, read back by fit's reader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner import checkpoint
+from captioner.beam import BeamConfig
+from captioner.ensemble import ensemble_of
+from tests.helpers import make_checkpoint
+from tests.test_train_support import make_flickr, tiny_fit_args
+from train import metrics
+from train.__main__ import main
+from train.data import load_dataset
+from train.distill import TEACHER_FILE, DistillError, WordDistillation, teacher_decoders, write_distilled
+from train.features import feature_source
+from train.loop import CrossEntropy, Example, pad
+from train.scoring import decode_captions
+
+BEAM = BeamConfig(beam_size=2, max_len=8)
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> str:
+    return f"flickr:{make_flickr(tmp_path / 'data', n_train=4, n_val=2)}"
+
+
+@pytest.fixture
+def teachers(tmp_path: Path) -> list[str]:
+    return [str(make_checkpoint(tmp_path / f"teacher{seed}", seed=seed, version=f"t{seed}")) for seed in (0, 1)]
+
+
+def _ensemble_captions(teachers: list[str], spec: str, split: str, cache: Path) -> dict[str, str]:
+    models = [checkpoint.load(path) for path in teachers]
+    records = load_dataset(spec, (split,)).split(split)
+    features = feature_source(models[0], {r.image_id: r.path for r in records}, models[0].decoder.embedding
+                              .weight.device, str(cache))
+    return decode_captions(models[0], features, [r.image_id for r in records], BEAM, decoder=ensemble_of(models))
+
+
+def test_training_captions_are_the_ensembles_and_validation_is_unchanged(
+        tmp_path: Path, source: str, teachers: list[str]) -> None:
+    out, cache = tmp_path / "distilled", tmp_path / "cache"
+
+    counts = write_distilled(source, teachers, out, BEAM, cache=str(cache), batch_size=3)
+
+    assert counts == {"train": 4, "val": 2}
+    written, original = load_dataset(f"flickr:{out}"), load_dataset(source)
+    expected = _ensemble_captions(teachers, source, "train", cache)
+    assert {r.image_id: r.captions for r in written.split("train")} == {i: (c,) for i, c in expected.items()}
+    assert [(r.image_id, r.captions) for r in written.split("val")] == \
+           [(r.image_id, r.captions) for r in original.split("val")]
+    for record in written.split("train") + written.split("val"):
+        assert record.path.is_symlink()  # linked, never copied
+        assert record.path.resolve() == (Path(source.removeprefix("flickr:")) / "images" / record.image_id).resolve()
+    saved = json.loads((out / TEACHER_FILE).read_text())
+    assert saved["teachers"] == ["t0", "t1"] and saved["decoding"]["beam_size"] == 2
+    assert saved["captions"] == expected
+
+
+def test_keep_references_puts_the_photos_own_captions_after_the_teachers(
+        tmp_path: Path, source: str, teachers: list[str]) -> None:
+    out = tmp_path / "distilled"
+    write_distilled(source, teachers, out, BEAM, keep_references=True, cache=str(tmp_path / "cache"))
+    teacher = json.loads((out / TEACHER_FILE).read_text())["captions"]
+    original = {r.image_id: r.captions for r in load_dataset(source).split("train")}
+    for record in load_dataset(f"flickr:{out}").split("train"):
+        assert record.captions == (teacher[record.image_id], *original[record.image_id])
+
+
+def test_an_interrupted_run_resumes_and_another_teacher_is_refused(
+        tmp_path: Path, source: str, teachers: list[str]) -> None:
+    out, cache = tmp_path / "distilled", str(tmp_path / "cache")
+    write_distilled(source, teachers, out, BEAM, cache=cache)
+    file = out / TEACHER_FILE
+    saved = json.loads(file.read_text())
+    first = sorted(saved["captions"])[0]
+    # As if the run had stopped before the last photos: one missing, one marked so a rerun that
+    # decoded it again would be seen (a resumed run keeps what is already written).
+    missing = sorted(saved["captions"])[-1]
+    expected_missing = saved["captions"].pop(missing)
+    saved["captions"][first] = "kept from the first run"
+    file.write_text(json.dumps(saved))
+
+    write_distilled(source, teachers, out, BEAM, cache=cache)
+
+    captions = json.loads(file.read_text())["captions"]
+    assert captions[first] == "kept from the first run"
+    assert captions[missing] == expected_missing
+    with pytest.raises(DistillError, match="other teachers"):
+        write_distilled(source, teachers[:1], out, BEAM, cache=cache)
+    with pytest.raises(DistillError, match="other teachers"):
+        write_distilled(source, teachers, out, BeamConfig(beam_size=3, max_len=8), cache=cache)
+
+
+def test_the_command_writes_a_dataset_fit_reads(tmp_path: Path, source: str, teachers: list[str],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "distilled"
+    args = ["distill", "--data", source, "--teacher", teachers[0], "--teacher", teachers[1], "--out", str(out),
+            "--beam", "2", "--cache", str(tmp_path / "cache")]
+    assert main(args) == 0
+    assert "train 4 images, val 2 images" in capsys.readouterr().out
+    assert len(load_dataset(f"flickr:{out}").split("train")) == 4
+    with pytest.raises(ValueError, match="must be one of the splits"):
+        write_distilled(source, teachers, tmp_path / "other", BEAM, splits=("val",), cache=str(tmp_path / "cache"))
+
+
+# ----------------------------------------------------------------------------- word level
+
+
+def _batch(model: checkpoint.CaptionModel) -> tuple[torch.Tensor, list[Example]]:
+    torch.manual_seed(3)
+    texts = ["a dog runs on the grass", "two man in red shirt", "a cat is in the water"]
+    examples = [Example(f"i{n}", model.vocab.encode(text)) for n, text in enumerate(texts)]
+    return torch.randn(len(texts), 4, model.decoder.encoder_dim), examples
+
+
+def test_weight_zero_is_plain_cross_entropy_and_the_teachers_mean_is_the_target(tmp_path: Path) -> None:
+    student = checkpoint.load(make_checkpoint(tmp_path / "s", seed=0))
+    teachers = [checkpoint.load(make_checkpoint(tmp_path / f"t{seed}", seed=seed)).decoder for seed in (1, 2)]
+    features, batch = _batch(student)
+    pad_id = student.vocab.pad_id
+    plain = CrossEntropy(pad_id, alpha_c=1.0, label_smoothing=0.0)(student.decoder, features, batch)
+    none = WordDistillation(teachers, 0.0, pad_id, alpha_c=1.0)(student.decoder, features, batch)
+    assert torch.allclose(none[0], plain[0], atol=1e-6) and torch.allclose(none[1], plain[1], atol=1e-6)
+
+    # weight 1: the target is the mean of the teachers' distributions, word by word.
+    loss, reported = WordDistillation(teachers, 1.0, pad_id, alpha_c=0.0)(student.decoder, features, batch)
+    tokens = pad([e.tokens for e in batch], pad_id)
+    mask = tokens[:, 1:] != pad_id
+    with torch.no_grad():
+        target = sum(torch.softmax(t(features, tokens)[0], dim=-1) for t in teachers) / 2
+    expected = -(target * torch.log_softmax(student.decoder(features, tokens)[0], dim=-1)).sum(-1)[mask].mean()
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert torch.allclose(reported, plain[1], atol=1e-6)  # the references' cross-entropy, as fit reports
+
+
+def test_training_on_the_teachers_words_brings_the_student_to_them(tmp_path: Path) -> None:
+    student = checkpoint.load(make_checkpoint(tmp_path / "s", seed=0))
+    teacher = checkpoint.load(make_checkpoint(tmp_path / "t", seed=1))
+    features, batch = _batch(student)
+    objective = WordDistillation(teacher_decoders([str(tmp_path / "t")], student, torch.device("cpu")),
+                                 1.0, student.vocab.pad_id, alpha_c=0.0)
+    optimizer = torch.optim.Adam(student.decoder.parameters(), lr=1e-2)
+    tokens = pad([e.tokens for e in batch], student.vocab.pad_id)
+
+    def distance() -> float:
+        with torch.no_grad():
+            mine = torch.log_softmax(student.decoder(features, tokens)[0], dim=-1)
+            theirs = torch.softmax(teacher.decoder(features, tokens)[0], dim=-1)
+            return float((theirs * (theirs.clamp_min(1e-12).log() - mine)).sum(-1).mean())
+
+    before = distance()
+    for _ in range(30):
+        loss, _ = objective(student.decoder, features, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert distance() < 0.2 * before
+    assert all(not p.requires_grad for t in objective.teachers for p in t.parameters())
+
+
+def test_fit_distills_and_records_its_teachers(tmp_path: Path, source: str, teachers: list[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    out = tmp_path / "student"
+    args = tiny_fit_args(source, out, tmp_path / "cache", epochs=1, init_from=teachers[0],
+                         distill_from=",".join(teachers), distill_weight=0.7, progress=False)
+    assert main(args) == 0
+    meta = checkpoint.read_document(out / "best")["meta"]
+    assert meta["distillation"] == {"kind": "word", "teachers": ["t0", "t1"], "weight": 0.7}
+    with pytest.raises(ValueError, match="different stages"):
+        main([*args, "--scst", "--out", str(tmp_path / "both")])

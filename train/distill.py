@@ -1,0 +1,236 @@
+"""Distillation: what an ensemble of models knows, taught to one decoder.
+
+Two ways, both with an ensemble of trained models as the teacher:
+
+- word level, ``python -m train fit --distill-from A,B``: while the student is trained on the
+  references, each word's target is mixed with the teacher's distribution over the vocabulary
+  (:class:`WordDistillation`; Hinton et al. 2015, "Distilling the Knowledge in a Neural Network");
+- sequence level, ``python -m train distill`` (below): a dataset whose training captions the
+  teacher wrote.
+
+``python -m train distill``: a dataset whose training captions are written by an ensemble of models.
+
+Two decoders trained separately caption better together (``python -m train evaluate --ensemble``)
+than either alone, but shipping both doubles the model's size and decoding time. Sequence-level
+knowledge distillation (Kim & Rush 2016, "Sequence-Level Knowledge Distillation") gets much of
+the gain into one decoder: the ensemble (the teacher) captions every training photo with beam
+search, and a single decoder (the student) is then trained on those captions with the usual
+``python -m train fit --init-from STUDENT --data flickr:OUT``. The teacher's captions are the
+sentences beam search finds, so the student learns where the ensemble's search ends up rather
+than the spread of five people's wordings.
+
+The result is a Flickr-layout dataset (``captions.txt``, one ``SPLIT.txt`` per split, ``images/``
+with links to the photos, nothing copied):
+
+- the distilled split's captions are the teacher's, one per photo, followed by the photo's own
+  references when ``--keep-references`` is given;
+- the other splits are copied unchanged, so students are selected on the same photos;
+- ``teacher.json`` records the teachers, the decoding settings and each photo's caption. It is
+  rewritten after every batch, so an interrupted run resumes where it stopped; a run with other
+  teachers or settings refuses to mix its captions in.
+
+Run: python -m train distill --data flickr:data/flickr8k-mirror --teacher runs/a/best --teacher runs/b/best \\
+         --out data/flickr8k-distilled
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from captioner import checkpoint
+from captioner.beam import BeamConfig
+from captioner.checkpoint import CaptionModel
+from captioner.ensemble import aligned_decoder, check_same_features, ensemble_of
+from captioner.inference import beam_config_from_meta, resolve_device
+from captioner.model import Decoder, attention_regularization
+from common.atomic import atomic_write_text
+
+from .cli import DEVICE_HELP
+from .data import ImageRecord, link_image, load_dataset, write_flickr
+from .evaluate import beam_from_args
+from .features import feature_source
+from .loop import Example, pad
+from .scoring import DECODE_BATCH, decode_captions
+
+log = logging.getLogger(__name__)
+
+TEACHER_FILE = "teacher.json"
+
+
+class DistillError(RuntimeError):
+    """The output folder holds another teacher's captions."""
+
+
+def split_paths(paths: str) -> list[str]:
+    """``--distill-from A,B`` -> ["A", "B"]."""
+    return [p.strip() for p in paths.split(",") if p.strip()]
+
+
+def distillation_fact(paths: str, weight: float) -> dict[str, Any]:
+    """A student's ``meta["distillation"]``: which models taught it (by version), with what weight."""
+    versions = [checkpoint.read_document(p).get("meta", {}).get("version") or checkpoint.resolve(p).name
+                for p in split_paths(paths)]
+    return {"kind": "word", "teachers": versions, "weight": weight}
+
+
+def teacher_decoders(paths: Sequence[str], student: CaptionModel, device: torch.device) -> list[Decoder]:
+    """The teachers' decoders on ``device``, frozen, their word rows in the student's order."""
+    decoders = []
+    for path in paths:
+        teacher = checkpoint.load(path, device)
+        check_same_features(student, teacher)
+        decoder = aligned_decoder(teacher, student.vocab).eval()
+        decoder.requires_grad_(False)
+        decoders.append(decoder)
+    if not decoders:
+        raise ValueError("word-level distillation needs at least one teacher checkpoint")
+    return decoders
+
+
+@dataclass
+class WordDistillation:
+    """Teacher forcing on the references, each word's target mixed with the teacher's distribution.
+
+    loss = (1 - weight) * cross-entropy(references) + weight * cross-entropy(teacher's distribution)
+           + alpha_c * the attention penalty
+
+    The teacher's distribution is the mean of its members' (each fed the same reference prefix, in
+    eval mode). Reported: the references' cross-entropy, so the history compares with plain ``fit``.
+    """
+
+    teachers: list[Decoder]
+    weight: float
+    pad_id: int
+    alpha_c: float
+    name: str = "loss"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError("the distillation weight must be between 0 and 1")
+
+    def __call__(self, decoder: nn.Module, features: Tensor, batch: Sequence[Example]) -> tuple[Tensor, Tensor]:
+        tokens = pad([e.tokens for e in batch], self.pad_id).to(features.device)
+        logits, alphas = decoder(features, tokens)
+        targets = tokens[:, 1:]
+        mask = targets != self.pad_id
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        references = -log_probs.gather(2, targets.unsqueeze(2)).squeeze(2)[mask].mean()
+        taught = -(self.teacher_probabilities(features, tokens) * log_probs).sum(dim=-1)[mask].mean()
+        loss = (1 - self.weight) * references + self.weight * taught
+        if self.alpha_c:
+            loss = loss + self.alpha_c * attention_regularization(alphas, mask.float())
+        return loss, references
+
+    @torch.no_grad()
+    def teacher_probabilities(self, features: Tensor, tokens: Tensor) -> Tensor:
+        return torch.stack([F.softmax(t(features, tokens)[0].float(), dim=-1) for t in self.teachers]).mean(dim=0)
+
+
+def teacher_captions(teachers: Sequence[str], records: Sequence[ImageRecord], beam: BeamConfig, out: Path,
+                     device: str = "auto", cache: str | None = "cache/features",
+                     batch_size: int = DECODE_BATCH) -> dict[str, str]:
+    """Image id -> the ensemble's caption for every record, resuming from ``out/teacher.json``."""
+    target = resolve_device(device)
+    models = [checkpoint.load(path, target) for path in teachers]
+    decoder = ensemble_of(models)
+    manifest = {"teachers": [m.version for m in models], "teacher_paths": list(teachers),
+                "decoding": asdict(beam)}
+    done = _resume(out / TEACHER_FILE, manifest)
+    todo = [r for r in records if r.image_id not in done]
+    if done:
+        log.info("resuming: %d of %d photos already captioned by the teacher", len(records) - len(todo),
+                 len(records))
+    source = feature_source(models[0], {r.image_id: r.path for r in todo}, target, cache)
+    for start in range(0, len(todo), batch_size):
+        chunk = [r.image_id for r in todo[start:start + batch_size]]
+        done.update(decode_captions(models[0], source, chunk, beam, batch_size, decoder))
+        _save(out / TEACHER_FILE, manifest, done)
+        log.info("teacher captions: %d/%d photos", len(records) - len(todo) + start + len(chunk), len(records))
+    return {r.image_id: done[r.image_id] for r in records}
+
+
+def _resume(file: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    if not file.is_file():
+        return {}
+    saved = json.loads(file.read_text(encoding="utf-8"))
+    if {k: saved.get(k) for k in manifest} != manifest:
+        raise DistillError(f"{file} holds captions of other teachers or decoding settings "
+                           f"({saved.get('teachers')}, {saved.get('decoding')}): write to a new folder")
+    return dict(saved.get("captions", {}))
+
+
+def _save(file: Path, manifest: dict[str, Any], captions: dict[str, str]) -> None:
+    document = {**manifest, "updated": datetime.now(UTC).isoformat(timespec="seconds"), "captions": captions}
+    atomic_write_text(file, json.dumps(document, indent=0, ensure_ascii=False) + "\n")
+
+
+def write_distilled(spec: str, teachers: Sequence[str], out: Path, beam: BeamConfig,
+                    splits: Sequence[str] = ("train", "val"), distill_split: str = "train",
+                    keep_references: bool = False, device: str = "auto", cache: str | None = "cache/features",
+                    batch_size: int = DECODE_BATCH) -> dict[str, int]:
+    """Write ``spec``'s ``splits`` to ``out`` in the Flickr layout, ``distill_split``'s captions written by
+    the ensemble of ``teachers``. Returns the number of images per split written."""
+    if distill_split not in splits:
+        raise ValueError(f"the split to distill ({distill_split}) must be one of the splits written")
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset(spec, tuple(splits))
+    written: dict[str, list[ImageRecord]] = {}
+    for split in splits:
+        records = dataset.split(split)
+        for record in records:
+            link_image(record.path, out / "images" / record.image_id)
+        if split == distill_split:
+            captions = teacher_captions(teachers, records, beam, out, device, cache, batch_size)
+            records = [ImageRecord(r.image_id, r.path, (captions[r.image_id],
+                                                        *(r.captions if keep_references else ())))
+                       for r in records]
+        written[split] = records
+    write_flickr(out, written)
+    return {split: len(records) for split, records in written.items()}
+
+
+def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
+    parser = sub.add_parser("distill", help="write a dataset whose training captions an ensemble of models wrote",
+                            description=__doc__, formatter_class=formatter)
+    parser.add_argument("--data", required=True, help="the dataset, FORMAT:PATH as for fit")
+    parser.add_argument("--teacher", action="append", required=True, metavar="CHECKPOINT",
+                        help="a model of the teacher ensemble (repeat; same encoder and words; the first "
+                             "one's decoding settings are the default)")
+    parser.add_argument("--out", required=True, type=Path, help="the Flickr-layout folder to write")
+    parser.add_argument("--splits", default="train,val", help="splits to write, comma-separated")
+    parser.add_argument("--distill-split", default="train", help="the split whose captions the teacher writes")
+    parser.add_argument("--keep-references", action="store_true",
+                        help="keep each photo's own captions after the teacher's")
+    parser.add_argument("--beam", type=int, default=None, metavar="K", help="the teacher's beam size")
+    parser.add_argument("--max-len", type=int, default=None, metavar="N", help="longest caption in words")
+    parser.add_argument("--length-penalty", type=float, default=None, metavar="X",
+                        help="length normalisation exponent")
+    parser.add_argument("--block-ngram", type=int, default=None, metavar="N",
+                        help="forbid repeating an n-gram of this size")
+    parser.add_argument("--batch-size", type=int, default=DECODE_BATCH, metavar="N", help="photos decoded together")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--cache", default="cache/features", metavar="DIR",
+                        help="encoder feature cache folder (shared with fit)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    meta = checkpoint.read_document(args.teacher[0]).get("meta", {})
+    beam = beam_from_args(args, beam_config_from_meta(meta))
+    counts = write_distilled(args.data, args.teacher, args.out, beam, splits, args.distill_split,
+                             args.keep_references, args.device, args.cache, args.batch_size)
+    print(f"wrote {args.out}: " + ", ".join(f"{split} {n} images" for split, n in counts.items())
+          + f"; train a student on it with: python -m train fit --data flickr:{args.out} --init-from STUDENT ...")
+    return 0
