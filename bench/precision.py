@@ -33,7 +33,7 @@ from dataclasses import asdict, replace  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from bench.report import RESULTS, relative, start_run, write_result  # noqa: E402
+from bench.report import RESULTS, relative, relative_spec, start_run, write_result  # noqa: E402
 from captioner.beam import BeamConfig  # noqa: E402
 from captioner.inference import AUTOCAST_DTYPES, Captioner, resolve_device  # noqa: E402
 from captioner.vocab import tokenize  # noqa: E402
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     write_result(args.out, {
         "context": run.context(str(device)),
         "model": relative(args.model) if args.model else "the bundled default model (captioner/default_model)",
-        "data": args.data if not args.data.startswith("flickr:/") else f"flickr:{relative(args.data[7:])}",
+        "data": relative_spec(args.data),
         "split": args.split, "photos": len(records), "beam": asdict(beam), "batch_size": args.batch_size,
         "precision": args.precision,
         "identical_captions": identical, "identical_share": round(identical / len(records), 4),

@@ -42,6 +42,12 @@ def relative(path: str | Path) -> str:
     return f"{OUTSIDE}/{absolute.name}"
 
 
+def relative_spec(spec: str) -> str:
+    """A dataset spec (``FORMAT:PATH``, as ``train`` takes) with its path made :func:`relative`."""
+    kind, sep, path = spec.partition(":")
+    return f"{kind}:{relative(path)}" if sep and path.startswith("/") else spec
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """The command that ran, as one would type it from the repository root, without absolute paths."""
     args = list(sys.argv if argv is None else argv)

@@ -219,3 +219,23 @@ def test_forget_audit_bench_lists_what_forget_leaves_behind(tmp_path: Path) -> N
     assert summary["tables_with_traces_before"] >= 8 and summary["files_with_traces_before"] >= 3
     assert summary["tables_with_traces_after"] == summary["files_with_traces_after"] == 0
     assert document["what_stays"]["forgotten_people"] == [{"hash_hex_digits": 64, "flags": 1}]
+
+
+def test_ensemble_bench_scores_members_students_and_the_ensemble(tmp_path: Path) -> None:
+    from tests.helpers import make_checkpoint
+    from tests.test_train_support import make_flickr
+
+    data = f"flickr:{make_flickr(tmp_path / 'data', n_train=2, n_val=3)}"
+    first, second = (make_checkpoint(tmp_path / f"m{seed}", seed=seed, version=f"m{seed}") for seed in (0, 1))
+    out = tmp_path / "ensemble.json"
+    document = run_bench("ensemble.py", out, "--model", str(first), "--member", str(second), "--student",
+                         str(second), "--ensemble-beams", "1,2", "--data", data, "--cache", str(tmp_path / "cache"),
+                         "--json", str(out))
+    assert_reports_its_run(document, "ensemble.py", tmp_path)
+    rows = document["results"]
+    assert [(r["kind"], r["models"], r["decoding"]["beam_size"]) for r in rows] == [
+        ("member", ["m0"], 3), ("member", ["m1"], 3), ("student", ["m1"], 3),
+        ("ensemble", ["m0", "m1"], 1), ("ensemble", ["m0", "m1"], 2)]
+    assert rows[0]["ratio_to_first_member"]["Bleu_1"] == 1.0
+    assert rows[3]["decoder_megabytes_float16"] == rows[0]["decoder_megabytes_float16"] * 2
+    assert all(r["n_images"] == 3 for r in rows)

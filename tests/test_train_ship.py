@@ -60,3 +60,20 @@ def test_ship_refuses_to_replace_a_folder_that_is_not_a_model(tmp_path: Path) ->
     with pytest.raises(SystemExit, match="not a checkpoint"):
         main(ship_args(run, precious))
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_ship_records_where_it_trained_and_what_its_fine_tunes_replay(tmp_path: Path) -> None:
+    from tests.test_train_support import make_flickr
+    from train.finetune import FinetuneConfig, _reference_data
+
+    run = make_checkpoint(tmp_path / "run" / "best", version="run-best")
+    checkpoint.update_meta(run, "trained_on", "flickr:/machine/of/the/run/mirror")
+    original = make_flickr(tmp_path / "original", n_train=3, n_val=2)
+    out = tmp_path / "shipped"
+    assert main(ship_args(run, out, "--trained-on", "flickr:data/mirror", "--replay-data", f"flickr:{original}")) == 0
+    meta = checkpoint.read_document(out)["meta"]
+    assert meta["trained_on"] == "flickr:data/mirror" and meta["replay_data"] == f"flickr:{original}"
+    # The learning loop replays the photos it was shipped to replay, not the (absent) mirrored set.
+    replay, val = _reference_data(FinetuneConfig(), checkpoint.load(out))
+    assert [r.image_id for r in replay] == [f"train_{i}.jpg" for i in range(3)]
+    assert len(val) == 2

@@ -365,8 +365,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
 
 def _reference_data(cfg: FinetuneConfig, base: CaptionModel) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """(replay records, validation records): by default the base model's own training data."""
-    replay_spec = cfg.replay_data or base.meta.get("trained_on")
+    """(replay records, validation records): by default the data the base model was shipped to replay
+    (``meta.replay_data``, see ``train ship``), else its own training data."""
+    replay_spec = cfg.replay_data or base.meta.get("replay_data") or base.meta.get("trained_on")
     val_spec = cfg.val_data or replay_spec
     replay_records = load_dataset(replay_spec, (cfg.replay_split,)).split(cfg.replay_split) if replay_spec else []
     val_records = load_dataset(val_spec, (cfg.val_split,)).split(cfg.val_split) if val_spec else []
@@ -505,7 +506,8 @@ FINETUNE_HELP = {
     "include_upvoted": "also learn from captions people voted up",
     "all_corrections": "use every correction, not only those no model has trained on yet",
     "since": "only corrections made on or after this date (YYYY-MM-DD)",
-    "replay_data": "FORMAT:PATH of the replay data (default: the base model's training data)",
+    "replay_data": "FORMAT:PATH of the replay data (default: the base model's meta.replay_data, else its "
+                   "training data)",
     "replay_split": "split of the replay data",
     "replay_ratio": "replay captions per correction caption in each epoch",
     "val_data": "FORMAT:PATH for the validation check (default: replay data)",

@@ -44,8 +44,13 @@ def shipped_meta(meta: dict[str, Any], version: str, training: str, decoding: Be
 
 
 def ship(model_path: str, out: Path, version: str, training: str, decoding: BeamConfig,
-         histories: list[Path], parent: str | None = None) -> Path:
-    """Write the float16 model into ``out`` (replaced whole) with its histories; returns ``out``."""
+         histories: list[Path], parent: str | None = None, trained_on: str | None = None,
+         replay_data: str | None = None) -> Path:
+    """Write the float16 model into ``out`` (replaced whole) with its histories; returns ``out``.
+
+    ``trained_on`` replaces the run's own dataset spec (which may name a folder of the machine that
+    trained it); ``replay_data`` is the dataset the learning loop replays by default, when it is not
+    the one trained on (``train.finetune``)."""
     if out.exists() and not (out / checkpoint.META_FILE).is_file():
         raise SystemExit(f"{out} exists and is not a checkpoint folder: refusing to replace it")
     model = checkpoint.load(model_path, "cpu")
@@ -54,6 +59,10 @@ def ship(model_path: str, out: Path, version: str, training: str, decoding: Beam
     model.meta = shipped_meta(model.meta, version, training, decoding, names)
     if parent:
         model.meta["parent"] = parent
+    if trained_on:
+        model.meta["trained_on"] = trained_on
+    if replay_data:
+        model.meta["replay_data"] = replay_data
     recorded = [fact for stage in stages if (fact := self_critical_fact(stage.get("config", {})))]
     scst = model.meta.get("scst") or (recorded[0] if recorded else None)
     if scst:
@@ -85,6 +94,12 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     parser.add_argument("--parent", default=None,
                         help="the version it was trained from, when the run recorded a path (runs before fit "
                              "recorded versions)")
+    parser.add_argument("--trained-on", default=None, metavar="FORMAT:PATH",
+                        help="the dataset of the last stage as a spec from the repository root (default: the "
+                             "run's own, which may be a path of the machine that trained it)")
+    parser.add_argument("--replay-data", default=None, metavar="FORMAT:PATH",
+                        help="the dataset `train finetune` replays by default, when not the one trained on "
+                             "(for example the original photos of a mirrored training set)")
     parser.add_argument("--beam", type=int, required=True, help="shipped beam size")
     parser.add_argument("--max-len", type=int, default=20, help="shipped maximum caption length")
     parser.add_argument("--length-penalty", type=float, required=True, help="shipped length penalty")
@@ -94,7 +109,8 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     decoding = BeamConfig(args.beam, args.max_len, args.length_penalty, args.block_ngram)
-    out = ship(args.model, args.out, args.version, args.training, decoding, args.history, args.parent)
+    out = ship(args.model, args.out, args.version, args.training, decoding, args.history, args.parent,
+               args.trained_on, args.replay_data)
     size = (out / checkpoint.WEIGHTS_FILE).stat().st_size / 1e6
     print(f"shipped {args.version} to {out} ({size:.1f} MB, float16); now measure it: "
           f"python -m train evaluate --model {out} --data DATA --split val --write-metrics, then "
