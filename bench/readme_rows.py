@@ -145,6 +145,44 @@ def learning_loop_scst() -> str:
     return "\n".join(lines)
 
 
+def ensemble() -> str:
+    """The README's ensemble table (markdown), from bench/results/ensemble.json."""
+    d = _load("ensemble")
+    lines = ["| what | models | beam | BLEU-4 | METEOR | CIDEr | CIDEr vs the first member | decoding (s) "
+             "| decoders in float16 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in d["results"]:
+        m = row["metrics"]
+        meteor = f"{m['METEOR']:.4f}" if "METEOR" in m else "–"
+        lines.append(f"| {row['kind']} | {' + '.join(row['models'])} | {row['decoding']['beam_size']} "
+                     f"| {m['Bleu_4']:.4f} | {meteor} | {m['CIDEr']:.4f} "
+                     f"| {row['ratio_to_first_member']['CIDEr']:.3f}x | {row['decode_seconds']:.0f} "
+                     f"| {row['decoder_megabytes_float16']:.1f} MB |")
+    return "\n".join(lines)
+
+
+DISTILL_RUNS = ("kd-seq-mir-anneal", "kd-seq-v3", "kd-w1", "kd-w2", "kd-w4")
+
+
+def distill() -> str:
+    """The README's table of distillation runs (markdown), from their committed histories in
+    bench/results/training/ (each a ``fit`` run's history.json, paths made relative)."""
+    lines = ["| run | student started from | trained on | teacher's share of each word | lr | val CIDEr by epoch "
+             "| val BLEU-4 by epoch |",
+             "|---|---|---|---|---|---|---|"]
+    for name in DISTILL_RUNS:
+        path = RESULTS / "training" / f"{name}.json"
+        if not path.is_file():
+            continue
+        history = json.loads(path.read_text())
+        c, epochs = history["config"], history["epochs"]
+        share = f"{c['distill_weight']:g} (`{c['distill_from']}`)" if c.get("distill_from") else "none"
+        cider = " / ".join(f"{e['val']['CIDEr']:.3f}" for e in epochs)
+        bleu = " / ".join(f"{e['val']['Bleu_4']:.3f}" for e in epochs)
+        lines.append(f"| `{name}` | `{c['init_from']}` | `{c['data']}` | {share} | {c['lr']:g} | {cider} | {bleu} |")
+    return "\n".join(lines)
+
+
 def _bound(result: dict[str, Any]) -> str:
     """The 95% lower bound of the per-photo gain on held-out corrections. Result files written before
     the bench recorded it keep only the gate's reason, where the bound is stated in words."""
@@ -158,7 +196,7 @@ def _bound(result: dict[str, Any]) -> str:
 
 
 ROWS = {"worker": worker, "scale": scale, "bot_burst": bot_burst, "encoders": encoders, "scst": scst,
-        "learning_loop_scst": learning_loop_scst}
+        "learning_loop_scst": learning_loop_scst, "ensemble": ensemble, "distill": distill}
 
 if __name__ == "__main__":
     print(ROWS[sys.argv[1]]())
