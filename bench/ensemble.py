@@ -31,10 +31,9 @@ from train.evaluate import evaluate  # noqa: E402
 FLOAT16_BYTES = 2
 
 
-def decoder_megabytes(path: str | None) -> float:
-    """The decoder's weights in float16, in MB (10^6 bytes): what one more ensemble member costs."""
-    model = checkpoint.load(path)
-    return round(sum(p.numel() for p in model.decoder.parameters()) * FLOAT16_BYTES / 1e6, 1)
+def decoder_parameters(path: str | None) -> int:
+    """The decoder's parameter count: what one more ensemble member costs."""
+    return sum(p.numel() for p in checkpoint.load(path).decoder.parameters())
 
 
 def version(path: str | None) -> str:
@@ -47,7 +46,8 @@ def row(kind: str, models: list[str | None], beam: BeamConfig, args: argparse.Na
     entry = {"kind": kind, "models": [version(m) for m in models], "decoding": asdict(beam),
              "n_images": len(result.captions), "metrics": result.scores.values,
              "decode_seconds": round(info["decode_seconds"], 2),
-             "decoder_megabytes_float16": round(sum(decoder_megabytes(m) for m in models), 1)}
+             "decoder_parameters": sum(decoder_parameters(m) for m in models)}
+    entry["decoder_megabytes_float16"] = round(entry["decoder_parameters"] * FLOAT16_BYTES / 1e6, 1)
     print(f"{kind:8s} {' + '.join(entry['models'])} beam {beam.beam_size}: "
           + "  ".join(f"{k} {v:.4f}" for k, v in result.scores.values.items()), flush=True)
     return entry

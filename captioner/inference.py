@@ -106,8 +106,9 @@ class Captioner:
         self.model.encoder.eval()
         self.model.decoder.eval()
         # What writes the words: the model's own decoder, or an ensemble that includes it
-        # (captioner.ensemble, on the same device: evaluation and distillation only).
-        self.decoder: StepDecoder = decoder or self.model.decoder
+        # (captioner.ensemble: evaluation and distillation only; its members must already be on
+        # this device, as checkpoint.load(path, device) puts them).
+        self.decoder: StepDecoder = decoder if decoder is not None else self.model.decoder
         self.beam = beam or default_beam_config(model)
         self.confidence = ConfidenceRule.from_meta(model.meta)
         vocab = model.vocab

@@ -237,5 +237,6 @@ def test_ensemble_bench_scores_members_students_and_the_ensemble(tmp_path: Path)
         ("member", ["m0"], 3), ("member", ["m1"], 3), ("student", ["m1"], 3),
         ("ensemble", ["m0", "m1"], 1), ("ensemble", ["m0", "m1"], 2)]
     assert rows[0]["ratio_to_first_member"]["Bleu_1"] == 1.0
-    assert rows[3]["decoder_megabytes_float16"] == rows[0]["decoder_megabytes_float16"] * 2
+    assert rows[0]["decoder_parameters"] > 0
+    assert rows[3]["decoder_parameters"] == rows[0]["decoder_parameters"] + rows[1]["decoder_parameters"]
     assert all(r["n_images"] == 3 for r in rows)

@@ -133,3 +133,26 @@ def test_the_probabilities_stay_a_distribution(tmp_path: Path) -> None:
     assert step.log_probs.exp().sum(dim=1) == pytest.approx([1.0] * 3, abs=1e-5)
     assert step.alpha.sum(dim=1) == pytest.approx([1.0] * 3, abs=1e-5)
     assert not math.isnan(float(step.log_probs.min()))
+
+
+def test_members_of_different_sizes_keep_their_own_states_through_beam_reordering(tmp_path: Path) -> None:
+    small = checkpoint.load(make_checkpoint(tmp_path / "small", config=tiny_config(hidden_dim=24, attention_dim=12),
+                                            seed=4, version="small"))
+    large = _model(tmp_path, "large", seed=5)
+    assert small.config.hidden_dim != large.config.hidden_dim
+    ensemble = ensemble_of([small, large])
+    features = _features(small, 3)
+    reorder = torch.tensor([2, 0, 0])  # what beam search does between steps: rows move and duplicate
+    tokens = torch.tensor([SpecialIds().start] * 3)
+    with torch.no_grad():
+        step = ensemble.step(tokens, features, ensemble.project(features), ensemble.init_state(features))
+        moved = features.index_select(0, reorder)
+        second = ensemble.step(torch.tensor([5, 6, 7]), moved, ensemble.project(features).index_select(0, reorder),
+                               step.state.select(reorder))
+        expected = []
+        for member in (small.decoder, large.decoder):
+            first = member.step(tokens, features, member.project(features), member.init_state(features))
+            projected = member.project(features).index_select(0, reorder)
+            after = member.step(torch.tensor([5, 6, 7]), moved, projected, first.state.select(reorder))
+            expected.append(after.log_probs)
+    assert torch.allclose(second.log_probs, torch.logsumexp(torch.stack(expected), 0) - math.log(2), atol=1e-5)

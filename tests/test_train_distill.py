@@ -91,6 +91,12 @@ def test_an_interrupted_run_resumes_and_another_teacher_is_refused(
     captions = json.loads(file.read_text())["captions"]
     assert captions[first] == "kept from the first run"
     assert captions[missing] == expected_missing
+    # The same teachers under another path (a copy) are the same teachers: nothing is decoded again.
+    import shutil
+    copy = tmp_path / "copy_of_teacher0"
+    shutil.copytree(teachers[0], copy)
+    write_distilled(source, [str(copy), teachers[1]], out, BEAM, cache=cache)
+    assert json.loads(file.read_text())["captions"][first] == "kept from the first run"
     with pytest.raises(DistillError, match="other teachers"):
         write_distilled(source, teachers[:1], out, BEAM, cache=cache)
     with pytest.raises(DistillError, match="other teachers"):
@@ -175,3 +181,5 @@ def test_fit_distills_and_records_its_teachers(tmp_path: Path, source: str, teac
     assert meta["distillation"] == {"kind": "word", "teachers": ["t0", "t1"], "weight": 0.7}
     with pytest.raises(ValueError, match="different stages"):
         main([*args, "--scst", "--out", str(tmp_path / "both")])
+    with pytest.raises(ValueError, match="label-smoothing"):
+        main([*args, "--label-smoothing", "0.1", "--out", str(tmp_path / "smoothed")])

@@ -1,33 +1,27 @@
 """Distillation: what an ensemble of models knows, taught to one decoder.
 
-Two ways, both with an ensemble of trained models as the teacher:
-
-- word level, ``python -m train fit --distill-from A,B``: while the student is trained on the
-  references, each word's target is mixed with the teacher's distribution over the vocabulary
-  (:class:`WordDistillation`; Hinton et al. 2015, "Distilling the Knowledge in a Neural Network");
-- sequence level, ``python -m train distill`` (below): a dataset whose training captions the
-  teacher wrote.
-
-``python -m train distill``: a dataset whose training captions are written by an ensemble of models.
-
 Two decoders trained separately caption better together (``python -m train evaluate --ensemble``)
-than either alone, but shipping both doubles the model's size and decoding time. Sequence-level
-knowledge distillation (Kim & Rush 2016, "Sequence-Level Knowledge Distillation") gets much of
-the gain into one decoder: the ensemble (the teacher) captions every training photo with beam
-search, and a single decoder (the student) is then trained on those captions with the usual
-``python -m train fit --init-from STUDENT --data flickr:OUT``. The teacher's captions are the
-sentences beam search finds, so the student learns where the ensemble's search ends up rather
-than the spread of five people's wordings.
+than either alone, but shipping both doubles the model's size and decoding time. Distillation
+gets much of the gain into one decoder (the student), in one of two ways:
 
-The result is a Flickr-layout dataset (``captions.txt``, one ``SPLIT.txt`` per split, ``images/``
-with links to the photos, nothing copied):
+- word level, ``python -m train fit --init-from STUDENT --distill-from A,B``: while the student
+  is trained on the references, each word's target is mixed with the ensemble's (the teacher's)
+  distribution over the vocabulary (:class:`WordDistillation`; Hinton et al. 2015, "Distilling
+  the Knowledge in a Neural Network");
+- sequence level, ``python -m train distill``: the teacher captions every training photo with
+  beam search, and the student is trained on those captions with the usual ``python -m train fit
+  --init-from STUDENT --data flickr:OUT`` (Kim & Rush 2016, "Sequence-Level Knowledge
+  Distillation").
+
+``python -m train distill`` writes a Flickr-layout dataset (``captions.txt``, one ``SPLIT.txt``
+per split, ``images/`` with links to the photos, nothing copied):
 
 - the distilled split's captions are the teacher's, one per photo, followed by the photo's own
   references when ``--keep-references`` is given;
 - the other splits are copied unchanged, so students are selected on the same photos;
 - ``teacher.json`` records the teachers, the decoding settings and each photo's caption. It is
   rewritten after every batch, so an interrupted run resumes where it stopped; a run with other
-  teachers or settings refuses to mix its captions in.
+  teachers (by version) or settings refuses to mix its captions in.
 
 Run: python -m train distill --data flickr:data/flickr8k-mirror --teacher runs/a/best --teacher runs/b/best \\
          --out data/flickr8k-distilled
@@ -144,8 +138,9 @@ def teacher_captions(teachers: Sequence[str], records: Sequence[ImageRecord], be
     target = resolve_device(device)
     models = [checkpoint.load(path, target) for path in teachers]
     decoder = ensemble_of(models)
-    manifest = {"teachers": [m.version for m in models], "teacher_paths": list(teachers),
-                "decoding": asdict(beam)}
+    # Teachers are matched by version, not by the path they were given as (another working
+    # directory, or a copy of the same model, names them differently).
+    manifest = {"teachers": [m.version for m in models], "decoding": asdict(beam)}
     done = _resume(out / TEACHER_FILE, manifest)
     todo = [r for r in records if r.image_id not in done]
     if done:
@@ -155,7 +150,7 @@ def teacher_captions(teachers: Sequence[str], records: Sequence[ImageRecord], be
     for start in range(0, len(todo), batch_size):
         chunk = [r.image_id for r in todo[start:start + batch_size]]
         done.update(decode_captions(models[0], source, chunk, beam, batch_size, decoder))
-        _save(out / TEACHER_FILE, manifest, done)
+        _save(out / TEACHER_FILE, manifest, done, teachers)
         log.info("teacher captions: %d/%d photos", len(records) - len(todo) + start + len(chunk), len(records))
     return {r.image_id: done[r.image_id] for r in records}
 
@@ -170,8 +165,9 @@ def _resume(file: Path, manifest: dict[str, Any]) -> dict[str, str]:
     return dict(saved.get("captions", {}))
 
 
-def _save(file: Path, manifest: dict[str, Any], captions: dict[str, str]) -> None:
-    document = {**manifest, "updated": datetime.now(UTC).isoformat(timespec="seconds"), "captions": captions}
+def _save(file: Path, manifest: dict[str, Any], captions: dict[str, str], paths: Sequence[str]) -> None:
+    document = {**manifest, "teacher_paths": list(paths),
+                "updated": datetime.now(UTC).isoformat(timespec="seconds"), "captions": captions}
     atomic_write_text(file, json.dumps(document, indent=0, ensure_ascii=False) + "\n")
 
 

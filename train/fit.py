@@ -296,6 +296,9 @@ def _objective(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageR
     if cfg.distill_from:
         if world > 1:
             raise ValueError("--distill-from runs in one process")
+        if cfg.label_smoothing:
+            raise ValueError("--label-smoothing with --distill-from: the teachers' distribution already spreads "
+                             "each word's target")
         teachers = teacher_decoders(split_paths(cfg.distill_from), model, next(model.decoder.parameters()).device)
         return (build_examples(train_records, model.vocab, cfg.max_caption_len),
                 WordDistillation(teachers, cfg.distill_weight, model.vocab.pad_id, cfg.alpha_c))
