@@ -36,14 +36,10 @@ def decoder_parameters(path: str | None) -> int:
     return sum(p.numel() for p in checkpoint.load(path).decoder.parameters())
 
 
-def version(path: str | None) -> str:
-    return str(checkpoint.read_document(path).get("meta", {}).get("version") or checkpoint.resolve(path).name)
-
-
 def row(kind: str, models: list[str | None], beam: BeamConfig, args: argparse.Namespace) -> dict[str, Any]:
     result, info = evaluate(models[0], args.data, args.split, beam, args.limit, args.device, args.cache,
                             ensemble=[m for m in models[1:] if m is not None])
-    entry = {"kind": kind, "models": [version(m) for m in models], "decoding": asdict(beam),
+    entry = {"kind": kind, "models": [checkpoint.version_of(m) for m in models], "decoding": asdict(beam),
              "n_images": len(result.captions), "metrics": result.scores.values,
              "decode_seconds": round(info["decode_seconds"], 2),
              "decoder_parameters": sum(decoder_parameters(m) for m in models)}

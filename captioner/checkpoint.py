@@ -151,6 +151,11 @@ def read_document(path: str | Path | None) -> dict[str, Any]:
     return dict(document)
 
 
+def version_of(path: str | Path | None) -> str:
+    """A checkpoint's version name (as ``CaptionModel.version`` reads it), without loading its weights."""
+    return str(read_document(path).get("meta", {}).get("version") or resolve(path).name)
+
+
 def load(path: str | Path | None = None, device: torch.device | str = "cpu") -> CaptionModel:
     """Load a checkpoint (None = the bundled default model) in float32 on ``device``."""
     directory = resolve(path)

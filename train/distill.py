@@ -73,9 +73,7 @@ def split_paths(paths: str) -> list[str]:
 
 def distillation_fact(paths: str, weight: float) -> dict[str, Any]:
     """A student's ``meta["distillation"]``: which models taught it (by version), with what weight."""
-    versions = [checkpoint.read_document(p).get("meta", {}).get("version") or checkpoint.resolve(p).name
-                for p in split_paths(paths)]
-    return {"kind": "word", "teachers": versions, "weight": weight}
+    return {"kind": "word", "teachers": [checkpoint.version_of(p) for p in split_paths(paths)], "weight": weight}
 
 
 def teacher_decoders(paths: Sequence[str], student: CaptionModel, device: torch.device) -> list[Decoder]:

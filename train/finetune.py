@@ -183,11 +183,6 @@ class BaseChoice:
                 f"who used /forget (skipped: {', '.join(self.skipped)})")
 
 
-def _version_of(path: str | None) -> str:
-    """A checkpoint's version name (as ``CaptionModel.version`` reads it), without loading its weights."""
-    return str(checkpoint.read_document(path).get("meta", {}).get("version") or checkpoint.resolve(path).name)
-
-
 async def choose_base(cfg: FinetuneConfig) -> BaseChoice:
     """``--base``, else the active model version, else the bundled model; then, if that version learned
     from a forgotten person's corrections, its newest registered ancestor that did not."""
@@ -197,7 +192,7 @@ async def choose_base(cfg: FinetuneConfig) -> BaseChoice:
         if path is None:
             active = await store.active_model_version()
             path = active.checkpoint_path if active is not None else None
-        version = _version_of(path)
+        version = checkpoint.version_of(path)
         clean = await store.clean_base(version)
         if clean is None or clean.name == version:
             return BaseChoice(path, version)
@@ -344,7 +339,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     if cfg.from_export:
         # An export run names no database: it starts from --base (default: the bundled model).
-        choice = BaseChoice(cfg.base, _version_of(cfg.base))
+        choice = BaseChoice(cfg.base, checkpoint.version_of(cfg.base))
         corrections = corrections_from_export(cfg.from_export)
     else:
         choice = asyncio.run(choose_base(cfg))
