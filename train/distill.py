@@ -47,14 +47,14 @@ from captioner.beam import BeamConfig
 from captioner.checkpoint import CaptionModel
 from captioner.ensemble import aligned_decoder, check_same_features, ensemble_of
 from captioner.inference import beam_config_from_meta, resolve_device
-from captioner.model import Decoder, attention_regularization
+from captioner.model import Decoder
 from common.atomic import atomic_write_text
 
 from .cli import DEVICE_HELP
 from .data import ImageRecord, link_image, load_dataset, write_flickr
 from .evaluate import beam_from_args
 from .features import feature_source
-from .loop import Example, pad
+from .loop import Example, pad, reference_terms
 from .scoring import DECODE_BATCH, decode_captions
 
 log = logging.getLogger(__name__)
@@ -114,15 +114,11 @@ class WordDistillation:
     def __call__(self, decoder: nn.Module, features: Tensor, batch: Sequence[Example]) -> tuple[Tensor, Tensor]:
         tokens = pad([e.tokens for e in batch], self.pad_id).to(features.device)
         logits, alphas = decoder(features, tokens)
-        targets = tokens[:, 1:]
-        mask = targets != self.pad_id
+        references, penalty = reference_terms(logits, alphas, tokens, self.pad_id, self.alpha_c, 0.0)
+        mask = tokens[:, 1:] != self.pad_id
         log_probs = F.log_softmax(logits.float(), dim=-1)
-        references = -log_probs.gather(2, targets.unsqueeze(2)).squeeze(2)[mask].mean()
         taught = -(self.teacher_probabilities(features, tokens) * log_probs).sum(dim=-1)[mask].mean()
-        loss = (1 - self.weight) * references + self.weight * taught
-        if self.alpha_c:
-            loss = loss + self.alpha_c * attention_regularization(alphas, mask.float())
-        return loss, references
+        return (1 - self.weight) * references + self.weight * taught + penalty, references
 
     @torch.no_grad()
     def teacher_probabilities(self, features: Tensor, tokens: Tensor) -> Tensor:

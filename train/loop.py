@@ -120,16 +120,24 @@ def pad(sequences: Sequence[list[int]], pad_id: int) -> Tensor:
 # ----------------------------------------------------------------------------- loss and schedule
 
 
-def caption_loss(decoder: nn.Module, features: Tensor, tokens: Tensor, pad_id: int, alpha_c: float,
-                 label_smoothing: float) -> tuple[Tensor, Tensor]:
-    """(total loss, cross-entropy) for a padded batch of token sequences."""
-    logits, alphas = decoder(features, tokens)
+def reference_terms(logits: Tensor, alphas: Tensor, tokens: Tensor, pad_id: int, alpha_c: float,
+                    label_smoothing: float) -> tuple[Tensor, Tensor]:
+    """(cross-entropy on the references, weighted attention penalty) of a teacher-forced pass over the
+    padded ``tokens``: the terms every teacher-forced objective shares."""
     targets = tokens[:, 1:]
     ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=pad_id,
                          label_smoothing=label_smoothing)
     mask = (targets != pad_id).float()
-    reg = attention_regularization(alphas, mask) if alpha_c else torch.zeros((), device=features.device)
-    return ce + alpha_c * reg, ce
+    reg = attention_regularization(alphas, mask) if alpha_c else torch.zeros((), device=logits.device)
+    return ce, alpha_c * reg
+
+
+def caption_loss(decoder: nn.Module, features: Tensor, tokens: Tensor, pad_id: int, alpha_c: float,
+                 label_smoothing: float) -> tuple[Tensor, Tensor]:
+    """(total loss, cross-entropy) for a padded batch of token sequences."""
+    logits, alphas = decoder(features, tokens)
+    ce, penalty = reference_terms(logits, alphas, tokens, pad_id, alpha_c, label_smoothing)
+    return ce + penalty, ce
 
 
 @dataclass
