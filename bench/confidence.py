@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.report import RESULTS, relative, start_run, write_result  # noqa: E402
+from bench.report import RESULTS, add_split_options, relative, start_run, write_result  # noqa: E402
 from captioner import checkpoint  # noqa: E402
 from captioner.checkpoint import CaptionModel  # noqa: E402
 from captioner.confidence import ConfidenceRule, classifier_guesses, mentions  # noqa: E402
@@ -161,10 +161,7 @@ def judged(rule: ConfidenceRule, result: CaptionResult) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
-    parser.add_argument("--data", default="flickr:../shared/data/flickr8k")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--limit", type=int, default=0, help="only the first N validation images (0 = all)")
-    parser.add_argument("--cache", default=str(ROOT / "cache" / "features"))
+    add_split_options(parser, device=False)
     parser.add_argument("--val-budget", type=float, default=0.10, help="largest share of hedged val captions")
     parser.add_argument("--write-meta", action="store_true", help="store the rule in the checkpoint's metadata")
     parser.add_argument("--json", type=Path, default=RESULTS / "confidence.json")

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.report import RESULTS, relative, start_run, write_result  # noqa: E402
+from bench.report import RESULTS, add_split_options, relative, start_run, write_result  # noqa: E402
 from captioner import checkpoint  # noqa: E402
 from captioner.beam import BeamConfig  # noqa: E402
 from captioner.inference import beam_config_from_meta  # noqa: E402
@@ -43,11 +43,7 @@ def settings_to_try(shipped: BeamConfig) -> list[BeamConfig]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
-    parser.add_argument("--data", default="flickr:../shared/data/flickr8k")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
-    parser.add_argument("--cache", default=str(ROOT / "cache" / "features"))
-    parser.add_argument("--device", default="cpu")
+    add_split_options(parser)
     parser.add_argument("--json", type=Path, default=RESULTS / "decoding.json")
     args = parser.parse_args()
 

@@ -13,6 +13,7 @@ Writes bench/results/ensemble.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.report import RESULTS, relative, relative_spec, start_run, write_result  # noqa: E402
+from bench.report import RESULTS, add_split_options, relative, relative_spec, start_run, write_result  # noqa: E402
 from captioner import checkpoint  # noqa: E402
 from captioner.beam import BeamConfig  # noqa: E402
 from captioner.inference import beam_config_from_meta  # noqa: E402
@@ -31,6 +32,7 @@ from train.evaluate import evaluate  # noqa: E402
 FLOAT16_BYTES = 2
 
 
+@functools.cache  # each member is counted in its own row and in every ensemble row: load it once
 def decoder_parameters(path: str | None) -> int:
     """The decoder's parameter count: what one more ensemble member costs."""
     return sum(p.numel() for p in checkpoint.load(path).decoder.parameters())
@@ -55,11 +57,7 @@ def main() -> int:
     parser.add_argument("--member", action="append", required=True, help="another ensemble member (repeat)")
     parser.add_argument("--student", action="append", default=[], help="a distilled single model to compare")
     parser.add_argument("--ensemble-beams", default="3,5,10", help="beam sizes the ensemble is scored at")
-    parser.add_argument("--data", default="flickr:../shared/data/flickr8k")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
-    parser.add_argument("--cache", default=str(ROOT / "cache" / "features"))
-    parser.add_argument("--device", default="cpu")
+    add_split_options(parser)
     parser.add_argument("--json", type=Path, default=RESULTS / "ensemble.json")
     args = parser.parse_args()
 

@@ -10,6 +10,7 @@ and :func:`write_result` refuses a document that still holds an absolute path.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -40,6 +41,17 @@ def relative(path: str | Path) -> str:
     if absolute.is_relative_to(ROOT.parent):
         return os.path.relpath(absolute, ROOT)
     return f"{OUTSIDE}/{absolute.name}"
+
+
+def add_split_options(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    """The options of a benchmark that decodes a dataset split from the feature cache: --data, --split,
+    --limit, --cache and (unless ``device`` is False) --device, with the defaults they all share."""
+    parser.add_argument("--data", default="flickr:../shared/data/flickr8k")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
+    parser.add_argument("--cache", default=str(ROOT / "cache" / "features"))
+    if device:
+        parser.add_argument("--device", default="cpu")
 
 
 def relative_spec(spec: str) -> str:
