@@ -88,7 +88,7 @@ def encoders() -> str:
 
 
 SCST_RUNS = ("flickr8k-scst", "scst-greedy", "scst-b50", "scst-lr5", "scst-beam", "lite1-scst", "mir-scst",
-             "mir-scst-lr1", "mir-xe-scst")
+             "mir-scst-lr1", "mir-xe-scst", "v4-scst")
 
 
 def scst() -> str:
@@ -161,7 +161,7 @@ def ensemble() -> str:
     return "\n".join(lines)
 
 
-DISTILL_RUNS = ("kd-seq-mir-anneal", "kd-seq-v3", "kd-w1", "kd-w2", "kd-w4")
+DISTILL_RUNS = ("kd-seq-mir-anneal", "kd-seq-v3", "kd-w1", "kd-w2", "kd-w4", "kd-aug")
 
 
 def distill() -> str:

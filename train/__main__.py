@@ -1,4 +1,4 @@
-"""Command line: ``python -m train fit|evaluate|finetune|ship|mirror|distill ...`` (``--help`` on each)."""
+"""Command line: ``python -m train fit|evaluate|finetune|ship|mirror|crop|distill ...`` (``--help`` on each)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from captioner.model import ModelConfig
 
 # finetune imports storage (SQLAlchemy, Alembic) at once: before logging is set up, so that their
 # INFO lines at import time stay out of every command's output.
-from . import distill, evaluate, finetune, mirror, review, ship
+from . import crop, distill, evaluate, finetune, mirror, review, ship
 from .cli import DEVICE_HELP, VAL_LIMIT_HELP, HelpFormatter, add_dataclass_options, config_from_args
 from .fit import TrainConfig, fit
 
@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_parsers(sub, HelpFormatter)
     ship.add_parser(sub, HelpFormatter)
     mirror.add_parser(sub, HelpFormatter)
+    crop.add_parser(sub, HelpFormatter)
     distill.add_parser(sub, HelpFormatter)
     return parser
 

@@ -22,24 +22,17 @@ Writing is resumable: mirrored photos already written are kept.
 from __future__ import annotations
 
 import argparse
-import io
-import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
-from common.atomic import atomic_write_bytes
-
-from .data import ImageRecord, link_image, load_dataset, write_flickr
 from .fit import TrainConfig
-
-log = logging.getLogger(__name__)
+from .variants import Variant, encoded_variant, variant_id, write_with_variants
 
 MIRROR_PREFIX = "mirror_"
-JPEG_QUALITY = 95
 MIN_FREQ = 2 * TrainConfig().min_freq  # each word is seen twice as often
 _SIDES = {"left": "right", "right": "left"}
 _SIDE_WORD = re.compile(r"\b(left|right)\b", re.IGNORECASE)
@@ -54,56 +47,24 @@ def mirror_caption(caption: str) -> str:
     return _SIDE_WORD.sub(swap, caption)
 
 
+MIRROR = Variant("mirrored", MIRROR_PREFIX, lambda photo, _index: ImageOps.mirror(photo), mirror_caption)
+
+
 def mirrored_id(image_id: str) -> str:
     """``a/b.jpg`` -> ``a/mirror_b.jpg``: beside the original, in the same folder."""
-    parent, _, name = image_id.rpartition("/")
-    return f"{parent}/{MIRROR_PREFIX}{name}" if parent else f"{MIRROR_PREFIX}{name}"
+    return variant_id(image_id, MIRROR_PREFIX)
 
 
 def mirrored_photo(path: Path) -> bytes:
-    """The photo flipped left to right, upright as the captioner reads it (EXIF orientation applied),
-    encoded in the format its file name says (JPEG when the name says nothing Pillow knows)."""
-    with Image.open(path) as image:
-        upright = ImageOps.exif_transpose(image).convert("RGB")
-    fmt = Image.registered_extensions().get(path.suffix.lower(), "JPEG")
-    out = io.BytesIO()
-    ImageOps.mirror(upright).save(out, format=fmt, **({"quality": JPEG_QUALITY} if fmt == "JPEG" else {}))
-    return out.getvalue()
+    """The photo flipped left to right, upright as the captioner reads it, encoded in its name's format."""
+    return encoded_variant(path, MIRROR, 0)
 
 
 def write_mirrored(spec: str, out: Path, splits: Sequence[str] = ("train", "val"),
                    mirror_split: str = "train") -> dict[str, int]:
     """Write ``spec``'s ``splits`` to ``out`` in the Flickr layout, ``mirror_split`` doubled with
     mirrored photos. Returns the number of images per split written."""
-    if mirror_split not in splits:
-        raise ValueError(f"the split to mirror ({mirror_split}) must be one of the splits written")
-    dataset = load_dataset(spec, tuple(splits))
-    already = [r.image_id for r in dataset.split(mirror_split) if Path(r.image_id).name.startswith(MIRROR_PREFIX)]
-    if already:
-        raise ValueError(f"{spec} already has mirrored photos ({already[0]}, ...): mirror the original dataset")
-    images = out / "images"
-    written: dict[str, list[ImageRecord]] = {}
-    for split in splits:
-        records = dataset.split(split)
-        for record in records:
-            link_image(record.path, images / record.image_id)
-        written[split] = [*records, *(_write_mirrors(records, images) if split == mirror_split else [])]
-    write_flickr(out, written)
-    return {split: len(records) for split, records in written.items()}
-
-
-def _write_mirrors(records: Sequence[ImageRecord], images: Path) -> list[ImageRecord]:
-    mirrored = []
-    for n, record in enumerate(records):
-        name = mirrored_id(record.image_id)
-        target = images / name
-        if not target.is_file():  # resumable: a photo is written whole (atomically) or not at all
-            target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(target, mirrored_photo(record.path))
-        mirrored.append(ImageRecord(name, target, tuple(mirror_caption(c) for c in record.captions)))
-        if (n + 1) % 1000 == 0:
-            log.info("mirrored %d/%d photos", n + 1, len(records))
-    return mirrored
+    return write_with_variants(spec, out, MIRROR, splits, mirror_split)
 
 
 def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:

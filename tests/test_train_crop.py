@@ -1,0 +1,96 @@
+"""`python -m train crop`: the training split doubled with random crops, the same ones on every write."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from train.__main__ import main
+from train.crop import RandomSquareCrops, crop_variant
+from train.data import load_dataset
+from train.variants import write_with_variants
+
+
+def _flickr_layout(root: Path, train: tuple[str, ...] = ("a.png", "b.png", "c.png", "d.png")) -> Path:
+    """Photos whose every pixel says where it is (red grows left to right, green top to bottom)."""
+    xs, ys = np.meshgrid(np.arange(64), np.arange(48))
+    pixels = np.stack([xs * 4, ys * 5, np.full_like(xs, 128)], axis=-1).astype(np.uint8)
+    for name in (*train, "v.png"):
+        (root / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / "images" / name)
+    with (root / "captions.txt").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "caption"])
+        for name in (*train, "v.png"):
+            writer.writerow([name, "A dog on the left of a man"])
+    (root / "train.txt").write_text("\n".join(train) + "\n")
+    (root / "val.txt").write_text("v.png\n")
+    return root
+
+
+def test_each_photo_gets_a_crop_inside_it_drawn_from_the_seed() -> None:
+    crops = RandomSquareCrops(seed=3, side=(0.5, 0.8))
+    boxes = [crops.box(i) for i in range(200)]
+
+    for side, left, top in boxes:
+        assert 0.5 <= side <= 0.8 and 0 <= left <= 1 - side and 0 <= top <= 1 - side
+    assert len(set(boxes)) == 200
+    assert RandomSquareCrops(seed=3, side=(0.5, 0.8)).box(150) == boxes[150]  # not the order asked
+    assert RandomSquareCrops(seed=4, side=(0.5, 0.8)).box(0) != boxes[0]
+    with pytest.raises(ValueError, match="share"):
+        RandomSquareCrops(side=(0.5, 1.2))
+
+
+def test_a_crop_shows_its_part_of_the_photo_at_the_photo_size() -> None:
+    xs, ys = np.meshgrid(np.arange(100), np.arange(100))
+    photo = Image.fromarray(np.stack([xs * 2, ys * 2, xs * 0], axis=-1).astype(np.uint8))
+    crops = RandomSquareCrops(seed=0, side=(0.6, 0.6))
+    side, left, top = crops.box(0)
+
+    cropped = np.asarray(crops(photo, 0)).astype(int)
+
+    assert cropped.shape == (100, 100, 3)
+    # The crop's corners hold the photo's pixels at the box's corners (within resampling).
+    assert abs(cropped[0, 0, 0] - 2 * 100 * left) <= 4 and abs(cropped[0, 0, 1] - 2 * 100 * top) <= 4
+    assert abs(cropped[-1, -1, 0] - 2 * 100 * (left + side)) <= 6
+
+
+def test_the_training_split_is_doubled_and_the_other_splits_and_captions_are_unchanged(tmp_path: Path) -> None:
+    source = _flickr_layout(tmp_path / "src")
+    out = tmp_path / "aug"
+
+    assert main(["crop", "--data", f"flickr:{source}", "--out", str(out), "--seed", "1"]) == 0
+
+    data = load_dataset(f"flickr:{out}")
+    train = {r.image_id: r for r in data.split("train")}
+    assert set(train) == {"a.png", "b.png", "c.png", "d.png", "crop_a.png", "crop_b.png", "crop_c.png", "crop_d.png"}
+    assert [r.image_id for r in data.split("val")] == ["v.png"]
+    assert train["crop_a.png"].captions == train["a.png"].captions
+    assert Image.open(train["crop_a.png"].path).size == (64, 48)
+    originals = np.asarray(Image.open(train["a.png"].path))
+    assert not np.array_equal(np.asarray(Image.open(train["crop_a.png"].path)), originals)
+
+
+def test_resuming_after_an_interruption_writes_the_same_crops(tmp_path: Path) -> None:
+    source = _flickr_layout(tmp_path / "src")
+    out = tmp_path / "aug"
+    write_with_variants(f"flickr:{source}", out, crop_variant(seed=5))
+    first = {p.name: p.read_bytes() for p in (out / "images").glob("crop_*")}
+    (out / "images" / "crop_a.png").unlink()
+    (out / "images" / "crop_c.png").unlink()
+
+    write_with_variants(f"flickr:{source}", out, crop_variant(seed=5))
+
+    assert {p.name: p.read_bytes() for p in (out / "images").glob("crop_*")} == first
+
+
+def test_a_cropped_dataset_is_not_cropped_again(tmp_path: Path) -> None:
+    source = _flickr_layout(tmp_path / "src")
+    write_with_variants(f"flickr:{source}", tmp_path / "aug", crop_variant())
+
+    with pytest.raises(ValueError, match="already has cropped photos"):
+        write_with_variants(f"flickr:{tmp_path / 'aug'}", tmp_path / "again", crop_variant())
