@@ -161,7 +161,7 @@ def ensemble() -> str:
     return "\n".join(lines)
 
 
-DISTILL_RUNS = ("kd-seq-mir-anneal", "kd-seq-v3", "kd-w1", "kd-w2", "kd-w4", "kd-aug")
+DISTILL_RUNS = ("kd-seq-mir-anneal", "kd-seq-v3", "kd-w1", "kd-w2", "kd-w4", "kd-aug", "kd-aug2")
 
 
 def distill() -> str:
