@@ -10,16 +10,17 @@ import pytest
 from PIL import Image
 
 from train.__main__ import main
-from train.crop import RandomSquareCrops, crop_variant
+from train.crop import RandomCrops, crop_variant
 from train.data import load_dataset
 from train.variants import write_with_variants
 
 
 def _flickr_layout(root: Path, train: tuple[str, ...] = ("a.png", "b.png", "c.png", "d.png")) -> Path:
-    """Photos whose every pixel says where it is (red grows left to right, green top to bottom)."""
+    """Photos whose every pixel says where it is (red grows left to right, green top to bottom) and
+    which photo it is (blue: 20 per photo, in the order named)."""
     xs, ys = np.meshgrid(np.arange(64), np.arange(48))
-    pixels = np.stack([xs * 4, ys * 5, np.full_like(xs, 128)], axis=-1).astype(np.uint8)
-    for name in (*train, "v.png"):
+    for n, name in enumerate((*train, "v.png")):
+        pixels = np.stack([xs * 4, ys * 5, np.full_like(xs, 20 * (n + 1))], axis=-1).astype(np.uint8)
         (root / "images" / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(root / "images" / name)
     with (root / "captions.txt").open("w", newline="") as fh:
@@ -33,37 +34,39 @@ def _flickr_layout(root: Path, train: tuple[str, ...] = ("a.png", "b.png", "c.pn
 
 
 def test_each_photo_gets_a_crop_inside_it_drawn_from_the_seed() -> None:
-    crops = RandomSquareCrops(seed=3, side=(0.5, 0.8))
+    crops = RandomCrops(seed=3, side=(0.5, 0.8))
     boxes = [crops.box(i) for i in range(200)]
 
     for side, left, top in boxes:
         assert 0.5 <= side <= 0.8 and 0 <= left <= 1 - side and 0 <= top <= 1 - side
     assert len(set(boxes)) == 200
-    assert RandomSquareCrops(seed=3, side=(0.5, 0.8)).box(150) == boxes[150]  # not the order asked
-    assert RandomSquareCrops(seed=4, side=(0.5, 0.8)).box(0) != boxes[0]
+    assert RandomCrops(seed=3, side=(0.5, 0.8)).box(150) == boxes[150]  # not the order asked
+    assert RandomCrops(seed=4, side=(0.5, 0.8)).box(0) != boxes[0]
     with pytest.raises(ValueError, match="share"):
-        RandomSquareCrops(side=(0.5, 1.2))
+        RandomCrops(side=(0.5, 1.2))
 
 
 def test_a_crop_shows_its_part_of_the_photo_at_the_photo_size() -> None:
-    xs, ys = np.meshgrid(np.arange(100), np.arange(100))
-    photo = Image.fromarray(np.stack([xs * 2, ys * 2, xs * 0], axis=-1).astype(np.uint8))
-    crops = RandomSquareCrops(seed=0, side=(0.6, 0.6))
+    width, height = 120, 80  # not square: width and height must not be swapped
+    xs, ys = np.meshgrid(np.arange(width), np.arange(height))
+    photo = Image.fromarray(np.stack([xs * 2, ys * 3, xs * 0], axis=-1).astype(np.uint8))
+    crops = RandomCrops(seed=0, side=(0.6, 0.6))
     side, left, top = crops.box(0)
 
     cropped = np.asarray(crops(photo, 0)).astype(int)
 
-    assert cropped.shape == (100, 100, 3)
+    assert cropped.shape == (height, width, 3)
     # The crop's corners hold the photo's pixels at the box's corners (within resampling).
-    assert abs(cropped[0, 0, 0] - 2 * 100 * left) <= 4 and abs(cropped[0, 0, 1] - 2 * 100 * top) <= 4
-    assert abs(cropped[-1, -1, 0] - 2 * 100 * (left + side)) <= 6
+    assert abs(cropped[0, 0, 0] - 2 * width * left) <= 4 and abs(cropped[0, 0, 1] - 3 * height * top) <= 5
+    assert abs(cropped[-1, -1, 0] - 2 * width * (left + side)) <= 6
+    assert abs(cropped[-1, -1, 1] - 3 * height * (top + side)) <= 7
 
 
 def test_the_training_split_is_doubled_and_the_other_splits_and_captions_are_unchanged(tmp_path: Path) -> None:
     source = _flickr_layout(tmp_path / "src")
     out = tmp_path / "aug"
 
-    assert main(["crop", "--data", f"flickr:{source}", "--out", str(out), "--seed", "1"]) == 0
+    assert main(["crop", "--data", f"flickr:{source}", "--out", str(out), "--seed", "1", "--side", "0.5", "0.6"]) == 0
 
     data = load_dataset(f"flickr:{out}")
     train = {r.image_id: r for r in data.split("train")}
@@ -71,8 +74,13 @@ def test_the_training_split_is_doubled_and_the_other_splits_and_captions_are_unc
     assert [r.image_id for r in data.split("val")] == ["v.png"]
     assert train["crop_a.png"].captions == train["a.png"].captions
     assert Image.open(train["crop_a.png"].path).size == (64, 48)
-    originals = np.asarray(Image.open(train["a.png"].path))
-    assert not np.array_equal(np.asarray(Image.open(train["crop_a.png"].path)), originals)
+    for name, blue in (("a.png", 20), ("c.png", 60)):  # each crop is made from its own photo
+        original = np.asarray(Image.open(train[name].path)).astype(int)
+        cropped = np.asarray(Image.open(train[f"crop_{name}"].path)).astype(int)
+        assert (cropped[..., 2] == blue).all()
+        # --side 0.5 0.6: the crop spans half to 0.6 of the photo's reds, not all of them
+        span = cropped[0, -1, 0] - cropped[0, 0, 0]
+        assert 0.45 * original[0, -1, 0] <= span <= 0.65 * original[0, -1, 0]
 
 
 def test_resuming_after_an_interruption_writes_the_same_crops(tmp_path: Path) -> None:
@@ -94,3 +102,29 @@ def test_a_cropped_dataset_is_not_cropped_again(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="already has cropped photos"):
         write_with_variants(f"flickr:{tmp_path / 'aug'}", tmp_path / "again", crop_variant())
+
+
+def test_a_folder_written_with_other_crops_is_not_written_into(tmp_path: Path) -> None:
+    source = _flickr_layout(tmp_path / "src")
+    out = tmp_path / "aug"
+    write_with_variants(f"flickr:{source}", out, crop_variant(seed=5))
+    before = {p.name: p.read_bytes() for p in (out / "images").glob("crop_*")}
+
+    with pytest.raises(ValueError, match="write to a new folder"):
+        write_with_variants(f"flickr:{source}", out, crop_variant(seed=6))
+    with pytest.raises(ValueError, match="write to a new folder"):
+        write_with_variants(f"flickr:{source}", out, crop_variant(seed=5, side=(0.5, 0.6)))
+
+    assert {p.name: p.read_bytes() for p in (out / "images").glob("crop_*")} == before
+
+
+def test_a_mirrored_set_gets_a_crop_of_every_photo_and_its_mirror(tmp_path: Path) -> None:
+    source = _flickr_layout(tmp_path / "src", train=("a.png", "b.png"))
+    assert main(["mirror", "--data", f"flickr:{source}", "--out", str(tmp_path / "mirror")]) == 0
+
+    assert main(["crop", "--data", f"flickr:{tmp_path / 'mirror'}", "--out", str(tmp_path / "aug")]) == 0
+
+    train = {r.image_id: r for r in load_dataset(f"flickr:{tmp_path / 'aug'}").split("train")}
+    assert set(train) == {"a.png", "b.png", "mirror_a.png", "mirror_b.png",
+                          "crop_a.png", "crop_b.png", "crop_mirror_a.png", "crop_mirror_b.png"}
+    assert train["crop_mirror_a.png"].captions == ("A dog on the right of a man",)

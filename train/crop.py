@@ -1,17 +1,19 @@
 """``python -m train crop``: a training split doubled with a random crop of each photo.
 
 Mirroring doubled the training photos once (``python -m train mirror``); a crop that keeps most of
-the photo (by default a square of 75-92% of each side, anywhere in it, resized back to the photo's
-size) doubles them again with views the frozen encoder has not seen, while the captions still hold:
-the people and things a caption names are rarely all at one edge. Run it on the mirrored dataset
-to get four views of each photo (the photo, its mirror, and a crop of each):
+the photo (by default 75-92% of each side, the same share of both so the photo keeps its
+proportions, anywhere in it, resized back to the photo's size) doubles them again with views the
+frozen encoder has not seen, while the captions still hold: the people and things a caption names
+are rarely all at one edge. Run it on the mirrored dataset to get four views of each photo (the
+photo, its mirror, and a crop of each):
 
     python -m train crop --data flickr:data/flickr8k-mirror --out data/flickr8k-aug
 
 The crops are drawn in the split's order from ``--seed``, so the same source and seed write the
-same photos, also when writing resumes after an interruption. The other splits are kept unchanged,
-so models are still selected on the same photos. Every word is seen twice as often again: pass
-``--min-freq`` accordingly when training a new vocabulary, or start from a checkpoint
+same photos, also when writing resumes after an interruption (``OUT/variants.json`` records the
+seed and side, and a write with others into the same folder is refused). The other splits are kept
+unchanged, so models are still selected on the same photos. Every word is seen twice as often
+again: pass ``--min-freq`` accordingly when training a new vocabulary, or start from a checkpoint
 (``--init-from``), which keeps its own.
 """
 
@@ -19,21 +21,21 @@ from __future__ import annotations
 
 import argparse
 import random
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from .variants import Variant, write_with_variants
+from .fit import TrainConfig
+from .variants import Variant, add_variant_arguments, print_written, split_names, write_with_variants
 
 CROP_PREFIX = "crop_"
 DEFAULT_SIDE = (0.75, 0.92)
 
 
-class RandomSquareCrops:
-    """The ``index``-th photo's crop: a square of a random share of each side at a random place,
-    drawn from one generator in index order, so a photo's crop does not depend on which photos
-    were written before an interruption."""
+class RandomCrops:
+    """The ``index``-th photo's crop: a random share of each side (the same for width and height)
+    at a random place, drawn from one generator in index order, so a photo's crop does not depend
+    on which photos were written before an interruption."""
 
     def __init__(self, seed: int = 0, side: tuple[float, float] = DEFAULT_SIDE) -> None:
         low, high = side
@@ -58,16 +60,13 @@ class RandomSquareCrops:
 
 
 def crop_variant(seed: int = 0, side: tuple[float, float] = DEFAULT_SIDE) -> Variant:
-    return Variant("cropped", CROP_PREFIX, RandomSquareCrops(seed, side))
+    return Variant("cropped", CROP_PREFIX, RandomCrops(seed, side), settings={"seed": seed, "side": list(side)})
 
 
 def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     parser = sub.add_parser("crop", help="write a dataset whose training split is doubled with random crops",
                             description=__doc__, formatter_class=formatter)
-    parser.add_argument("--data", required=True, help="the dataset, FORMAT:PATH as for fit")
-    parser.add_argument("--out", required=True, type=Path, help="the Flickr-layout folder to write")
-    parser.add_argument("--splits", default="train,val", help="splits to write, comma-separated")
-    parser.add_argument("--crop-split", default="train", help="the split doubled with cropped photos")
+    add_variant_arguments(parser, "--crop-split", "cropped")
     parser.add_argument("--seed", type=int, default=0, help="where the crops are drawn from")
     parser.add_argument("--side", type=float, nargs=2, default=DEFAULT_SIDE, metavar=("MIN", "MAX"),
                         help="a crop's side as a share of the photo's, drawn uniformly in [MIN, MAX]")
@@ -75,8 +74,9 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    counts = write_with_variants(args.data, args.out, crop_variant(args.seed, (args.side[0], args.side[1])),
-                                 splits, args.crop_split)
-    print(f"wrote {args.out}: " + ", ".join(f"{split} {n} images" for split, n in counts.items()))
+    variant = crop_variant(args.seed, (args.side[0], args.side[1]))
+    counts = write_with_variants(args.data, args.out, variant, split_names(args.splits), args.crop_split)
+    print_written(args.out, counts, "; each training photo now has twice the views: scale fit's --min-freq "
+                                    f"(default {TrainConfig().min_freq}) with them for a new vocabulary, or start "
+                                    "from a checkpoint with --init-from, which keeps its own")
     return 0

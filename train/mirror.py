@@ -30,7 +30,7 @@ from typing import Any
 from PIL import ImageOps
 
 from .fit import TrainConfig
-from .variants import Variant, encoded_variant, variant_id, write_with_variants
+from .variants import Variant, add_variant_arguments, print_written, split_names, variant_id, write_with_variants
 
 MIRROR_PREFIX = "mirror_"
 MIN_FREQ = 2 * TrainConfig().min_freq  # each word is seen twice as often
@@ -55,11 +55,6 @@ def mirrored_id(image_id: str) -> str:
     return variant_id(image_id, MIRROR_PREFIX)
 
 
-def mirrored_photo(path: Path) -> bytes:
-    """The photo flipped left to right, upright as the captioner reads it, encoded in its name's format."""
-    return encoded_variant(path, MIRROR, 0)
-
-
 def write_mirrored(spec: str, out: Path, splits: Sequence[str] = ("train", "val"),
                    mirror_split: str = "train") -> dict[str, int]:
     """Write ``spec``'s ``splits`` to ``out`` in the Flickr layout, ``mirror_split`` doubled with
@@ -70,16 +65,12 @@ def write_mirrored(spec: str, out: Path, splits: Sequence[str] = ("train", "val"
 def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     parser = sub.add_parser("mirror", help="write a dataset whose training split is doubled with mirrored photos",
                             description=__doc__, formatter_class=formatter)
-    parser.add_argument("--data", required=True, help="the dataset, FORMAT:PATH as for fit")
-    parser.add_argument("--out", required=True, type=Path, help="the Flickr-layout folder to write")
-    parser.add_argument("--splits", default="train,val", help="splits to write, comma-separated")
-    parser.add_argument("--mirror-split", default="train", help="the split doubled with mirrored photos")
+    add_variant_arguments(parser, "--mirror-split", "mirrored")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    counts = write_mirrored(args.data, args.out, splits, args.mirror_split)
-    print(f"wrote {args.out}: " + ", ".join(f"{split} {n} images" for split, n in counts.items())
-          + f"; train on it with: python -m train fit --data flickr:{args.out} --min-freq {MIN_FREQ} ...")
+    counts = write_mirrored(args.data, args.out, split_names(args.splits), args.mirror_split)
+    print_written(args.out, counts, f"; train on it with: python -m train fit --data flickr:{args.out} "
+                                    f"--min-freq {MIN_FREQ} ...")
     return 0

@@ -5,26 +5,32 @@ linked (nothing is copied), each photo of the chosen split gets one variant, wri
 ``PREFIXNAME`` in the format its name says, and the result is a Flickr-layout dataset that
 ``python -m train fit --data flickr:OUT`` reads. Features are cached per file, so a variant's are
 computed once, like any photo's. Writing is resumable: variants already written are kept (each is
-written whole, atomically, or not at all).
+written whole, atomically, or not at all), and ``OUT/variants.json`` records what made them (the
+source, the variant and its settings), so a write with other settings into the same folder is
+refused instead of mixing two kinds of photos.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
+import json
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageOps
 
-from common.atomic import atomic_write_bytes
+from common.atomic import atomic_write_bytes, atomic_write_text
 
 from .data import ImageRecord, link_image, load_dataset, write_flickr
 
 log = logging.getLogger(__name__)
 
 JPEG_QUALITY = 95
+MANIFEST = "variants.json"
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class Variant:
     prefix: str  # "mirror_": a/b.jpg -> a/mirror_b.jpg
     photo: Callable[[Image.Image, int], Image.Image]  # (upright RGB photo, its index in the split) -> variant
     caption: Callable[[str], str] = lambda caption: caption
+    settings: Mapping[str, Any] = field(default_factory=dict)  # what else decides its photos (seed...)
 
 
 def variant_id(image_id: str, prefix: str) -> str:
@@ -65,12 +72,17 @@ def write_with_variants(spec: str, out: Path, variant: Variant, splits: Sequence
     if already:
         raise ValueError(f"{spec} already has {variant.name} photos ({already[0]}, ...): "
                          f"write from the dataset they were made from")
+    manifest = {"source": spec, "split": split, "variant": variant.name, "prefix": variant.prefix,
+                "settings": dict(variant.settings)}
+    _check_manifest(out, manifest)
     images = out / "images"
+    for name in splits:  # first: linking refuses a folder of real photos (the source) before anything is written
+        for record in dataset.split(name):
+            link_image(record.path, images / record.image_id)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     written: dict[str, list[ImageRecord]] = {}
     for name in splits:
         records = dataset.split(name)
-        for record in records:
-            link_image(record.path, images / record.image_id)
         written[name] = [*records, *(_write_variants(records, images, variant) if name == split else [])]
     write_flickr(out, written)
     return {name: len(records) for name, records in written.items()}
@@ -88,3 +100,28 @@ def _write_variants(records: Sequence[ImageRecord], images: Path, variant: Varia
         if (n + 1) % 1000 == 0:
             log.info("%s %d/%d photos", variant.name, n + 1, len(records))
     return made
+
+
+def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a folder whose variants were written with other settings (or from another source)."""
+    path = out / MANIFEST
+    if path.is_file():
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        if recorded != manifest:
+            raise ValueError(f"{out} holds photos written with {recorded}, not {manifest}: write to a new folder")
+
+
+def add_variant_arguments(parser: argparse.ArgumentParser, split_option: str, what: str) -> None:
+    """The options every dataset-with-variants command takes (``split_option``: its split's flag)."""
+    parser.add_argument("--data", required=True, help="the dataset, FORMAT:PATH as for fit")
+    parser.add_argument("--out", required=True, type=Path, help="the Flickr-layout folder to write")
+    parser.add_argument("--splits", default="train,val", help="splits to write, comma-separated")
+    parser.add_argument(split_option, default="train", help=f"the split doubled with {what} photos")
+
+
+def split_names(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def print_written(out: Path, counts: Mapping[str, int], hint: str) -> None:
+    print(f"wrote {out}: " + ", ".join(f"{split} {n} images" for split, n in counts.items()) + hint)
