@@ -17,6 +17,11 @@ DEVICE_HELP = "auto, cpu or cuda"
 VAL_LIMIT_HELP = "validate on the first N images only (0 = all)"
 
 
+def comma_list(text: str) -> list[str]:
+    """A comma-separated option (``--splits train,val``, ``--distill-from A,B``) as its non-empty items."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def add_dataclass_options(parser: Any, cls: Any, helps: Mapping[str, str], skip: Collection[str] = ()) -> None:
     """One ``--flag`` per field of ``cls`` (defaults from the dataclass), in the order of ``helps``.
 

@@ -25,8 +25,9 @@ from typing import Any
 
 from PIL import Image
 
+from .cli import comma_list
 from .fit import TrainConfig
-from .variants import Variant, add_variant_arguments, print_written, split_names, write_with_variants
+from .variants import Variant, add_variant_arguments, print_written, write_with_variants
 
 CROP_PREFIX = "crop_"
 DEFAULT_SIDE = (0.75, 0.92)
@@ -75,7 +76,7 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     variant = crop_variant(args.seed, (args.side[0], args.side[1]))
-    counts = write_with_variants(args.data, args.out, variant, split_names(args.splits), args.crop_split)
+    counts = write_with_variants(args.data, args.out, variant, comma_list(args.splits), args.crop_split)
     print_written(args.out, counts, "; each training photo now has twice the views: scale fit's --min-freq "
                                     f"(default {TrainConfig().min_freq}) with them for a new vocabulary, or start "
                                     "from a checkpoint with --init-from, which keeps its own")

@@ -50,7 +50,7 @@ from captioner.inference import beam_config_from_meta, resolve_device
 from captioner.model import Decoder
 from common.atomic import atomic_write_text
 
-from .cli import DEVICE_HELP
+from .cli import DEVICE_HELP, comma_list
 from .data import ImageRecord, link_image, load_dataset, write_flickr
 from .evaluate import beam_from_args
 from .features import feature_source
@@ -66,14 +66,9 @@ class DistillError(RuntimeError):
     """The output folder holds another teacher's captions."""
 
 
-def split_paths(paths: str) -> list[str]:
-    """``--distill-from A,B`` -> ["A", "B"]."""
-    return [p.strip() for p in paths.split(",") if p.strip()]
-
-
 def distillation_fact(paths: str, weight: float) -> dict[str, Any]:
     """A student's ``meta["distillation"]``: which models taught it (by version), with what weight."""
-    return {"kind": "word", "teachers": [checkpoint.version_of(p) for p in split_paths(paths)], "weight": weight}
+    return {"kind": "word", "teachers": [checkpoint.version_of(p) for p in comma_list(paths)], "weight": weight}
 
 
 def teacher_decoders(paths: Sequence[str], student: CaptionModel, device: torch.device) -> list[Decoder]:
@@ -216,7 +211,7 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    splits = comma_list(args.splits)
     meta = checkpoint.read_document(args.teacher[0]).get("meta", {})
     beam = beam_from_args(args, beam_config_from_meta(meta))
     counts = write_distilled(args.data, args.teacher, args.out, beam, splits, args.distill_split,

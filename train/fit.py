@@ -30,8 +30,9 @@ from captioner.vocab import Vocabulary
 from common.atomic import atomic_write_text
 
 from . import metrics
+from .cli import comma_list
 from .data import CaptionDataset, ImageRecord, load_dataset
-from .distill import WordDistillation, distillation_fact, split_paths, teacher_decoders
+from .distill import WordDistillation, distillation_fact, teacher_decoders
 from .features import FeatureSource, feature_source
 from .loop import Example, LoopConfig, Objective, bucketed_batches, build_examples, train_epoch
 from .scoring import SplitResult, score_records
@@ -299,7 +300,7 @@ def _objective(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageR
         if cfg.label_smoothing:
             raise ValueError("--label-smoothing with --distill-from: the teachers' distribution already spreads "
                              "each word's target")
-        teachers = teacher_decoders(split_paths(cfg.distill_from), model, next(model.decoder.parameters()).device)
+        teachers = teacher_decoders(comma_list(cfg.distill_from), model, next(model.decoder.parameters()).device)
         return (build_examples(train_records, model.vocab, cfg.max_caption_len),
                 WordDistillation(teachers, cfg.distill_weight, model.vocab.pad_id, cfg.alpha_c))
     if not cfg.scst:

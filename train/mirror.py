@@ -29,8 +29,9 @@ from typing import Any
 
 from PIL import ImageOps
 
+from .cli import comma_list
 from .fit import TrainConfig
-from .variants import Variant, add_variant_arguments, print_written, split_names, variant_id, write_with_variants
+from .variants import Variant, add_variant_arguments, print_written, variant_id, write_with_variants
 
 MIRROR_PREFIX = "mirror_"
 MIN_FREQ = 2 * TrainConfig().min_freq  # each word is seen twice as often
@@ -70,7 +71,7 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    counts = write_mirrored(args.data, args.out, split_names(args.splits), args.mirror_split)
+    counts = write_mirrored(args.data, args.out, comma_list(args.splits), args.mirror_split)
     print_written(args.out, counts, f"; train on it with: python -m train fit --data flickr:{args.out} "
                                     f"--min-freq {MIN_FREQ} ...")
     return 0

@@ -119,9 +119,5 @@ def add_variant_arguments(parser: argparse.ArgumentParser, split_option: str, wh
     parser.add_argument(split_option, default="train", help=f"the split doubled with {what} photos")
 
 
-def split_names(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
-
-
 def print_written(out: Path, counts: Mapping[str, int], hint: str) -> None:
     print(f"wrote {out}: " + ", ".join(f"{split} {n} images" for split, n in counts.items()) + hint)
