@@ -10,7 +10,7 @@ import pytest
 from captioner.vocab import Vocabulary, tokenize
 from tests.helpers import SHARED_FLICKR8K
 from tests.test_train_support import CAPTIONS, VAL_ONLY_WORD, make_coco, make_flickr, make_karpathy
-from train.data import DatasetError, ImageRecord, load_dataset
+from train.data import DatasetError, ImageRecord, load_dataset, write_linked
 from train.fit import TrainConfig, prepare_model
 from train.loop import bucketed_batches, build_examples
 
@@ -40,6 +40,29 @@ def test_flickr_captions_header_is_checked(tmp_path: Path) -> None:
     (root / "captions.txt").write_text("file,text\nval_0.jpg,a dog\n")
     with pytest.raises(DatasetError, match="image,caption"):
         load_dataset(f"flickr:{root}")
+
+
+def test_write_linked_links_every_photo_and_rewrites_only_the_named_split(tmp_path: Path) -> None:
+    source = load_dataset(f"flickr:{make_flickr(tmp_path / 'f8k', n_train=3, n_val=2)}")
+    out = tmp_path / "out"
+    counts = write_linked(source, out, ["train", "val"],
+                          {"train": lambda records: [ImageRecord(r.image_id, r.path, ("new words",)) for r in records]})
+    assert counts == {"train": 3, "val": 2}
+    written = load_dataset(f"flickr:{out}")
+    assert all(r.captions == ("new words",) for r in written.split("train"))
+    assert [r.captions for r in written.split("val")] == [r.captions for r in source.split("val")]
+    for record in written.split("train") + written.split("val"):
+        original = tmp_path / "f8k" / "images" / record.image_id
+        assert record.path.is_symlink() and record.path.read_bytes() == original.read_bytes()
+
+
+def test_write_linked_refuses_a_folder_of_real_photos_before_rewriting(tmp_path: Path) -> None:
+    root = make_flickr(tmp_path / "f8k", n_train=2, n_val=1)
+    calls: list[int] = []
+    with pytest.raises(FileExistsError, match="not a link"):
+        write_linked(load_dataset(f"flickr:{root}"), root, ["train", "val"],
+                     {"train": lambda records: calls.append(1) or records})
+    assert calls == [] and (root / "captions.txt").read_text().count("\n") == 2 * 5 + 1 * 5 + 2
 
 
 def test_karpathy_restval_joins_train(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import csv
 import io
 import json
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +96,22 @@ def write_flickr(directory: Path, splits: Mapping[str, Sequence[ImageRecord]]) -
     for split, records in splits.items():
         atomic_write_text(directory / f"{split}.txt", "".join(f"{r.image_id}\n" for r in records))
     return f"flickr:{directory}"
+
+
+def write_linked(dataset: CaptionDataset, out: Path, splits: Sequence[str],
+                 rewrite: Mapping[str, Callable[[list[ImageRecord]], list[ImageRecord]]]) -> dict[str, int]:
+    """Write ``dataset``'s ``splits`` to ``out`` in the Flickr layout, every photo linked (never copied),
+    each split named in ``rewrite`` replaced by what its function returns for the split's records.
+
+    All photos are linked before any function runs, so a folder of real photos (the source itself) is
+    refused before anything is written into it. Returns the number of images per split written."""
+    for name in splits:
+        for record in dataset.split(name):
+            link_image(record.path, out / "images" / record.image_id)
+    written = {name: rewrite[name](dataset.split(name)) if name in rewrite else dataset.split(name)
+               for name in splits}
+    write_flickr(out, written)
+    return {name: len(records) for name, records in written.items()}
 
 
 def link_image(target: Path, link: Path) -> None:

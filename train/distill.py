@@ -51,7 +51,7 @@ from captioner.model import Decoder
 from common.atomic import atomic_write_text
 
 from .cli import DEVICE_HELP, comma_list
-from .data import ImageRecord, link_image, load_dataset, write_flickr
+from .data import ImageRecord, load_dataset, write_linked
 from .evaluate import beam_from_args
 from .features import feature_source
 from .loop import Example, pad, reference_terms
@@ -170,19 +170,13 @@ def write_distilled(spec: str, teachers: Sequence[str], out: Path, beam: BeamCon
         raise ValueError(f"the split to distill ({distill_split}) must be one of the splits written")
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(spec, tuple(splits))
-    written: dict[str, list[ImageRecord]] = {}
-    for split in splits:
-        records = dataset.split(split)
-        for record in records:
-            link_image(record.path, out / "images" / record.image_id)
-        if split == distill_split:
-            captions = teacher_captions(teachers, records, beam, out, device, cache, batch_size)
-            records = [ImageRecord(r.image_id, r.path, (captions[r.image_id],
-                                                        *(r.captions if keep_references else ())))
-                       for r in records]
-        written[split] = records
-    write_flickr(out, written)
-    return {split: len(records) for split, records in written.items()}
+
+    def with_teacher_captions(records: list[ImageRecord]) -> list[ImageRecord]:
+        captions = teacher_captions(teachers, records, beam, out, device, cache, batch_size)
+        return [ImageRecord(r.image_id, r.path, (captions[r.image_id], *(r.captions if keep_references else ())))
+                for r in records]
+
+    return write_linked(dataset, out, splits, {distill_split: with_teacher_captions})
 
 
 def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:

@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 
 from common.atomic import atomic_write_bytes, atomic_write_text
 
-from .data import ImageRecord, link_image, load_dataset, write_flickr
+from .data import ImageRecord, load_dataset, write_linked
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +75,13 @@ def write_with_variants(spec: str, out: Path, variant: Variant, splits: Sequence
     manifest = {"source": spec, "split": split, "variant": variant.name, "prefix": variant.prefix,
                 "settings": dict(variant.settings)}
     _check_manifest(out, manifest)
-    images = out / "images"
-    for name in splits:  # first: linking refuses a folder of real photos (the source) before anything is written
-        for record in dataset.split(name):
-            link_image(record.path, images / record.image_id)
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    written: dict[str, list[ImageRecord]] = {}
-    for name in splits:
-        records = dataset.split(name)
-        written[name] = [*records, *(_write_variants(records, images, variant) if name == split else [])]
-    write_flickr(out, written)
-    return {name: len(records) for name, records in written.items()}
+
+    def with_variants(records: list[ImageRecord]) -> list[ImageRecord]:
+        # recorded once the photos are linked (the source folder is refused), before any variant is written
+        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        return [*records, *_write_variants(records, out / "images", variant)]
+
+    return write_linked(dataset, out, splits, {split: with_variants})
 
 
 def _write_variants(records: Sequence[ImageRecord], images: Path, variant: Variant) -> list[ImageRecord]:
