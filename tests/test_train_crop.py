@@ -104,6 +104,27 @@ def test_a_cropped_dataset_is_not_cropped_again(tmp_path: Path) -> None:
         write_with_variants(f"flickr:{tmp_path / 'aug'}", tmp_path / "again", crop_variant())
 
 
+def test_a_cropped_dataset_is_cropped_again_under_another_prefix(tmp_path: Path) -> None:
+    source = _flickr_layout(tmp_path / "src", train=("a.png", "b.png"))
+    assert main(["crop", "--data", f"flickr:{source}", "--out", str(tmp_path / "aug")]) == 0
+
+    args = ["crop", "--data", f"flickr:{tmp_path / 'aug'}", "--out", str(tmp_path / "aug8"), "--seed", "1"]
+    assert main([*args, "--prefix", "crop2_"]) == 0
+
+    train = [r.image_id for r in load_dataset(f"flickr:{tmp_path / 'aug8'}").split("train")]
+    assert train == ["a.png", "b.png", "crop_a.png", "crop_b.png",
+                     "crop2_a.png", "crop2_b.png", "crop2_crop_a.png", "crop2_crop_b.png"]
+    again = np.asarray(Image.open(tmp_path / "aug8" / "images" / "crop2_a.png"))
+    first = np.asarray(Image.open(tmp_path / "aug" / "images" / "crop_a.png"))
+    assert again.shape == first.shape and not np.array_equal(again, first)
+
+
+@pytest.mark.parametrize("prefix", ["", "../x_", "sub/crop_", "crop ", "crop,_"])
+def test_a_crop_prefix_is_a_plain_file_name_prefix(prefix: str) -> None:
+    with pytest.raises(ValueError, match="a crop prefix"):
+        crop_variant(prefix=prefix)
+
+
 def test_a_folder_written_with_other_crops_is_not_written_into(tmp_path: Path) -> None:
     source = _flickr_layout(tmp_path / "src")
     out = tmp_path / "aug"

@@ -11,7 +11,11 @@ photo, its mirror, and a crop of each):
 
 The crops are drawn in the split's order from ``--seed``, so the same source and seed write the
 same photos, also when writing resumes after an interruption (``OUT/variants.json`` records the
-seed and side, and a write with others into the same folder is refused). The other splits are kept
+seed and side, and a write with others into the same folder is refused). A cropped dataset can be
+cropped again for eight views under another ``--prefix`` (its crops then include crops of crops):
+
+    python -m train crop --data flickr:data/flickr8k-aug --out data/flickr8k-aug8 --prefix crop2_ --seed 1
+ The other splits are kept
 unchanged, so models are still selected on the same photos. Every word is seen twice as often
 again: pass ``--min-freq`` accordingly when training a new vocabulary, or start from a checkpoint
 (``--init-from``), which keeps its own.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 from typing import Any
 
 from PIL import Image
@@ -31,6 +36,7 @@ from .variants import Variant, add_variant_arguments, print_written, write_with_
 
 CROP_PREFIX = "crop_"
 DEFAULT_SIDE = (0.75, 0.92)
+PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_-]+")  # a file-name prefix: no folders, nothing a shell or CSV reads
 
 
 class RandomCrops:
@@ -60,8 +66,10 @@ class RandomCrops:
         return photo.crop(pixels).resize((width, height), Image.Resampling.BICUBIC)
 
 
-def crop_variant(seed: int = 0, side: tuple[float, float] = DEFAULT_SIDE) -> Variant:
-    return Variant("cropped", CROP_PREFIX, RandomCrops(seed, side), settings={"seed": seed, "side": list(side)})
+def crop_variant(seed: int = 0, side: tuple[float, float] = DEFAULT_SIDE, prefix: str = CROP_PREFIX) -> Variant:
+    if not PREFIX_PATTERN.fullmatch(prefix):
+        raise ValueError(f"a crop prefix is letters, digits, '_' and '-', got {prefix!r}")
+    return Variant("cropped", prefix, RandomCrops(seed, side), settings={"seed": seed, "side": list(side)})
 
 
 def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
@@ -71,11 +79,13 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     parser.add_argument("--seed", type=int, default=0, help="where the crops are drawn from")
     parser.add_argument("--side", type=float, nargs=2, default=DEFAULT_SIDE, metavar=("MIN", "MAX"),
                         help="a crop's side as a share of the photo's, drawn uniformly in [MIN, MAX]")
+    parser.add_argument("--prefix", default=CROP_PREFIX,
+                        help="the crops' file-name prefix (another one crops a cropped dataset again)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    variant = crop_variant(args.seed, (args.side[0], args.side[1]))
+    variant = crop_variant(args.seed, (args.side[0], args.side[1]), args.prefix)
     counts = write_with_variants(args.data, args.out, variant, comma_list(args.splits), args.crop_split)
     print_written(args.out, counts, "; each training photo now has twice the views: scale fit's --min-freq "
                                     f"(default {TrainConfig().min_freq}) with them for a new vocabulary, or start "
