@@ -161,7 +161,7 @@ def ensemble() -> str:
     return "\n".join(lines)
 
 
-DISTILL_RUNS = ("kd-seq-mir-anneal", "kd-seq-v3", "kd-w1", "kd-w2", "kd-w4", "kd-aug", "kd-aug2", "kd-aug-lr1")
+DISTILL_RUNS = ("kd-seq-mir-anneal", "kd-seq-v3", "kd-w1", "kd-w2", "kd-w4", "kd-aug", "kd-aug2", "kd-aug-lr1", "kd-aug3t")
 
 
 def distill() -> str:
