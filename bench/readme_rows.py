@@ -161,7 +161,8 @@ def ensemble() -> str:
     return "\n".join(lines)
 
 
-DISTILL_RUNS = ("kd-seq-mir-anneal", "kd-seq-v3", "kd-w1", "kd-w2", "kd-w4", "kd-aug", "kd-aug2", "kd-aug-lr1", "kd-aug3t")
+DISTILL_RUNS = ("kd-seq-mir-anneal", "kd-seq-v3", "kd-w1", "kd-w2", "kd-w4", "kd-aug", "kd-aug2", "kd-aug-lr1",
+                "kd-aug3t")
 
 
 def distill() -> str:
@@ -180,6 +181,24 @@ def distill() -> str:
     return "\n".join(lines)
 
 
+LINEAGE_STAGES = (("cross-entropy, lr 4e-4", "aug-xe", "mir-xe"), ("annealing, lr 1e-4", "aug-anneal", "mir-anneal"))
+
+
+def lineages() -> str:
+    """The README's table of the cross-entropy lineage on the four views against the mirrored one."""
+    lines = ["| stage | four views: run, epochs, val CIDEr by epoch | mirrored: run, epochs, val CIDEr by epoch |",
+             "|---|---|---|"]
+    for stage, *runs in LINEAGE_STAGES:
+        cells = []
+        for name in runs:
+            history = json.loads((RESULTS / "training" / f"{name}.json").read_text())
+            epochs, beam = history["epochs"], history["config"]["val_beam"]
+            cider = " / ".join(f"{e['val']['CIDEr']:.3f}" for e in epochs)
+            cells.append(f"`{name}`, {len(epochs)}: {cider} (beam {beam})")
+        lines.append(f"| {stage} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def _bound(result: dict[str, Any]) -> str:
     """The 95% lower bound of the per-photo gain on held-out corrections. Result files written before
     the bench recorded it keep only the gate's reason, where the bound is stated in words."""
@@ -193,7 +212,7 @@ def _bound(result: dict[str, Any]) -> str:
 
 
 ROWS = {"worker": worker, "scale": scale, "bot_burst": bot_burst, "encoders": encoders, "scst": scst,
-        "learning_loop_scst": learning_loop_scst, "ensemble": ensemble, "distill": distill}
+        "learning_loop_scst": learning_loop_scst, "ensemble": ensemble, "distill": distill, "lineages": lineages}
 
 if __name__ == "__main__":
     print(ROWS[sys.argv[1]]())

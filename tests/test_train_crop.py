@@ -100,7 +100,7 @@ def test_a_cropped_dataset_is_not_cropped_again(tmp_path: Path) -> None:
     source = _flickr_layout(tmp_path / "src")
     write_with_variants(f"flickr:{source}", tmp_path / "aug", crop_variant())
 
-    with pytest.raises(ValueError, match="already has cropped photos"):
+    with pytest.raises(ValueError, match="already has photos named crop_"):
         write_with_variants(f"flickr:{tmp_path / 'aug'}", tmp_path / "again", crop_variant())
 
 
@@ -117,6 +117,22 @@ def test_a_cropped_dataset_is_cropped_again_under_another_prefix(tmp_path: Path)
     again = np.asarray(Image.open(tmp_path / "aug8" / "images" / "crop2_a.png"))
     first = np.asarray(Image.open(tmp_path / "aug" / "images" / "crop_a.png"))
     assert again.shape == first.shape and not np.array_equal(again, first)
+
+
+def test_cropping_again_with_a_seed_already_used_down_the_line_is_refused(tmp_path: Path) -> None:
+    source = _flickr_layout(tmp_path / "src", train=("a.png", "b.png"))
+    assert main(["mirror", "--data", f"flickr:{source}", "--out", str(tmp_path / "mirror")]) == 0
+    assert main(["crop", "--data", f"flickr:{tmp_path / 'mirror'}", "--out", str(tmp_path / "aug"), "--seed", "3"]) == 0
+    assert main(["crop", "--data", f"flickr:{tmp_path / 'aug'}", "--out", str(tmp_path / "aug8"),
+                 "--prefix", "crop2_", "--seed", "4"]) == 0
+
+    for seed in ("3", "4"):  # seed 3 cropped aug's source, seed 4 aug8's
+        with pytest.raises(ValueError, match=f"already cropped with seed {seed}"):
+            main(["crop", "--data", f"flickr:{tmp_path / 'aug8'}", "--out", str(tmp_path / "aug16"),
+                  "--prefix", "crop3_", "--seed", seed])
+    assert not (tmp_path / "aug16").exists()
+    assert main(["crop", "--data", f"flickr:{tmp_path / 'aug8'}", "--out", str(tmp_path / "aug16"),
+                 "--prefix", "crop3_", "--seed", "5"]) == 0
 
 
 @pytest.mark.parametrize("prefix", ["", "../x_", "sub/crop_", "crop ", "crop,_"])

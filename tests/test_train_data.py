@@ -56,13 +56,21 @@ def test_write_linked_links_every_photo_and_rewrites_only_the_named_split(tmp_pa
         assert record.path.is_symlink() and record.path.read_bytes() == original.read_bytes()
 
 
-def test_write_linked_refuses_a_folder_of_real_photos_before_rewriting(tmp_path: Path) -> None:
-    root = make_flickr(tmp_path / "f8k", n_train=2, n_val=1)
-    calls: list[int] = []
+def test_write_linked_refuses_a_folder_of_real_photos_before_rewriting_any_split(tmp_path: Path) -> None:
+    source = load_dataset(f"flickr:{make_flickr(tmp_path / 'f8k', n_train=2, n_val=1)}")
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "val_0.jpg").write_bytes(b"a photo someone keeps")  # the last photo to link
+    rewritten: list[str] = []
+
+    def rewrite(records: list[ImageRecord]) -> list[ImageRecord]:
+        rewritten.extend(r.image_id for r in records)
+        return records
+
     with pytest.raises(FileExistsError, match="not a link"):
-        write_linked(load_dataset(f"flickr:{root}"), root, ["train", "val"],
-                     {"train": lambda records: calls.append(1) or records})
-    assert calls == [] and (root / "captions.txt").read_text().count("\n") == 2 * 5 + 1 * 5 + 2
+        write_linked(source, out, ["train", "val"], {"train": rewrite})
+    assert rewritten == [] and not (out / "captions.txt").exists()
+    assert (out / "images" / "val_0.jpg").read_bytes() == b"a photo someone keeps"
 
 
 def test_karpathy_restval_joins_train(tmp_path: Path) -> None:

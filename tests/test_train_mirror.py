@@ -99,5 +99,5 @@ def test_the_source_dataset_is_never_written_over_nor_mirrored_twice(tmp_path: P
     assert {p: p.read_bytes() for p in source.rglob("*") if p.is_file()} == before
 
     write_mirrored(f"flickr:{source}", tmp_path / "mirror")
-    with pytest.raises(ValueError, match="already has mirrored photos"):
+    with pytest.raises(ValueError, match="already has photos named mirror_"):
         write_mirrored(f"flickr:{tmp_path / 'mirror'}", tmp_path / "again")

@@ -15,10 +15,12 @@ seed and side, and a write with others into the same folder is refused). A cropp
 cropped again for eight views under another ``--prefix`` (its crops then include crops of crops):
 
     python -m train crop --data flickr:data/flickr8k-aug --out data/flickr8k-aug8 --prefix crop2_ --seed 1
- The other splits are kept
-unchanged, so models are still selected on the same photos. Every word is seen twice as often
-again: pass ``--min-freq`` accordingly when training a new vocabulary, or start from a checkpoint
-(``--init-from``), which keeps its own.
+
+A seed that already cropped a dataset the source was made from is refused: those photos lead the
+source's split in the same order, so the same seed would draw the same crops of them again. The
+other splits are kept unchanged, so models are still selected on the same photos. Every word is
+seen twice as often again: pass ``--min-freq`` accordingly when training a new vocabulary, or
+start from a checkpoint (``--init-from``), which keeps its own.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from PIL import Image
 
 from .cli import comma_list
 from .fit import TrainConfig
-from .variants import Variant, add_variant_arguments, print_written, write_with_variants
+from .variants import Variant, add_variant_arguments, made_from, print_written, write_with_variants
 
 CROP_PREFIX = "crop_"
 DEFAULT_SIDE = (0.75, 0.92)
@@ -72,6 +74,15 @@ def crop_variant(seed: int = 0, side: tuple[float, float] = DEFAULT_SIDE, prefix
     return Variant("cropped", prefix, RandomCrops(seed, side), settings={"seed": seed, "side": list(side)})
 
 
+def check_new_seed(spec: str, seed: int) -> None:
+    """Refuse ``seed`` when it already drew crops for ``spec`` or a dataset ``spec`` was made from."""
+    for manifest in made_from(spec):
+        if manifest["variant"] == "cropped" and manifest["settings"].get("seed") == seed:
+            raise ValueError(f"{manifest['source']} was already cropped with seed {seed}, and its photos lead "
+                             f"{spec}'s split in the same order: the seed would draw the same crops; "
+                             "pass another --seed")
+
+
 def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     parser = sub.add_parser("crop", help="write a dataset whose training split is doubled with random crops",
                             description=__doc__, formatter_class=formatter)
@@ -80,11 +91,13 @@ def add_parser(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
     parser.add_argument("--side", type=float, nargs=2, default=DEFAULT_SIDE, metavar=("MIN", "MAX"),
                         help="a crop's side as a share of the photo's, drawn uniformly in [MIN, MAX]")
     parser.add_argument("--prefix", default=CROP_PREFIX,
-                        help="the crops' file-name prefix (another one crops a cropped dataset again)")
+                        help="the crops' file-name prefix (another one, with another --seed, crops a cropped "
+                             "dataset again)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_new_seed(args.data, args.seed)
     variant = crop_variant(args.seed, (args.side[0], args.side[1]), args.prefix)
     counts = write_with_variants(args.data, args.out, variant, comma_list(args.splits), args.crop_split)
     print_written(args.out, counts, "; each training photo now has twice the views: scale fit's --min-freq "

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 JPEG_QUALITY = 95
 MANIFEST = "variants.json"
+MAX_LINEAGE = 32  # datasets written from datasets: a bound, in case a folder was written from itself
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ def write_with_variants(spec: str, out: Path, variant: Variant, splits: Sequence
     dataset = load_dataset(spec, tuple(splits))
     already = [r.image_id for r in dataset.split(split) if Path(r.image_id).name.startswith(variant.prefix)]
     if already:
-        raise ValueError(f"{spec} already has {variant.name} photos ({already[0]}, ...): "
-                         f"write from the dataset they were made from")
+        raise ValueError(f"{spec} already has photos named {variant.prefix}* ({already[0]}, ...): write "
+                         f"from the dataset they were made from, or choose another prefix")
     manifest = {"source": spec, "split": split, "variant": variant.name, "prefix": variant.prefix,
                 "settings": dict(variant.settings)}
     _check_manifest(out, manifest)
@@ -96,6 +97,18 @@ def _write_variants(records: Sequence[ImageRecord], images: Path, variant: Varia
         if (n + 1) % 1000 == 0:
             log.info("%s %d/%d photos", variant.name, n + 1, len(records))
     return made
+
+
+def made_from(spec: str) -> list[dict[str, Any]]:
+    """The manifests of ``spec`` and of the datasets it was written from, nearest first (a dataset this
+    module did not write, or not in the Flickr layout, ends the chain)."""
+    chain: list[dict[str, Any]] = []
+    fmt, _, path = spec.partition(":")
+    while fmt == "flickr" and (Path(path.partition("@")[0]) / MANIFEST).is_file() and len(chain) < MAX_LINEAGE:
+        manifest = json.loads((Path(path.partition("@")[0]) / MANIFEST).read_text(encoding="utf-8"))
+        chain.append(manifest)
+        fmt, _, path = str(manifest["source"]).partition(":")
+    return chain
 
 
 def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:
