@@ -17,6 +17,15 @@ def _load(name: str) -> dict[str, Any]:
     return dict(json.loads((RESULTS / f"{name}.json").read_text()))
 
 
+def _history(name: str) -> dict[str, Any]:
+    """A training run's committed history (bench/results/training/NAME.json); a missing run fails."""
+    return _load(f"training/{name}")
+
+
+def _val_by_epoch(epochs: list[dict[str, Any]], metric: str) -> str:
+    return " / ".join(f"{e['val'][metric]:.3f}" for e in epochs)
+
+
 def worker() -> str:
     d = _load("worker")
     parts = [f"one at a time {d['baseline']['photos_per_second']:.2f} photos/s"]
@@ -99,14 +108,13 @@ def scst() -> str:
              "| train reward by epoch |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in SCST_RUNS:
-        path = RESULTS / "training" / f"{name}.json"
-        if not path.is_file():
+        if not (RESULTS / "training" / f"{name}.json").is_file():
             continue
-        history = json.loads(path.read_text())
+        history = _history(name)
         c, epochs = history["config"], history["epochs"]
         # Runs before the dropout change (and its scst_baseline option) sampled with dropout on.
         dropout = "on" if "scst_baseline" not in c else "off"
-        cider = " / ".join(f"{e['val']['CIDEr']:.3f}" for e in epochs)
+        cider = _val_by_epoch(epochs, "CIDEr")
         reward = " / ".join(f"{e['train_reward']:.3f}" for e in epochs)
         lines.append(f"| `{name}` | `{c['init_from']}` | {c.get('scst_sampling', 'multinomial')} x{c['scst_samples']} "
                      f"| {c.get('scst_baseline', 'mean')} | {dropout} | {c['batch_size']} | {c['lr']:g} "
@@ -172,11 +180,11 @@ def distill() -> str:
              "| val BLEU-4 by epoch |",
              "|---|---|---|---|---|---|---|"]
     for name in DISTILL_RUNS:
-        history = json.loads((RESULTS / "training" / f"{name}.json").read_text())  # a missing run fails
+        history = _history(name)
         c, epochs = history["config"], history["epochs"]
         share = f"{c['distill_weight']:g} (`{c['distill_from']}`)" if c.get("distill_from") else "none"
-        cider = " / ".join(f"{e['val']['CIDEr']:.3f}" for e in epochs)
-        bleu = " / ".join(f"{e['val']['Bleu_4']:.3f}" for e in epochs)
+        cider = _val_by_epoch(epochs, "CIDEr")
+        bleu = _val_by_epoch(epochs, "Bleu_4")
         lines.append(f"| `{name}` | `{c['init_from']}` | `{c['data']}` | {share} | {c['lr']:g} | {cider} | {bleu} |")
     return "\n".join(lines)
 
@@ -191,9 +199,9 @@ def lineages() -> str:
     for stage, *runs in LINEAGE_STAGES:
         cells = []
         for name in runs:
-            history = json.loads((RESULTS / "training" / f"{name}.json").read_text())
+            history = _history(name)
             epochs, beam = history["epochs"], history["config"]["val_beam"]
-            cider = " / ".join(f"{e['val']['CIDEr']:.3f}" for e in epochs)
+            cider = _val_by_epoch(epochs, "CIDEr")
             cells.append(f"`{name}`, {len(epochs)}: {cider} (beam {beam})")
         lines.append(f"| {stage} | {' | '.join(cells)} |")
     return "\n".join(lines)

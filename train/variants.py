@@ -103,11 +103,13 @@ def made_from(spec: str) -> list[dict[str, Any]]:
     """The manifests of ``spec`` and of the datasets it was written from, nearest first (a dataset this
     module did not write, or not in the Flickr layout, ends the chain)."""
     chain: list[dict[str, Any]] = []
-    fmt, _, path = spec.partition(":")
-    while fmt == "flickr" and (Path(path.partition("@")[0]) / MANIFEST).is_file() and len(chain) < MAX_LINEAGE:
-        manifest = json.loads((Path(path.partition("@")[0]) / MANIFEST).read_text(encoding="utf-8"))
-        chain.append(manifest)
-        fmt, _, path = str(manifest["source"]).partition(":")
+    while len(chain) < MAX_LINEAGE:
+        fmt, _, path = spec.partition(":")
+        file = Path(path.partition("@")[0]) / MANIFEST
+        if fmt != "flickr" or not file.is_file():
+            break
+        chain.append(json.loads(file.read_text(encoding="utf-8")))
+        spec = str(chain[-1]["source"])
     return chain
 
 
