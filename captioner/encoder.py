@@ -246,6 +246,27 @@ class Encoder(nn.Module):
             self.backbone.eval()
         return self
 
+    @property
+    def frozen_stages(self) -> int:
+        return len(self.backbone.stages) - self.trainable_blocks
+
+    def frozen_part(self, images: Tensor) -> Tensor:
+        """The frozen stem and stages' feature map (B, C, H, W).
+
+        It does not change while the top blocks are fine-tuned, so a fine-tuning run caches it like
+        the features of a frozen encoder and runs only :meth:`trainable_part` at each step.
+        """
+        x = self.backbone.stem(images.contiguous(memory_format=torch.channels_last))
+        for stage in self.backbone.stages[:self.frozen_stages]:
+            x = stage(x)
+        return x
+
+    def trainable_part(self, maps: Tensor) -> Tensor:
+        """Region vectors (B, L, C) from :meth:`frozen_part`'s maps, through the unfrozen stages."""
+        x = maps
+        for stage in self.backbone.stages[self.frozen_stages:]:
+            x = stage(x)
+        return x.flatten(2).transpose(1, 2).contiguous()
+
     def forward(self, images: Tensor) -> Tensor:
-        grid = self.backbone.features(images.contiguous(memory_format=torch.channels_last))
-        return grid.flatten(2).transpose(1, 2).contiguous()
+        return self.trainable_part(self.frozen_part(images))

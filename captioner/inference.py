@@ -174,7 +174,8 @@ class Captioner:
         ``check_images`` (default: :func:`photo_like_images`) match the eager encoder's; otherwise,
         or if tracing fails, a warning is logged and the eager encoder keeps serving.
         """
-        if self.device.type != "cpu" or self.model.encoder.trainable_blocks:
+        # An encoder whose top blocks were fine-tuned is served frozen too: at serving nothing trains.
+        if self.device.type != "cpu":
             return False
         pictures = photo_like_images(2) if check_images is None else check_images
         inputs = torch.stack([preprocess(self.model, picture) for picture in pictures])

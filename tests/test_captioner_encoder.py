@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from captioner.encoder import Encoder, EncoderWeightsError
 from captioner.inference import Captioner, photo_like_images, preprocess, to_model_input
+from tests.helpers import make_checkpoint, tiny_config
 
 EGYPTIAN_CAT = 285
 
@@ -155,3 +156,12 @@ def test_tracing_failure_falls_back_with_a_warning(tiny_checkpoint: Path, monkey
         assert not captioner.freeze_encoder()
     assert any("cannot trace this" in r.getMessage() for r in caplog.records)
     assert _serves_eager(captioner)
+
+
+def test_an_encoder_fine_tuned_in_training_is_served_frozen(tmp_path: Path) -> None:
+    tuned = make_checkpoint(tmp_path / "tuned", tiny_config(fine_tune_blocks=1))
+    captioner = Captioner.load(tuned, "cpu")
+    assert captioner.model.encoder.trainable_blocks == 1 and captioner.freeze_encoder()
+    inputs = torch.stack([preprocess(captioner.model, p) for p in photo_like_images(2, seed=3)])
+    with torch.inference_mode():
+        assert torch.allclose(captioner.encode(inputs), captioner.model.encoder(inputs), atol=1e-4, rtol=1e-4)

@@ -133,6 +133,28 @@ def test_a_self_critically_trained_base_is_fine_tuned_with_self_critical_epochs_
     assert report["scst_rewards"] == [] and len(report["train_losses"]) == report["config"]["new_word_epochs"] + 2
 
 
+def test_a_base_with_a_fine_tuned_encoder_keeps_it_as_shipped(loop_setup: tuple[Path, str, Path],
+                                                              tmp_path: Path) -> None:
+    """The learning loop trains the decoder only; an encoder fine-tuned in training stays in the checkpoint."""
+    _, url, data_dir = loop_setup
+    torch.manual_seed(1)
+    model = CaptionModel.create(tiny_config(fine_tune_blocks=1), Vocabulary.build([" ".join(TINY_WORDS)], min_freq=1),
+                                {"version": "tuned-v1", "trained_on": f"flickr:{tmp_path / 'flickr'}"})
+    with torch.no_grad():
+        for param in model.encoder.backbone.stages[3].parameters():
+            param.mul_(1.5)  # not the seeded weights a fresh tiny encoder has
+    base = checkpoint.save(model, tmp_path / "tuned-base")
+    report = finetune(_config(tmp_path, base, url, data_dir, name="cand-tuned", epochs=2, margin=1.0,
+                              register=False))
+    candidate, before = checkpoint.load(report["checkpoint"]), checkpoint.load(base)
+    assert candidate.config.fine_tune_blocks == 1 and checkpoint.read_document(report["checkpoint"])["stores_encoder"]
+    for key, value in before.encoder.backbone.state_dict().items():  # as shipped, to float16 rounding
+        torch.testing.assert_close(candidate.encoder.backbone.state_dict()[key], value, rtol=1e-3, atol=1e-4)
+    # Frozen in the loop: the cache holds its features, not a fine-tuning run's maps of its frozen part.
+    assert [f for f in (tmp_path / "cache").iterdir() if "-stages" in f.name] == []
+    assert report["train_losses"][-1] < report["train_losses"][0]  # the decoder did learn
+
+
 @pytest.mark.slow
 def test_a_candidate_that_learned_nothing_is_rejected(loop_setup: tuple[Path, str, Path], tmp_path: Path) -> None:
     base, url, data_dir = loop_setup

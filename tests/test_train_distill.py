@@ -183,3 +183,33 @@ def test_fit_distills_and_records_its_teachers(tmp_path: Path, source: str, teac
         main([*args, "--scst", "--out", str(tmp_path / "both")])
     with pytest.raises(ValueError, match="label-smoothing"):
         main([*args, "--label-smoothing", "0.1", "--out", str(tmp_path / "smoothed")])
+
+
+def test_a_fine_tuned_student_is_taught_on_the_public_encoders_features(
+        tmp_path: Path, source: str, teachers: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The teachers were trained on the public encoder's features: they read those, not the student's,
+    whose top encoder block moves as it is fine-tuned."""
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    read: list[torch.Tensor] = []
+    teach = WordDistillation.teacher_probabilities
+
+    def recording(self: WordDistillation, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        read.append(features.detach().clone())
+        return teach(self, features, tokens)
+
+    monkeypatch.setattr(WordDistillation, "teacher_probabilities", recording)
+    out = tmp_path / "student"
+    assert main(tiny_fit_args(source, out, tmp_path / "cache", epochs=1, init_from=teachers[0],
+                              distill_from=",".join(teachers), fine_tune_blocks=1, encoder_lr=0.3,
+                              progress=False)) == 0
+    public, student = checkpoint.load(teachers[0]), checkpoint.load(out / "last")
+    records = load_dataset(source, ("train",)).split("train")
+    images = {r.image_id: r.path for r in records}
+    ids = sorted(images)
+    public_rows = feature_source(public, images, torch.device("cpu"), None)(ids)
+    student_rows = feature_source(student, images, torch.device("cpu"), None)(ids)
+    assert not torch.allclose(public_rows, student_rows, atol=0.05)  # the student's encoder did move
+    assert len(read) >= 5
+    for batch in read:
+        for features in batch:  # each photo's features, as the teachers read them, are the public ones
+            assert torch.isclose(public_rows, features, atol=2e-2).all(dim=(1, 2)).any()

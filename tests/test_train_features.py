@@ -191,7 +191,7 @@ def test_probing_the_feature_shape_leaves_the_encoder_alone(tmp_path: Path) -> N
     model.encoder.train()
     stats = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     cache = open_cache(model, tmp_path / "cache")
-    assert (cache.regions, cache.dim) == (4, 64)
+    assert (cache.regions, cache.dim) == (16, 64)  # the frozen part's 4x4 maps: the top stage runs per step
     assert model.encoder.training
     for key, value in model.encoder.state_dict().items():
         torch.testing.assert_close(value, stats[key])
@@ -232,3 +232,41 @@ def test_encoder_fingerprint_does_not_depend_on_the_thread_count() -> None:
         assert encoder_fingerprint(model) == first
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_fine_tuned_encoder_caches_its_frozen_part_and_runs_its_top_blocks(tmp_path: Path) -> None:
+    model, paths = tiny_model(fine_tune_blocks=1), image_paths(tmp_path, n_train=3)
+    images = {p.name: p for p in paths}
+    source = features.feature_source(model, images, torch.device("cpu"), str(tmp_path / "cache"))
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert "-stages3-" in folder.name  # stem and stages 0-2 cached, stage 3 is fine-tuned
+    ids = sorted(images)
+    torch.testing.assert_close(source(ids), torch.from_numpy(direct_features(model, [images[i] for i in ids])).float(),
+                               rtol=0, atol=2e-2)
+    # Gradients reach the unfrozen stage only.
+    source(ids, grad=True).square().mean().backward()
+    for name, param in model.encoder.backbone.named_parameters():
+        assert (param.grad is not None) == name.startswith("stages.3."), name
+    # A training step on the top stage: the cached maps stay valid (same folder, nothing recomputed)
+    # and the features follow the new weights.
+    with torch.no_grad():
+        for param in model.encoder.backbone.stages[3].parameters():
+            param.mul_(1.5)
+    again = features.feature_source(model, images, torch.device("cpu"), str(tmp_path / "cache"))
+    assert list((tmp_path / "cache").iterdir()) == [folder]
+    expected = torch.from_numpy(direct_features(model, [images[i] for i in ids])).float()
+    assert not torch.allclose(source(ids), torch.from_numpy(direct_features(tiny_model(), [images[i] for i in ids]))
+                              .float(), atol=2e-2)
+    torch.testing.assert_close(again(ids), expected, rtol=0, atol=2e-2)
+    torch.testing.assert_close(source(ids), expected, rtol=0, atol=2e-2)
+
+
+def test_photos_held_in_memory_for_a_fine_tuned_encoder_run_its_top_blocks(tmp_path: Path) -> None:
+    model, paths = tiny_model(fine_tune_blocks=1), image_paths(tmp_path, n_train=2)
+    images = {p.name: p for p in paths}
+    source = FeatureSource(model, {}, None, torch.device("cpu"))
+    source.add_in_memory(images)
+    assert source.table is not None and source.table.shape[1:] == (16, 64)
+    ids = sorted(images)
+    torch.testing.assert_close(source(ids), torch.from_numpy(direct_features(model, [images[i] for i in ids])).float(),
+                               rtol=0, atol=2e-2)

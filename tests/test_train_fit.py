@@ -145,14 +145,16 @@ def test_raw_images_then_fine_tuning_the_top_encoder_block(tmp_path: Path, flick
     raw_loss = history(raw)["epochs"][0]["train_loss"]
     assert raw_loss == pytest.approx(history(cached)["epochs"][0]["train_loss"], abs=1e-3)
 
-    # Stage 2: start from the cached run's model, unfreeze the top block, train from raw images.
+    # Stage 2: start from the cached run's model and unfreeze the top block. The cache gets a folder
+    # for the frozen part's maps; the top block runs at each step.
     tuned = tmp_path / "tuned"
     # The parent's own facts, measured on its weights, must not pass to the child.
     checkpoint.update_meta(cached / "best", "confidence", {"min_score": -1.0})
     checkpoint.update_meta(cached / "best", "training", "the parent's command")
     main(tiny_fit_args(flickr, tuned, tmp_path / "cache", epochs=2, progress=False, init_from=cached / "best",
                        fine_tune_blocks=1, lr=1e-3, encoder_lr=1e-2, embed_dim=99))
-    assert sorted((tmp_path / "cache").iterdir()) == cache_folders  # the cache was not used
+    (maps_folder,) = set((tmp_path / "cache").iterdir()) - set(cache_folders)
+    assert "-stages3-" in maps_folder.name
     before, after = checkpoint.load(cached / "best"), checkpoint.load(tuned / "last")
     assert after.config.fine_tune_blocks == 1 and after.config.embed_dim == before.config.embed_dim
     assert checkpoint.read_document(tuned / "last")["stores_encoder"]
@@ -166,12 +168,19 @@ def test_raw_images_then_fine_tuning_the_top_encoder_block(tmp_path: Path, flick
         changed = not torch.equal(old[key], new[key])
         assert changed == key.startswith(top), key
     epochs = history(tuned)["epochs"]
-    assert history(tuned)["config"]["raw_images"] is True and len(epochs) == 2
+    assert history(tuned)["config"]["raw_images"] is False and len(epochs) == 2
     # The history records the architecture trained (the checkpoint's), not the ignored --embed-dim 99.
     assert history(tuned)["config"]["model"] == after.config.to_json()
     assert history(tuned)["config"]["model"]["embed_dim"] == before.config.embed_dim != 99
     # It starts from the trained decoder, not from scratch.
     assert epochs[0]["train_loss"] < history(cached)["epochs"][0]["train_loss"]
+    # The same stage from raw images: the losses differ only by the cached maps' float16 rounding.
+    tuned_raw = tmp_path / "tuned-raw"
+    main(tiny_fit_args(flickr, tuned_raw, tmp_path / "cache", epochs=2, progress=False, init_from=cached / "best",
+                       fine_tune_blocks=1, lr=1e-3, encoder_lr=1e-2, raw_images=True))
+    raw_epochs = history(tuned_raw)["epochs"]
+    for cached_epoch, raw_epoch in zip(epochs, raw_epochs, strict=True):
+        assert cached_epoch["train_loss"] == pytest.approx(raw_epoch["train_loss"], abs=2e-3)
 
 
 def test_unknown_images_stop_the_run_before_training(tmp_path: Path, flickr: str) -> None:

@@ -80,8 +80,8 @@ MODEL_HELP: dict[str, str] = {
     "hidden_dim": "LSTM size",
     "dropout": "dropout before the output layer",
     "deep_output": "use the paper's deep output layer",
-    "fine_tune_blocks": "unfreeze the top N encoder blocks and train from raw images (implies --raw-images; "
-                        "with --init-from, N > 0 overrides the checkpoint's setting)",
+    "fine_tune_blocks": "unfreeze the top N encoder blocks (the frozen part's maps are cached, the top blocks "
+                        "run at each step; with --init-from, N > 0 overrides the checkpoint's setting)",
 }
 
 
@@ -98,7 +98,9 @@ FIT_EPILOG = """examples:
   torchrun --standalone --nproc_per_node=4 -m train fit ...  # DistributedDataParallel
 
 Features of the frozen encoder are computed once into --cache (float16, memory-mapped) and reused
-by later runs; --raw-images or --fine-tune-blocks read the images at every step instead.
+by later runs; with --fine-tune-blocks N the cache holds the output of the encoder's frozen part
+(its own folder) and the top N blocks run at every step; --raw-images reads the images at every
+step instead.
 """
 
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -71,12 +71,24 @@ def distillation_fact(paths: str, weight: float) -> dict[str, Any]:
     return {"kind": "word", "teachers": [checkpoint.version_of(p) for p in comma_list(paths)], "weight": weight}
 
 
+def public_encoder_model(model: CaptionModel) -> CaptionModel:
+    """``model`` as its teachers see it: its encoder with no block fine-tuned, the public weights.
+
+    A student whose top encoder blocks are being fine-tuned is taught by models trained on the
+    public encoder's features; those features (its own cache) are what the teachers read.
+    """
+    if not model.config.fine_tune_blocks:
+        return model
+    return CaptionModel.create(replace(model.config, fine_tune_blocks=0), model.vocab, model.meta)
+
+
 def teacher_decoders(paths: Sequence[str], student: CaptionModel, device: torch.device) -> list[Decoder]:
     """The teachers' decoders on ``device``, frozen, their word rows in the student's order."""
     decoders = []
+    public = replace(student, config=replace(student.config, fine_tune_blocks=0))
     for path in paths:
         teacher = checkpoint.load(path, device)
-        check_same_features(student, teacher)
+        check_same_features(public, teacher)
         decoder = aligned_decoder(teacher, student.vocab).eval()
         decoder.requires_grad_(False)
         decoders.append(decoder)
@@ -94,12 +106,15 @@ class WordDistillation:
 
     The teacher's distribution is the mean of its members' (each fed the same reference prefix, in
     eval mode). Reported: the references' cross-entropy, so the history compares with plain ``fit``.
+    ``teacher_features`` (image ids -> features) is for a student whose encoder is fine-tuned: the
+    teachers read the public encoder's features, not the student's.
     """
 
     teachers: list[Decoder]
     weight: float
     pad_id: int
     alpha_c: float
+    teacher_features: Callable[[Sequence[str]], Tensor] | None = None
     name: str = "loss"
 
     def __post_init__(self) -> None:
@@ -112,6 +127,8 @@ class WordDistillation:
         references, penalty = reference_terms(logits, alphas, tokens, self.pad_id, self.alpha_c, 0.0)
         mask = tokens[:, 1:] != self.pad_id
         log_probs = F.log_softmax(logits.float(), dim=-1)
+        if self.teacher_features is not None:
+            features = self.teacher_features([e.image_id for e in batch])
         taught = -(self.teacher_probabilities(features, tokens) * log_probs).sum(dim=-1)[mask].mean()
         return (1 - self.weight) * references + self.weight * taught + penalty, references
 

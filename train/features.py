@@ -37,7 +37,11 @@ PREPROCESS_VERSION = 1
 
 
 def encoder_fingerprint(model: CaptionModel) -> str:
-    """A hash of the encoder's identity: name, config, normalisation and its actual weights."""
+    """A hash of what the cache holds: the encoder's name, config, normalisation and actual weights.
+
+    With fine-tuned top blocks the cache holds the frozen part's maps, so only the frozen weights
+    and where the encoder is cut count: the maps stay valid while the top blocks train.
+    """
     h = hashlib.sha256()
     info = {
         "encoder": model.config.encoder,
@@ -46,9 +50,14 @@ def encoder_fingerprint(model: CaptionModel) -> str:
         "std": model.encoder.std,
         "preprocess": PREPROCESS_VERSION,
     }
+    weights = model.encoder.backbone.state_dict()
+    if model.encoder.trainable_blocks:
+        info["frozen_stages"] = model.encoder.frozen_stages
+        trained = tuple(f"stages.{n}." for n in range(model.encoder.frozen_stages, len(model.encoder.backbone.stages)))
+        weights = {k: v for k, v in weights.items() if not k.startswith(trained)}
     h.update(json.dumps(info, sort_keys=True).encode())
     # Every byte of every weight, in a fixed layout: a float sum would depend on the thread count.
-    for name, tensor in sorted(model.encoder.backbone.state_dict().items()):
+    for name, tensor in sorted(weights.items()):
         h.update(name.encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -203,22 +212,34 @@ def _erase_rows(directory: Path, shard: int, rows: list[int], whole: bool) -> No
 
 
 def open_cache(model: CaptionModel, cache_root: Path) -> FeatureCache:
-    regions, dim = _feature_shape(model)
-    return FeatureCache(cache_root / f"{model.config.encoder}-{encoder_fingerprint(model)}", regions, dim)
+    """The cache of what ``model``'s encoder computes once per image: its features, or with fine-tuned
+    top blocks the frozen part's maps (a folder of their own, named after the cut)."""
+    _, regions, dim = _cached_shape(model)
+    cut = f"-stages{model.encoder.frozen_stages}" if model.encoder.trainable_blocks else ""
+    return FeatureCache(cache_root / f"{model.config.encoder}{cut}-{encoder_fingerprint(model)}", regions, dim)
 
 
-def _feature_shape(model: CaptionModel) -> tuple[int, int]:
-    """(regions, channels) of the encoder's output, probed where the encoder is, leaving it as it was."""
+def _cached_shape(model: CaptionModel) -> tuple[tuple[int, int], int, int]:
+    """(map height and width, regions, channels) of the cached rows, probed where the encoder is."""
     encoder = model.encoder
     device = next(encoder.parameters()).device
     was_training = encoder.training
     try:
         with torch.no_grad():
             size = model.config.image_size
-            out = encoder.eval()(torch.zeros(1, 3, size, size, device=device))
+            maps = encoder.eval().frozen_part(torch.zeros(1, 3, size, size, device=device))
+            rows = cached_rows(model, maps)
     finally:
         encoder.train(was_training)
-    return int(out.shape[1]), int(out.shape[2])
+    return (int(maps.shape[2]), int(maps.shape[3])), int(rows.shape[1]), int(rows.shape[2])
+
+
+def cached_rows(model: CaptionModel, maps: Tensor) -> Tensor:
+    """What the cache stores of :meth:`Encoder.frozen_part`'s maps: the features themselves for a
+    frozen encoder, else the maps as (B, H*W, C) rows."""
+    if model.encoder.trainable_blocks:
+        return maps.flatten(2).transpose(1, 2)
+    return model.encoder.trainable_part(maps)
 
 
 @torch.inference_mode()
@@ -237,7 +258,8 @@ def fill_cache(cache: FeatureCache, model: CaptionModel, paths: Sequence[Path], 
         for n, start in enumerate(range(0, len(todo), batch_size)):
             chunk = todo[start:start + batch_size]
             batch = torch.stack([preprocess(model, _read(p)) for p in chunk]).to(device)
-            cache.put(chunk, model.encoder(batch).to("cpu", torch.float16).numpy())
+            rows = cached_rows(model, model.encoder.frozen_part(batch))
+            cache.put(chunk, rows.to("cpu", torch.float16).numpy())
             if n % 100 == 0:
                 cache.flush()
             bar.update(len(chunk))
@@ -265,13 +287,16 @@ class FeatureSource:
 
     Cached features are held in RAM when they fit (each image read once per run, shared by its
     captions); otherwise each batch reads its images' rows from the memory-mapped cache, whose
-    pages the OS shares between processes (``in_memory=None`` chooses).
+    pages the OS shares between processes (``in_memory=None`` chooses). With fine-tuned top blocks
+    the cache holds the frozen part's maps and the top blocks run at each call.
     """
 
     def __init__(self, model: CaptionModel, records: dict[str, Path], cache: FeatureCache | None,
                  device: torch.device, in_memory: bool | None = None) -> None:
         self.model, self.records, self.device = model, records, device
         self.cache = cache
+        # Rows held or cached for a fine-tuned encoder are its frozen part's maps, of this height and width.
+        self.grid = _cached_shape(model)[0] if model.encoder.trainable_blocks else None
         self.row_of: dict[str, int] = {}
         self.table: Tensor | None = None
         if cache is not None:
@@ -301,7 +326,8 @@ class FeatureSource:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             pixels = torch.stack([preprocess(self.model, _read(images[i])) for i in chunk]).to(self.device)
-            parts.append(self.model.encoder(pixels).to("cpu", torch.float16))
+            maps = self.model.encoder.frozen_part(pixels)
+            parts.append(cached_rows(self.model, maps).to("cpu", torch.float16))
         rows = torch.cat(parts)
         first = 0 if self.table is None else len(self.table)
         self.table = rows if self.table is None else torch.cat([self.table, rows])
@@ -310,30 +336,30 @@ class FeatureSource:
     def __call__(self, image_ids: Sequence[str], grad: bool = False) -> Tensor:
         held = [i in self.row_of for i in image_ids]
         if all(held):
-            return self._held(image_ids)
+            return self._held(image_ids, grad)
         if not any(held):
             return self._computed(image_ids, grad)
         # A batch mixing images held in memory and others: fetch each part, put rows back in order.
         mine = [n for n, h in enumerate(held) if h]
         others = [n for n, h in enumerate(held) if not h]
-        held_part = self._held([image_ids[n] for n in mine])
+        held_part = self._held([image_ids[n] for n in mine], grad)
         other_part = self._computed([image_ids[n] for n in others], grad)
         out = other_part.new_empty((len(image_ids), *other_part.shape[1:]))
         out[torch.tensor(mine, device=out.device)] = held_part.to(out.dtype)
         out[torch.tensor(others, device=out.device)] = other_part
         return out
 
-    def _held(self, image_ids: Sequence[str]) -> Tensor:
+    def _held(self, image_ids: Sequence[str], grad: bool) -> Tensor:
         if self.table is None:
             raise RuntimeError("no features are held in memory")
         idx = torch.tensor([self.row_of[i] for i in image_ids])
-        return self.table.index_select(0, idx).to(self.device).float()
+        return self._features(self.table.index_select(0, idx).to(self.device).float(), grad)
 
     def _computed(self, image_ids: Sequence[str], grad: bool) -> Tensor:
         unique = list(dict.fromkeys(image_ids))
         if self.cache is not None:
             rows = self.cache.get([self.records[i] for i in unique])
-            feats = torch.from_numpy(rows).to(self.device).float()
+            feats = self._features(torch.from_numpy(rows).to(self.device).float(), grad)
         else:
             pixels = torch.stack([preprocess(self.model, _read(self.records[i])) for i in unique])
             pixels = pixels.to(self.device)
@@ -343,6 +369,16 @@ class FeatureSource:
             return feats
         position = {image_id: n for n, image_id in enumerate(unique)}
         return feats.index_select(0, torch.tensor([position[i] for i in image_ids], device=self.device))
+
+
+    def _features(self, rows: Tensor, grad: bool) -> Tensor:
+        """Stored rows (B, L, C) as the decoder's features: run through the fine-tuned top blocks
+        when the rows are the frozen part's maps."""
+        if self.grid is None:
+            return rows
+        maps = rows.transpose(1, 2).reshape(rows.size(0), rows.size(2), *self.grid)
+        with torch.set_grad_enabled(grad):
+            return self.model.encoder.trainable_part(maps)
 
 
 def _fits_in_memory(nbytes: int) -> bool:

@@ -353,6 +353,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     cfg = replace(cfg, base=choice.path)
     base = checkpoint.load(cfg.base, device)
     candidate = checkpoint.load(cfg.base, device)
+    # The learning loop trains the decoder only. An encoder fine-tuned before stays as it was
+    # shipped (and stays in the checkpoint): frozen here, its features are cached like any other's.
+    for model in (base, candidate):
+        model.encoder.set_trainable_blocks(0)
     report = _run(cfg, device, base, candidate, corrections, choice)
     if not cfg.from_export and cfg.register:
         asyncio.run(_register(cfg, base, report, corrections.correction_ids))

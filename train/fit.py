@@ -32,7 +32,7 @@ from common.atomic import atomic_write_text
 from . import metrics
 from .cli import comma_list
 from .data import CaptionDataset, ImageRecord, load_dataset
-from .distill import WordDistillation, distillation_fact, teacher_decoders
+from .distill import WordDistillation, distillation_fact, public_encoder_model, teacher_decoders
 from .features import FeatureSource, feature_source
 from .loop import Example, LoopConfig, Objective, bucketed_batches, build_examples, train_epoch
 from .scoring import SplitResult, score_records
@@ -194,9 +194,8 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     model.to(device)
     if cfg.distill_from:
         model.meta["distillation"] = distillation_fact(cfg.distill_from, cfg.distill_weight)
-    if model.config.fine_tune_blocks > 0:
-        cfg.raw_images = True
     images = {r.image_id: r.path for r in [*train_records, *val_records]}
+    # With fine-tuned top blocks the cache holds the frozen part's maps (train.features).
     source = feature_source(model, images, device, None if cfg.raw_images else cfg.cache,
                             cfg.feature_batch_size, cfg.progress, fill=rank == 0)
 
@@ -300,9 +299,11 @@ def _objective(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageR
         if cfg.label_smoothing:
             raise ValueError("--label-smoothing with --distill-from: the teachers' distribution already spreads "
                              "each word's target")
-        teachers = teacher_decoders(comma_list(cfg.distill_from), model, next(model.decoder.parameters()).device)
+        device = next(model.decoder.parameters()).device
+        teachers = teacher_decoders(comma_list(cfg.distill_from), model, device)
         return (build_examples(train_records, model.vocab, cfg.max_caption_len),
-                WordDistillation(teachers, cfg.distill_weight, model.vocab.pad_id, cfg.alpha_c))
+                WordDistillation(teachers, cfg.distill_weight, model.vocab.pad_id, cfg.alpha_c,
+                                 _teacher_features(cfg, model, train_records, device)))
     if not cfg.scst:
         return build_examples(train_records, model.vocab, cfg.max_caption_len), None
     if cfg.scst_baseline not in BASELINES:
@@ -323,6 +324,18 @@ def _objective(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageR
     objective = SelfCritical(cider, model.vocab, cfg.scst_samples, cfg.scst_max_len, cfg.scst_baseline,
                              cfg.scst_sampling, cfg.val_beam_config())
     return image_examples(train_records), objective
+
+
+def _teacher_features(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageRecord],
+                      device: torch.device) -> FeatureSource | None:
+    """For a student whose top encoder blocks are fine-tuned: the public encoder's features, which its
+    teachers were trained on and read (None: the teachers read the student's own)."""
+    if not model.config.fine_tune_blocks:
+        return None
+    public = public_encoder_model(model).to(device)
+    images = {r.image_id: r.path for r in train_records}
+    return feature_source(public, images, device, None if cfg.raw_images else cfg.cache,
+                          cfg.feature_batch_size, cfg.progress)
 
 
 def _train_key(objective: Objective | None) -> str:
