@@ -152,6 +152,8 @@ def test_train_cache_bench_runs_on_the_tiny_model(tmp_path: Path) -> None:
                          "--json", str(out))
     assert_reports_its_run(document, "train_cache.py", tmp_path)
     assert document["train"]["images"] == 3 and document["epoch_seconds"]["raw"] > 0
+    tuned = document["fine_tuning"]
+    assert tuned["blocks"] == 2 and tuned["epoch_seconds"]["cache"] > 0 and tuned["epoch_seconds"]["raw"] > 0
 
 
 def test_report_paths_are_relative_to_the_repository() -> None:
