@@ -54,6 +54,24 @@ def worker() -> str:
     return text
 
 
+def train_cache() -> str:
+    d = _load("train_cache")
+    e = d["epoch_seconds"]
+    text = (f"epoch from the cache {e['cache']:.1f} s (the faster of {len(e['cache_all_epochs'])}) vs {e['raw']:.1f} s "
+            f"from raw images: {d['ratio_raw_over_cache']:.1f}x (the bench's target: {d['target_ratio']:.0f}x); "
+            f"feature access alone {d['feature_ratio_raw_over_cache']:.1f}x")
+    tuned = d.get("fine_tuning")
+    if tuned:
+        t = tuned["epoch_seconds"]
+        text += (f"; fine-tuning the top {tuned['blocks']} encoder blocks: {t['cache']:.1f} s an epoch from the cached "
+                 f"maps of the frozen part (filled once in {tuned['cache_fill_seconds']:.1f} s) vs {t['raw']:.1f} s "
+                 f"from raw images, {tuned['ratio_raw_over_cache']:.1f}x")
+    load = d["context"].get("load_average_before")
+    if load:
+        text += f" (load average {load[0]:.2f} at the start)"
+    return text
+
+
 def scale() -> str:
     d = _load("scale")
     runs = d["runs"]
@@ -170,22 +188,25 @@ def ensemble() -> str:
 
 
 DISTILL_RUNS = ("kd-seq-mir-anneal", "kd-seq-v3", "kd-w1", "kd-w2", "kd-w4", "kd-aug", "kd-aug2", "kd-aug-lr1",
-                "kd-aug3t", "kd-aug8")
+                "kd-aug3t", "kd-aug8", "kd-ban")
 
 
 def distill() -> str:
     """The README's table of distillation runs (markdown), from their committed histories in
     bench/results/training/ (each a ``fit`` run's history.json, paths made relative)."""
-    lines = ["| run | student started from | trained on | teacher's share of each word | lr | val CIDEr by epoch "
-             "| val BLEU-4 by epoch |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | student started from | trained on | teacher's share of each word | lr | encoder blocks trained "
+             "| val CIDEr by epoch | val BLEU-4 by epoch |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in DISTILL_RUNS:
         history = _history(name)
         c, epochs = history["config"], history["epochs"]
         share = f"{c['distill_weight']:g} (`{c['distill_from']}`)" if c.get("distill_from") else "none"
+        blocks = c["model"].get("fine_tune_blocks", 0)
+        encoder = f"top {blocks}, lr {c['encoder_lr']:g}" if blocks else "none"
         cider = _val_by_epoch(epochs, "CIDEr")
         bleu = _val_by_epoch(epochs, "Bleu_4")
-        lines.append(f"| `{name}` | `{c['init_from']}` | `{c['data']}` | {share} | {c['lr']:g} | {cider} | {bleu} |")
+        lines.append(f"| `{name}` | `{c['init_from']}` | `{c['data']}` | {share} | {c['lr']:g} | {encoder} | {cider} "
+                     f"| {bleu} |")
     return "\n".join(lines)
 
 
@@ -219,7 +240,7 @@ def _bound(result: dict[str, Any]) -> str:
     return "validation fell more than the margin" if "validation CIDEr dropped" in reason else reason
 
 
-ROWS = {"worker": worker, "scale": scale, "bot_burst": bot_burst, "encoders": encoders, "scst": scst,
+ROWS = {"worker": worker, "train_cache": train_cache, "scale": scale, "bot_burst": bot_burst, "encoders": encoders, "scst": scst,
         "learning_loop_scst": learning_loop_scst, "ensemble": ensemble, "distill": distill, "lineages": lineages}
 
 if __name__ == "__main__":
