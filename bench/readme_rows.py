@@ -240,8 +240,9 @@ def _bound(result: dict[str, Any]) -> str:
     return "validation fell more than the margin" if "validation CIDEr dropped" in reason else reason
 
 
-ROWS = {"worker": worker, "train_cache": train_cache, "scale": scale, "bot_burst": bot_burst, "encoders": encoders, "scst": scst,
-        "learning_loop_scst": learning_loop_scst, "ensemble": ensemble, "distill": distill, "lineages": lineages}
+ROWS = {"worker": worker, "train_cache": train_cache, "scale": scale, "bot_burst": bot_burst, "encoders": encoders,
+        "scst": scst, "learning_loop_scst": learning_loop_scst, "ensemble": ensemble, "distill": distill,
+        "lineages": lineages}
 
 if __name__ == "__main__":
     print(ROWS[sys.argv[1]]())

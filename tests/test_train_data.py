@@ -73,6 +73,18 @@ def test_write_linked_refuses_a_folder_of_real_photos_before_rewriting_any_split
     assert (out / "images" / "val_0.jpg").read_bytes() == b"a photo someone keeps"
 
 
+def test_write_linked_refuses_the_folder_of_the_captions_it_reads(tmp_path: Path) -> None:
+    """Its photos elsewhere (FOLDER@ROOT), the source's own folder holds no photo to refuse: its
+    captions must not be overwritten all the same."""
+    folder = make_flickr(tmp_path / "f8k", n_train=2, n_val=1)
+    (folder / "images").rename(tmp_path / "photos")
+    before = (folder / "captions.txt").read_bytes()
+    source = load_dataset(f"flickr:{folder}@{tmp_path / 'photos'}")
+    with pytest.raises(FileExistsError, match="captions of the dataset being read"):
+        write_linked(source, folder, ["train", "val"], {})
+    assert (folder / "captions.txt").read_bytes() == before and not (folder / "images").exists()
+
+
 def test_karpathy_restval_joins_train(tmp_path: Path) -> None:
     file = make_karpathy(tmp_path / "coco")
     dataset = load_dataset(f"karpathy:{file}", ("train", "val", "test"))

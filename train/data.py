@@ -34,9 +34,10 @@ class ImageRecord:
 class CaptionDataset:
     """Images with their reference captions, split by name (train, val, ...)."""
 
-    def __init__(self, name: str, splits: dict[str, list[ImageRecord]]) -> None:
+    def __init__(self, name: str, splits: dict[str, list[ImageRecord]], folder: Path | None = None) -> None:
         self.name = name
         self._splits = splits
+        self.folder = folder  # where a Flickr-layout dataset's captions.txt and split lists are
 
     @property
     def split_names(self) -> list[str]:
@@ -80,7 +81,7 @@ def read_flickr(directory: Path, splits: tuple[str, ...], image_root: Path | Non
             raise DatasetError(f"split file {split_file} not found")
         names = [n.strip() for n in split_file.read_text(encoding="utf-8").splitlines() if n.strip()]
         result[split] = [ImageRecord(n, images / n, tuple(captions[n])) for n in names if captions.get(n)]
-    return CaptionDataset(f"flickr:{directory}", result)
+    return CaptionDataset(f"flickr:{directory}", result, directory)
 
 
 def write_flickr(directory: Path, splits: Mapping[str, Sequence[ImageRecord]]) -> str:
@@ -104,7 +105,10 @@ def write_linked(dataset: CaptionDataset, out: Path, splits: Sequence[str],
     each split named in ``rewrite`` replaced by what its function returns for the split's records.
 
     All photos are linked before any function runs, so a folder of real photos (the source itself) is
-    refused before anything is written into it. Returns the number of images per split written."""
+    refused before anything is written into it; so is the folder of the source's captions, also when
+    its photos are elsewhere (``flickr:DIR@ROOT``) or links. Returns the number of images per split written."""
+    if dataset.folder is not None and out.resolve() == dataset.folder.resolve():
+        raise FileExistsError(f"{out} holds the captions of the dataset being read: write to a new folder")
     for name in splits:
         for record in dataset.split(name):
             link_image(record.path, out / "images" / record.image_id)
