@@ -7,7 +7,7 @@
 # "bash bench/gpu_check.sh". Usage: bash bench/gpu_prepare.sh [PHOTOS] [FLICKR8K_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-photos=${1:-400}
+photos=${1:-300}
 source_dir=${2:-../shared/data/flickr8k}
 out=gpu_carry
 rm -rf "$out" && mkdir -p "$out/wheels" "$out/flickr8k/images"
@@ -22,3 +22,11 @@ head -n "$photos" "$source_dir/val.txt" > "$out/flickr8k/val.txt"
   > "$out/flickr8k/captions.txt"
 while read -r name; do cp "$source_dir/images/$name" "$out/flickr8k/images/"; done < "$out/flickr8k/val.txt"
 du -sh "$out"
+# The device tool carries the working tree and this folder, 64 MiB in all: fail here, not there.
+tracked=$(git ls-files -z | xargs -0 du -cb | tail -n 1 | cut -f1)
+carried=$(du -sb "$out" | cut -f1)
+if (( tracked + carried > 64 * 1024 * 1024 )); then
+  echo "tracked files ($tracked bytes) and $out ($carried bytes) exceed the device tool's 64 MiB:" \
+       "pass fewer photos (bash bench/gpu_prepare.sh N)" >&2
+  exit 1
+fi
