@@ -188,7 +188,7 @@ def ensemble() -> str:
 
 
 DISTILL_RUNS = ("kd-seq-mir-anneal", "kd-seq-v3", "kd-w1", "kd-w2", "kd-w4", "kd-aug", "kd-aug2", "kd-aug-lr1",
-                "kd-aug3t", "kd-aug8", "kd-ban", "ft2-kd")
+                "kd-aug3t", "kd-aug8", "kd-ban", "ft2-kd", "ft2-kd-s1")
 
 
 def distill() -> str:
