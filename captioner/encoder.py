@@ -46,8 +46,11 @@ class Backbone(nn.Module):
         self.classifier = classifier
 
     def features(self, images: Tensor) -> Tensor:
-        x = self.stem(images)
-        for stage in self.stages:
+        return self.run_stages(self.stem(images))
+
+    def run_stages(self, x: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        """``x`` through stages ``start`` to ``stop`` (exclusive; None: to the last)."""
+        for stage in self.stages[start:stop]:
             x = stage(x)
         return x
 
@@ -256,16 +259,12 @@ class Encoder(nn.Module):
         It does not change while the top blocks are fine-tuned, so a fine-tuning run caches it like
         the features of a frozen encoder and runs only :meth:`trainable_part` at each step.
         """
-        x = self.backbone.stem(images.contiguous(memory_format=torch.channels_last))
-        for stage in self.backbone.stages[:self.frozen_stages]:
-            x = stage(x)
-        return x
+        stem = self.backbone.stem(images.contiguous(memory_format=torch.channels_last))
+        return self.backbone.run_stages(stem, 0, self.frozen_stages)
 
     def trainable_part(self, maps: Tensor) -> Tensor:
         """Region vectors (B, L, C) from :meth:`frozen_part`'s maps, through the unfrozen stages."""
-        x = maps
-        for stage in self.backbone.stages[self.frozen_stages:]:
-            x = stage(x)
+        x = self.backbone.run_stages(maps, self.frozen_stages)
         return x.flatten(2).transpose(1, 2).contiguous()
 
     def forward(self, images: Tensor) -> Tensor:
