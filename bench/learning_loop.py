@@ -9,8 +9,10 @@
    concept word, before and after; and overall validation CIDEr before and after.
 4. Show the gate rejecting a bad fine-tune: the same photos "corrected" with random captions.
 
-Run: python bench/learning_loop.py [--base-epochs 3] [--base-scst-epochs 1] [--photos 100] [--base-encoder NAME]
-(--base-scst-epochs: refine the base with self-critical training first, as the shipped model is.)
+Run: python bench/learning_loop.py [--base-epochs 3] [--base-scst-epochs 1 | --base-fine-tune-blocks 2]
+[--photos 100] [--base-encoder NAME]
+(--base-scst-epochs: refine the base with self-critical training first, as v3 was;
+--base-fine-tune-blocks: train the base's top encoder blocks with it first, as the shipped model's were.)
 Writes bench/results/learning_loop.json.
 """
 
@@ -116,6 +118,19 @@ def refine_with_scst(spec: str, base_path: str, out: Path, args: argparse.Namesp
     return str(out / "best")
 
 
+def refine_encoder(spec: str, base_path: str, out: Path, args: argparse.Namespace) -> str:
+    """The base after one epoch training its encoder's top ``--base-fine-tune-blocks`` blocks with the
+    decoder, at the shipped model's learning rates (5e-5 both, 64 photos a step): the fine-tune then
+    starts from a checkpoint that stores its own encoder, as it does from the shipped model."""
+    if not (out / "best" / "model.json").exists():
+        fit(TrainConfig(data=spec, out=str(out), cache=str(args.cache), epochs=1, init_from=base_path,
+                        model={"fine_tune_blocks": args.base_fine_tune_blocks}, batch_size=64, lr=5e-5,
+                        encoder_lr=5e-5, val_beam=5, val_length_penalty=1.0, val_block_ngram=3, patience=1,
+                        val_limit=500, progress=True, threads=args.threads, checkpoint_minutes=10.0,
+                        resume=True))
+    return str(out / "best")
+
+
 def parse_and_start(parser: argparse.ArgumentParser, out: Path) -> tuple[argparse.Namespace, Run]:
     """Add --threads and --out, parse, start the run's report, set up logging and torch threads."""
     parser.add_argument("--threads", type=int, default=0)
@@ -138,7 +153,10 @@ def main() -> None:
     parser.add_argument("--base-encoder", default=None, help="encoder of the base model (default: the bundled model's)")
     parser.add_argument("--base-scst-epochs", type=int, default=0,
                         help="then refine the base with self-critical training on beam candidates, as the "
-                             "shipped model is, and run the loop from that")
+                             "v3 was, and run the loop from that")
+    parser.add_argument("--base-fine-tune-blocks", type=int, default=0,
+                        help="then train the base's top N encoder blocks with its decoder for an epoch, as the "
+                             "shipped model's were, and run the loop from that")
     parser.add_argument("--ft-epochs", type=int, default=20)
     parser.add_argument("--ft-lr", type=float, default=2e-4)
     parser.add_argument("--replay-ratio", type=float, default=4.0)
@@ -147,6 +165,8 @@ def main() -> None:
     parser.add_argument("--ft-scst-replay-ratio", type=float, default=None,
                         help="replay photos per corrected photo in those epochs (default: the fine-tune's)")
     args, run = parse_and_start(parser, RESULTS / "learning_loop.json")
+    if args.base_scst_epochs and args.base_fine_tune_blocks:
+        parser.error("--base-scst-epochs and --base-fine-tune-blocks are two different lineages: choose one")
     if not (FLICKR8K / "captions.txt").is_file():
         sys.exit(f"needs the Flickr8k data at {FLICKR8K}")
     full = load_dataset(f"flickr:{FLICKR8K}", ("train", "val"))
@@ -173,6 +193,8 @@ def main() -> None:
     base_path = str(base_dir / "best")
     if args.base_scst_epochs:
         base_path = refine_with_scst(spec, base_path, args.work / "base-scst", args)
+    if args.base_fine_tune_blocks:
+        base_path = refine_encoder(spec, base_path, args.work / f"base-ft{args.base_fine_tune_blocks}", args)
     base = checkpoint.load(base_path)
     leaked = sorted(w for w in CONCEPT if w in base.vocab)
     assert not leaked, f"base vocabulary must lack the concept, has {leaked}"
@@ -223,7 +245,8 @@ def main() -> None:
         "concept_val_photos": len(concept_val), "corrected_photos": len(photos),
         "base": {"checkpoint": relative(base_path), "encoder": base.config.encoder, "epochs": args.base_epochs,
                  "dim": args.base_dim,
-                 "scst_epochs": args.base_scst_epochs, "vocabulary": len(base.vocab)},
+                 "scst_epochs": args.base_scst_epochs, "fine_tune_blocks": base.config.fine_tune_blocks,
+                 "vocabulary": len(base.vocab)},
         "results": results,
     }
     write_result(args.out, document)

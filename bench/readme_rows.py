@@ -171,6 +171,33 @@ def learning_loop_scst() -> str:
     return "\n".join(lines)
 
 
+def learning_loop_bases() -> str:
+    """The README's table of the learning loop run from each kind of base the shipped models have been
+    (markdown): a cross-entropy base on Lite0 and on Lite1, one refined self-critically (as v3 was) and
+    one whose encoder's top blocks were trained with it (as v6's were)."""
+    names = ["learning_loop", "learning_loop_lite1_xe_base", "learning_loop_scst_base", "learning_loop_ft_base"]
+    lines = ["| result file | base encoder | base made as | real corrections: gate (held-out CIDEr-D, 95% bound) "
+             "| concept recall | val CIDEr | random captions: gate "
+             "| bench run time (a base already trained is reused) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        d = _load(name)
+        base, good, bad = d["base"], d["results"]["good"], d["results"]["bad"]
+        made = f"cross-entropy, {base['epochs']} epochs"
+        if base.get("scst_epochs"):
+            made += f", then {base['scst_epochs']} self-critical"
+        if base.get("fine_tune_blocks"):
+            made += f", then 1 with the encoder's top {base['fine_tune_blocks']} blocks"
+        cells = [f"`bench/results/{name}.json`", base.get("encoder", "efficientnet_lite0"), made,
+                 f"{good['status']} ({good['heldout_corrections_before']['CIDEr-D']:.3f} -> "
+                 f"{good['heldout_corrections_after']['CIDEr-D']:.3f}, {_bound(good)})",
+                 f"{good['concept_recall_before']:.0%} -> {good['concept_recall_after']:.0%}",
+                 f"{good['val_cider_before']:.3f} -> {good['val_cider_after']:.3f}",
+                 bad["status"], f"{d['context']['duration_seconds'] / 60:.0f} min"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def ensemble() -> str:
     """The README's ensemble table (markdown), from bench/results/ensemble.json."""
     d = _load("ensemble")
@@ -241,7 +268,8 @@ def _bound(result: dict[str, Any]) -> str:
 
 
 ROWS = {"worker": worker, "train_cache": train_cache, "scale": scale, "bot_burst": bot_burst, "encoders": encoders,
-        "scst": scst, "learning_loop_scst": learning_loop_scst, "ensemble": ensemble, "distill": distill,
+        "scst": scst, "learning_loop_scst": learning_loop_scst,
+        "learning_loop_bases": learning_loop_bases, "ensemble": ensemble, "distill": distill,
         "lineages": lineages}
 
 if __name__ == "__main__":
