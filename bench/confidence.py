@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.report import RESULTS, add_split_options, relative, start_run, write_result  # noqa: E402
+from bench.report import RESULTS, add_split_options, relative, relative_spec, start_run, write_result  # noqa: E402
 from captioner import checkpoint  # noqa: E402
 from captioner.checkpoint import CaptionModel  # noqa: E402
 from captioner.confidence import ConfidenceRule, classifier_guesses, mentions  # noqa: E402
@@ -195,12 +195,12 @@ def main() -> int:
     for name, o in outside.items():
         print(f"  {name}: {'ok  ' if o['confident'] else 'HEDGE'} {o['caption']!r} seen {o['seen'][:1]}")
     if args.write_meta:
-        calibrated_on = f"{_relative_data(args.data)} {args.split}"
+        calibrated_on = f"{relative_spec(args.data)} {args.split}"
         written = write_meta(args.model, "confidence", {**rule.to_meta(), "calibrated_on": calibrated_on})
         print(f"rule written to {relative(written)}")
     write_result(args.json, {
         "benchmark": "caption confidence: beam score and ImageNet classifier",
-        "model_version": model.version, "data": _relative_data(args.data), "split": args.split,
+        "model_version": model.version, "data": relative_spec(args.data), "split": args.split,
         "decoding": asdict(beam),
         "n_val": len(val), "val_corpus_cider": scored.values["CIDEr"], "score_vs_cider": split,
         "rule": {**rule.to_meta(), "familiar_prob": FAMILIAR_PROB, "familiar_images": FAMILIAR_IMAGES,
@@ -215,11 +215,6 @@ def main() -> int:
     })
     print(f"wrote {relative(args.json)}")
     return 0
-
-
-def _relative_data(data: str) -> str:
-    kind, _, path = data.partition(":")
-    return f"{kind}:{relative(path)}" if path else data
 
 
 if __name__ == "__main__":

@@ -55,9 +55,11 @@ def add_split_options(parser: argparse.ArgumentParser, device: bool = True) -> N
 
 
 def relative_spec(spec: str) -> str:
-    """A dataset spec (``FORMAT:PATH``, as ``train`` takes) with its path made :func:`relative`."""
-    kind, sep, path = spec.partition(":")
-    return f"{kind}:{relative(path)}" if sep and path.startswith("/") else spec
+    """A dataset spec (``FORMAT:PATH[@IMAGE_ROOT]``, as ``train`` takes) with its paths made :func:`relative`."""
+    kind, sep, paths = spec.partition(":")
+    if not sep or not paths:
+        return spec
+    return f"{kind}:" + "@".join(relative(path) for path in paths.split("@", 1))
 
 
 def command_line(argv: list[str] | None = None) -> str:

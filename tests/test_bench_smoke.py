@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bench.report import ROOT, absolute_paths, command_line, relative
+from bench.report import ROOT, absolute_paths, command_line, relative, relative_spec
 from captioner.serving.config import DEVICE_BATCHING
 from common.settings import Settings
 from tests.bot_support import fast_checkpoint
@@ -163,6 +163,13 @@ def test_report_paths_are_relative_to_the_repository() -> None:
     command = command_line([str(ROOT / "bench" / "worker.py"), "--out", str(ROOT / "r.json"),
                             f"--checkpoint={ROOT / 'm'}", "--requests", "8"])
     assert command == "python bench/worker.py --out r.json --checkpoint=m --requests 8"
+
+
+def test_a_dataset_spec_in_a_report_names_its_paths_from_the_repository() -> None:
+    assert relative_spec(f"flickr:{ROOT.parent / 'shared' / 'data'}") == "flickr:../shared/data"
+    assert relative_spec(f"karpathy:{ROOT / 'd.json'}@{ROOT.parent / 'images'}") == "karpathy:d.json@../images"
+    assert relative_spec("coco:/elsewhere/annotations") == "coco:<outside the checkout>/annotations"
+    assert relative_spec("not a spec") == "not a spec"
 
 
 def test_absolute_paths_are_found_anywhere_in_a_report() -> None:

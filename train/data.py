@@ -49,16 +49,21 @@ class CaptionDataset:
         return self._splits[name]
 
 
-def load_dataset(spec: str, splits: tuple[str, ...] = ("train", "val")) -> CaptionDataset:
-    """Read ``FORMAT:PATH`` (see the module docstring), keeping only ``splits``."""
+def parse_spec(spec: str) -> tuple[str, Path, Path | None]:
+    """``FORMAT:PATH[@IMAGE_ROOT]`` (see the module docstring) -> (format, path, image root or None)."""
     fmt, sep, rest = spec.partition(":")
     if not sep or not rest:
-        raise DatasetError(f"dataset must be FORMAT:PATH (flickr, karpathy or coco), got {spec!r}")
-    readers = {"flickr": read_flickr, "karpathy": read_karpathy, "coco": read_coco}
-    if fmt not in readers:
-        raise DatasetError(f"unknown dataset format {fmt!r}; use one of {', '.join(readers)}")
+        raise DatasetError(f"dataset must be FORMAT:PATH ({', '.join(READERS)}), got {spec!r}")
+    if fmt not in READERS:
+        raise DatasetError(f"unknown dataset format {fmt!r}; use one of {', '.join(READERS)}")
     path, _, root = rest.partition("@")
-    return readers[fmt](Path(path), splits, Path(root) if root else None)
+    return fmt, Path(path), Path(root) if root else None
+
+
+def load_dataset(spec: str, splits: tuple[str, ...] = ("train", "val")) -> CaptionDataset:
+    """Read ``FORMAT:PATH`` (see the module docstring), keeping only ``splits``."""
+    fmt, path, root = parse_spec(spec)
+    return READERS[fmt](path, splits, root)
 
 
 def read_flickr(directory: Path, splits: tuple[str, ...], image_root: Path | None = None) -> CaptionDataset:
@@ -169,3 +174,8 @@ def read_coco(directory: Path, splits: tuple[str, ...], image_root: Path | None 
             for img in document.get("images", []) if texts.get(img["id"])
         ]
     return CaptionDataset(f"coco:{directory}", result)
+
+
+# The dataset formats a spec may name, and their readers (defined above).
+READERS: dict[str, Callable[[Path, tuple[str, ...], Path | None], CaptionDataset]] = {
+    "flickr": read_flickr, "karpathy": read_karpathy, "coco": read_coco}

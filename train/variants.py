@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 
 from common.atomic import atomic_write_bytes, atomic_write_text
 
-from .data import ImageRecord, load_dataset, write_linked
+from .data import ImageRecord, load_dataset, parse_spec, write_linked
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,8 @@ def made_from(spec: str) -> list[dict[str, Any]]:
     module did not write, or not in the Flickr layout, ends the chain)."""
     chain: list[dict[str, Any]] = []
     while len(chain) < MAX_LINEAGE:
-        fmt, _, path = spec.partition(":")
-        file = Path(path.partition("@")[0]) / MANIFEST
+        fmt, path, _ = parse_spec(spec)
+        file = path / MANIFEST
         if fmt != "flickr" or not file.is_file():
             break
         chain.append(json.loads(file.read_text(encoding="utf-8")))
