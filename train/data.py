@@ -66,6 +66,14 @@ def load_dataset(spec: str, splits: tuple[str, ...] = ("train", "val")) -> Capti
     return READERS[fmt](path, splits, root)
 
 
+def load_to_rewrite(spec: str, splits: Sequence[str], changed: str, what: str) -> CaptionDataset:
+    """``spec``'s ``splits``, read to be written again with the ``changed`` split altered (``what``:
+    how, for the error when that split is not among those written)."""
+    if changed not in splits:
+        raise ValueError(f"the split {what} ({changed}) must be one of the splits written")
+    return load_dataset(spec, tuple(splits))
+
+
 def read_flickr(directory: Path, splits: tuple[str, ...], image_root: Path | None = None) -> CaptionDataset:
     captions_file = directory / "captions.txt"
     if not captions_file.is_file():

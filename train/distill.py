@@ -51,7 +51,7 @@ from captioner.model import Decoder
 from common.atomic import atomic_write_text
 
 from .cli import DEVICE_HELP, comma_list
-from .data import ImageRecord, load_dataset, write_linked
+from .data import ImageRecord, load_to_rewrite, write_linked
 from .evaluate import beam_from_args
 from .features import feature_source
 from .loop import Example, pad, reference_terms
@@ -183,10 +183,8 @@ def write_distilled(spec: str, teachers: Sequence[str], out: Path, beam: BeamCon
                     batch_size: int = DECODE_BATCH) -> dict[str, int]:
     """Write ``spec``'s ``splits`` to ``out`` in the Flickr layout, ``distill_split``'s captions written by
     the ensemble of ``teachers``. Returns the number of images per split written."""
-    if distill_split not in splits:
-        raise ValueError(f"the split to distill ({distill_split}) must be one of the splits written")
+    dataset = load_to_rewrite(spec, splits, distill_split, "to distill")
     out.mkdir(parents=True, exist_ok=True)
-    dataset = load_dataset(spec, tuple(splits))
 
     def with_teacher_captions(records: list[ImageRecord]) -> list[ImageRecord]:
         captions = teacher_captions(teachers, records, beam, out, device, cache, batch_size)

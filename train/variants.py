@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 
 from common.atomic import atomic_write_bytes, atomic_write_text
 
-from .data import ImageRecord, load_dataset, parse_spec, write_linked
+from .data import ImageRecord, load_to_rewrite, parse_spec, write_linked
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,7 @@ def write_with_variants(spec: str, out: Path, variant: Variant, splits: Sequence
                         split: str = "train") -> dict[str, int]:
     """Write ``spec``'s ``splits`` to ``out`` in the Flickr layout, ``split`` doubled with ``variant``'s
     photos. Returns the number of images per split written."""
-    if split not in splits:
-        raise ValueError(f"the split to add photos to ({split}) must be one of the splits written")
-    dataset = load_dataset(spec, tuple(splits))
+    dataset = load_to_rewrite(spec, splits, split, "to add photos to")
     already = [r.image_id for r in dataset.split(split) if Path(r.image_id).name.startswith(variant.prefix)]
     if already:
         raise ValueError(f"{spec} already has photos named {variant.prefix}* ({already[0]}, ...): write "
