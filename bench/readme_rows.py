@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,8 @@ def ensemble() -> str:
 
 
 DISTILL_RUNS = ("kd-seq-mir-anneal", "kd-seq-v3", "kd-w1", "kd-w2", "kd-w4", "kd-aug", "kd-aug2", "kd-aug-lr1",
-                "kd-aug3t", "kd-aug8", "kd-ban", "ft2-kd", "ft2-kd-s1")
+                "kd-aug3t", "kd-aug8", "kd-ban", "ft2-kd", "ft2-kd-s1",
+                "ft2-kd-s2", "kd-aug-s1", "kd-aug-s2")
 
 
 def distill() -> str:
@@ -234,6 +236,30 @@ def distill() -> str:
         bleu = _val_by_epoch(epochs, "Bleu_4")
         lines.append(f"| `{name}` | `{c['init_from']}` | `{c['data']}` | {share} | {c['lr']:g} | {encoder} | {cider} "
                      f"| {bleu} |")
+    return "\n".join(lines)
+
+
+# Runs of one recipe that differ only in --seed (the first of each ran with fit's default seed).
+SEED_RUNS = {"`kd-aug` (decoder only; v5)": ("kd-aug", "kd-aug-s1", "kd-aug-s2"),
+             "`ft2-kd` (and the encoder's top 2 blocks; v6)": ("ft2-kd", "ft2-kd-s1", "ft2-kd-s2")}
+
+
+def _mean_range(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def seeds() -> str:
+    """The README's table of run-to-run spread: each recipe's runs by seed, their mean and range
+    (validation as fit selects: 1,000 photos, beam 5, length penalty 1.0, trigram blocking, float32)."""
+    lines = ["| recipe | seed: val CIDEr / BLEU-4 | CIDEr mean (min-max) | BLEU-4 mean (min-max) |",
+             "|---|---|---|---|"]
+    for recipe, names in SEED_RUNS.items():
+        histories = [_history(name) for name in names]
+        finals = [h["epochs"][-1]["val"] for h in histories]
+        runs = ", ".join(f"{h['config']['seed']}: {v['CIDEr']:.3f} / {v['Bleu_4']:.3f}"
+                         for h, v in zip(histories, finals, strict=True))
+        lines.append(f"| {recipe} | {runs} | {_mean_range([v['CIDEr'] for v in finals])} "
+                     f"| {_mean_range([v['Bleu_4'] for v in finals])} |")
     return "\n".join(lines)
 
 
@@ -269,7 +295,7 @@ def _bound(result: dict[str, Any]) -> str:
 
 ROWS = {"worker": worker, "train_cache": train_cache, "scale": scale, "bot_burst": bot_burst, "encoders": encoders,
         "scst": scst, "learning_loop_scst": learning_loop_scst,
-        "learning_loop_bases": learning_loop_bases, "ensemble": ensemble, "distill": distill,
+        "learning_loop_bases": learning_loop_bases, "seeds": seeds, "ensemble": ensemble, "distill": distill,
         "lineages": lineages}
 
 if __name__ == "__main__":
