@@ -240,7 +240,7 @@ def distill() -> str:
 
 
 # Runs of one recipe that differ only in --seed (the first of each ran with fit's default seed).
-SEED_RUNS = {"`kd-aug` (decoder only; v5)": ("kd-aug", "kd-aug-s1", "kd-aug-s2"),
+SEED_RUNS = {"`kd-aug` (decoder only; v5, v7)": ("kd-aug", "kd-aug-s1", "kd-aug-s2"),
              "`ft2-kd` (and the encoder's top 2 blocks; v6)": ("ft2-kd", "ft2-kd-s1", "ft2-kd-s2")}
 
 
