@@ -160,13 +160,8 @@ def learning_loop_scst() -> str:
         options = [w for i, w in enumerate(words) if w not in ("--cache", "--out")
                    and not (i and words[i - 1] in ("--cache", "--out"))]
         good, bad = d["results"]["good"], d["results"].get("bad")
-        # Files written before the bench recorded the encoder trained the base on fit's default, Lite0.
-        encoder = d["base"].get("encoder", "efficientnet_lite0")
-        cells = [f"`{path.relative_to(RESULTS.parent.parent)}`", encoder, f"`{' '.join(options)}`",
-                 f"{good['status']} ({good['heldout_corrections_before']['CIDEr-D']:.3f} -> "
-                 f"{good['heldout_corrections_after']['CIDEr-D']:.3f}, {_bound(good)})",
-                 f"{good['concept_recall_before']:.0%} -> {good['concept_recall_after']:.0%}",
-                 f"{good['val_cider_before']:.3f} -> {good['val_cider_after']:.3f}",
+        cells = [f"`{path.relative_to(RESULTS.parent.parent)}`", _base_encoder(d), f"`{' '.join(options)}`",
+                 *_real_corrections_cells(good),
                  bad["status"] if bad else "not run", f"{bad['val_cider_after']:.3f}" if bad else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -189,11 +184,7 @@ def learning_loop_bases() -> str:
             made += f", then {base['scst_epochs']} self-critical"
         if base.get("fine_tune_blocks"):
             made += f", then 1 with the encoder's top {base['fine_tune_blocks']} blocks"
-        cells = [f"`bench/results/{name}.json`", base.get("encoder", "efficientnet_lite0"), made,
-                 f"{good['status']} ({good['heldout_corrections_before']['CIDEr-D']:.3f} -> "
-                 f"{good['heldout_corrections_after']['CIDEr-D']:.3f}, {_bound(good)})",
-                 f"{good['concept_recall_before']:.0%} -> {good['concept_recall_after']:.0%}",
-                 f"{good['val_cider_before']:.3f} -> {good['val_cider_after']:.3f}",
+        cells = [f"`bench/results/{name}.json`", _base_encoder(d), made, *_real_corrections_cells(good),
                  bad["status"], f"{d['context']['duration_seconds'] / 60:.0f} min"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -279,6 +270,20 @@ def lineages() -> str:
             cells.append(f"`{name}`, {len(epochs)}: {cider} (beam {beam})")
         lines.append(f"| {stage} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def _base_encoder(document: dict[str, Any]) -> str:
+    # Files written before the bench recorded the encoder trained the base on fit's default, Lite0.
+    return str(document["base"].get("encoder", "efficientnet_lite0"))
+
+
+def _real_corrections_cells(good: dict[str, Any]) -> list[str]:
+    """A learning-loop table's cells for the fine-tune on real corrections: the gate (held-out
+    CIDEr-D before and after, 95% bound), concept recall and validation CIDEr, before -> after."""
+    return [f"{good['status']} ({good['heldout_corrections_before']['CIDEr-D']:.3f} -> "
+            f"{good['heldout_corrections_after']['CIDEr-D']:.3f}, {_bound(good)})",
+            f"{good['concept_recall_before']:.0%} -> {good['concept_recall_after']:.0%}",
+            f"{good['val_cider_before']:.3f} -> {good['val_cider_after']:.3f}"]
 
 
 def _bound(result: dict[str, Any]) -> str:
