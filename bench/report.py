@@ -73,9 +73,9 @@ def _relative_argument(argument: str) -> str:
     name, equals, value = argument.rpartition("=")
     if equals and value.startswith("/"):
         return f"{name}={relative(value)}"
-    kind, colon, path = argument.partition(":")  # a dataset as FORMAT:PATH
+    kind, colon, path = argument.partition(":")  # a dataset as FORMAT:PATH[@IMAGE_ROOT]
     if colon and kind.isalpha() and path.startswith("/"):
-        return f"{kind}:{relative(path)}"
+        return relative_spec(argument)
     return relative(argument) if argument.startswith("/") else argument
 
 

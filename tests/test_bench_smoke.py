@@ -163,6 +163,9 @@ def test_report_paths_are_relative_to_the_repository() -> None:
     command = command_line([str(ROOT / "bench" / "worker.py"), "--out", str(ROOT / "r.json"),
                             f"--checkpoint={ROOT / 'm'}", "--requests", "8"])
     assert command == "python bench/worker.py --out r.json --checkpoint=m --requests 8"
+    dataset = command_line([str(ROOT / "bench" / "ensemble.py"), "--data",
+                            f"karpathy:{ROOT / 'd.json'}@{ROOT / 'img'}"])
+    assert dataset == "python bench/ensemble.py --data karpathy:d.json@img"
 
 
 def test_a_dataset_spec_in_a_report_names_its_paths_from_the_repository() -> None:
