@@ -270,3 +270,14 @@ def test_photos_held_in_memory_for_a_fine_tuned_encoder_run_its_top_blocks(tmp_p
     ids = sorted(images)
     torch.testing.assert_close(source(ids), torch.from_numpy(direct_features(model, [images[i] for i in ids])).float(),
                                rtol=0, atol=2e-2)
+
+
+def test_a_fine_tuned_encoder_with_a_cache_probes_its_map_size_once(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe is a forward pass of a whole image (224 px for the shipped encoders): one is enough."""
+    model, paths = tiny_model(fine_tune_blocks=1), image_paths(tmp_path, n_train=2)
+    probe, probes = features._cached_shape, []
+    monkeypatch.setattr(features, "_cached_shape", lambda m: probes.append(m) or probe(m))
+    source = features.feature_source(model, {p.name: p for p in paths}, torch.device("cpu"), str(tmp_path / "cache"))
+    assert len(probes) == 1
+    assert source.grid == probe(model)[0]

@@ -71,9 +71,11 @@ class FeatureCache:
     every dataset and subset without recomputing what it already holds.
     """
 
-    def __init__(self, directory: Path, regions: int, dim: int) -> None:
+    def __init__(self, directory: Path, regions: int, dim: int, grid: tuple[int, int] | None = None) -> None:
         self.directory = directory
         self.regions, self.dim = regions, dim
+        # Height and width of the maps whose rows are stored, when known (``open_cache`` knows them).
+        self.grid = grid
         directory.mkdir(parents=True, exist_ok=True)
         index_file = directory / "index.json"
         stored = json.loads(index_file.read_text()) if index_file.exists() else {}
@@ -214,9 +216,9 @@ def _erase_rows(directory: Path, shard: int, rows: list[int], whole: bool) -> No
 def open_cache(model: CaptionModel, cache_root: Path) -> FeatureCache:
     """The cache of what ``model``'s encoder computes once per image: its features, or with fine-tuned
     top blocks the frozen part's maps (a folder of their own, named after the cut)."""
-    _, regions, dim = _cached_shape(model)
+    grid, regions, dim = _cached_shape(model)
     cut = f"-stages{model.encoder.frozen_stages}" if model.encoder.trainable_blocks else ""
-    return FeatureCache(cache_root / f"{model.config.encoder}{cut}-{encoder_fingerprint(model)}", regions, dim)
+    return FeatureCache(cache_root / f"{model.config.encoder}{cut}-{encoder_fingerprint(model)}", regions, dim, grid)
 
 
 def _cached_shape(model: CaptionModel) -> tuple[tuple[int, int], int, int]:
@@ -296,7 +298,7 @@ class FeatureSource:
         self.model, self.records, self.device = model, records, device
         self.cache = cache
         # Rows held or cached for a fine-tuned encoder are its frozen part's maps, of this height and width.
-        self.grid = _cached_shape(model)[0] if model.encoder.trainable_blocks else None
+        self.grid = self._map_grid(model, cache) if model.encoder.trainable_blocks else None
         self.row_of: dict[str, int] = {}
         self.table: Tensor | None = None
         if cache is not None:
@@ -309,6 +311,13 @@ class FeatureSource:
             else:
                 cache.get(list(records.values())[:1])  # fails now, not mid-epoch, if the cache is incomplete
                 log.info("features read per batch from %s (too large to hold in memory)", cache.directory)
+
+    @staticmethod
+    def _map_grid(model: CaptionModel, cache: FeatureCache | None) -> tuple[int, int]:
+        """The frozen part's map size: the cache's when it knows it, which spares a second probe."""
+        if cache is not None and cache.grid is not None:
+            return cache.grid
+        return _cached_shape(model)[0]
 
     @torch.inference_mode()
     def add_in_memory(self, images: dict[str, Path], batch_size: int = 16) -> None:
