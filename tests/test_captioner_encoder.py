@@ -165,3 +165,17 @@ def test_an_encoder_fine_tuned_in_training_is_served_frozen(tmp_path: Path) -> N
     inputs = torch.stack([preprocess(captioner.model, p) for p in photo_like_images(2, seed=3)])
     with torch.inference_mode():
         assert torch.allclose(captioner.encode(inputs), captioner.model.encoder(inputs), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_output_stride_16_gives_a_finer_grid_from_the_same_weights() -> None:
+    """The dilated Lite1 keeps its ImageNet weights: a 14x14 grid that still sees the cat."""
+    data = pytest.importorskip("skimage.data")
+    coarse, fine = Encoder("efficientnet_lite1").eval(), Encoder("efficientnet_lite1_os16").eval()
+    assert all(torch.equal(a, b) for a, b in zip(coarse.state_dict().values(), fine.state_dict().values(),
+                                                  strict=True))
+    x = to_model_input(Image.fromarray(data.chelsea()), 224, fine.mean, fine.std).unsqueeze(0)
+    assert coarse(x).shape == (1, 49, 1280)
+    assert fine(x).shape == (1, 196, 1280)
+    probs = fine.backbone.classify(x).softmax(-1)[0]
+    assert int(probs.argmax()) == EGYPTIAN_CAT
