@@ -86,13 +86,18 @@ def ensemble_of(models: Sequence[CaptionModel]) -> DecoderEnsemble:
     return DecoderEnsemble([first.decoder, *(aligned_decoder(m, first.vocab) for m in models[1:])])
 
 
-def check_same_features(first: CaptionModel, other: CaptionModel) -> None:
-    """Raise :class:`EnsembleError` unless both models decode from the same encoder features."""
+def same_features(first: CaptionModel, other: CaptionModel) -> bool:
+    """Whether both models read the same features: one frozen public encoder at one image size."""
     def features_of(model: CaptionModel) -> tuple[object, ...]:
         c = model.config
         return c.encoder, c.encoder_weights, c.image_size, c.fine_tune_blocks
 
-    if features_of(first) != features_of(other) or first.config.fine_tune_blocks:
+    return features_of(first) == features_of(other) and not first.config.fine_tune_blocks
+
+
+def check_same_features(first: CaptionModel, other: CaptionModel) -> None:
+    """Raise :class:`EnsembleError` unless both models decode from the same encoder features."""
+    if not same_features(first, other):
         raise EnsembleError(
             f"{other.version} and {first.version} do not read the same encoder features "
             "(an ensemble needs the same frozen encoder at the same image size)")

@@ -11,12 +11,12 @@ import torch
 from captioner import checkpoint
 from captioner.beam import BeamConfig
 from captioner.ensemble import ensemble_of
-from tests.helpers import make_checkpoint
+from tests.helpers import make_checkpoint, tiny_config
 from tests.test_train_support import make_flickr, tiny_fit_args
 from train import metrics
 from train.__main__ import main
 from train.data import load_dataset
-from train.distill import TEACHER_FILE, DistillError, WordDistillation, teacher_decoders, write_distilled
+from train.distill import TEACHER_FILE, DistillError, WordDistillation, load_teachers, write_distilled
 from train.features import feature_source
 from train.loop import CrossEntropy, Example, pad
 from train.scoring import decode_captions
@@ -149,7 +149,7 @@ def test_training_on_the_teachers_words_brings_the_student_to_them(tmp_path: Pat
     student = checkpoint.load(make_checkpoint(tmp_path / "s", seed=0))
     teacher = checkpoint.load(make_checkpoint(tmp_path / "t", seed=1))
     features, batch = _batch(student)
-    objective = WordDistillation(teacher_decoders([str(tmp_path / "t")], student, torch.device("cpu")),
+    objective = WordDistillation(load_teachers([str(tmp_path / "t")], student, torch.device("cpu")).decoders,
                                  1.0, student.vocab.pad_id, alpha_c=0.0)
     optimizer = torch.optim.Adam(student.decoder.parameters(), lr=1e-2)
     tokens = pad([e.tokens for e in batch], student.vocab.pad_id)
@@ -213,3 +213,43 @@ def test_a_fine_tuned_student_is_taught_on_the_public_encoders_features(
     for batch in read:
         for features in batch:  # each photo's features, as the teachers read them, are the public ones
             assert torch.isclose(public_rows, features, atol=2e-2).all(dim=(1, 2)).any()
+
+
+def test_a_student_on_a_finer_grid_is_taught_on_its_teachers_features(
+        tmp_path: Path, source: str, teachers: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A student that attends over another grid (here the tiny encoder at twice the size: 4x4 regions
+    against its teachers' 2x2) learns from teachers that read the features they were trained on."""
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    read: list[torch.Tensor] = []
+    teach = WordDistillation.teacher_probabilities
+
+    def recording(self: WordDistillation, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        read.append(features.detach().clone())
+        return teach(self, features, tokens)
+
+    monkeypatch.setattr(WordDistillation, "teacher_probabilities", recording)
+    start = make_checkpoint(tmp_path / "fine", tiny_config(image_size=128), seed=2)
+    out = tmp_path / "student"
+    assert main(tiny_fit_args(source, out, tmp_path / "cache", epochs=1, init_from=start, image_size=128,
+                              distill_from=",".join(teachers), progress=False)) == 0
+    teacher, student = checkpoint.load(teachers[0]), checkpoint.load(out / "last")
+    images = {r.image_id: r.path for r in load_dataset(source, ("train",)).split("train")}
+    ids = sorted(images)
+    theirs = feature_source(teacher, images, torch.device("cpu"), None)(ids)
+    assert theirs.shape[1] == 4 and feature_source(student, images, torch.device("cpu"), None)(ids).shape[1] == 16
+    assert len(read) >= 2
+    for batch in read:
+        for features in batch:
+            assert torch.isclose(theirs, features, atol=2e-2).all(dim=(1, 2)).any()
+
+
+def test_teachers_must_read_one_public_encoders_features(tmp_path: Path, teachers: list[str]) -> None:
+    student = checkpoint.load(teachers[0])
+    tuned = make_checkpoint(tmp_path / "tuned", tiny_config(fine_tune_blocks=1))
+    other = make_checkpoint(tmp_path / "other", tiny_config(image_size=128))
+    with pytest.raises(ValueError, match="fine-tuned encoder"):
+        load_teachers([str(tuned)], student, torch.device("cpu"))
+    with pytest.raises(ValueError, match="same encoder features"):
+        load_teachers([teachers[0], str(other)], student, torch.device("cpu"))
+    with pytest.raises(ValueError, match="at least one"):
+        load_teachers([], student, torch.device("cpu"))

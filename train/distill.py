@@ -33,7 +33,7 @@ import argparse
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from captioner import checkpoint
 from captioner.beam import BeamConfig
 from captioner.checkpoint import CaptionModel
-from captioner.ensemble import aligned_decoder, check_same_features, ensemble_of
+from captioner.ensemble import aligned_decoder, check_same_features, ensemble_of, same_features
 from captioner.inference import beam_config_from_meta, resolve_device
 from captioner.model import Decoder
 from common.atomic import atomic_write_text
@@ -71,30 +71,38 @@ def distillation_fact(paths: str, weight: float) -> dict[str, Any]:
     return {"kind": "word", "teachers": [checkpoint.version_of(p) for p in comma_list(paths)], "weight": weight}
 
 
-def public_encoder_model(model: CaptionModel) -> CaptionModel:
-    """``model`` as its teachers see it: its encoder with no block fine-tuned, the public weights.
+@dataclass
+class Teachers:
+    """The frozen teachers of word-level distillation, and where their encoder features come from."""
 
-    A student whose top encoder blocks are being fine-tuned is taught by models trained on the
-    public encoder's features; those features (its own cache) are what the teachers read.
+    decoders: list[Decoder]
+    # None: the teachers read the student's own features. Otherwise the first teacher, whose frozen
+    # public encoder gives the features they were all trained on, when the student's differ: its
+    # top blocks are being fine-tuned, or it attends over another grid or backbone.
+    features_model: CaptionModel | None
+
+
+def load_teachers(paths: Sequence[str], student: CaptionModel, device: torch.device) -> Teachers:
+    """The teachers on ``device``, frozen, their word rows in the student's order.
+
+    They must read one and the same public encoder's features (they are decoded as one ensemble);
+    the student may read others.
     """
-    if not model.config.fine_tune_blocks:
-        return model
-    return CaptionModel.create(replace(model.config, fine_tune_blocks=0), model.vocab, model.meta)
-
-
-def teacher_decoders(paths: Sequence[str], student: CaptionModel, device: torch.device) -> list[Decoder]:
-    """The teachers' decoders on ``device``, frozen, their word rows in the student's order."""
+    models = [checkpoint.load(path, device) for path in paths]
+    if not models:
+        raise ValueError("word-level distillation needs at least one teacher checkpoint")
+    first = models[0]
+    if first.config.fine_tune_blocks:
+        raise ValueError(f"teacher {first.version} has a fine-tuned encoder: teachers must read a public "
+                         "encoder's features")
+    for model in models[1:]:
+        check_same_features(first, model)
     decoders = []
-    public = replace(student, config=replace(student.config, fine_tune_blocks=0))
-    for path in paths:
-        teacher = checkpoint.load(path, device)
-        check_same_features(public, teacher)
-        decoder = aligned_decoder(teacher, student.vocab).eval()
+    for model in models:
+        decoder = aligned_decoder(model, student.vocab).eval()
         decoder.requires_grad_(False)
         decoders.append(decoder)
-    if not decoders:
-        raise ValueError("word-level distillation needs at least one teacher checkpoint")
-    return decoders
+    return Teachers(decoders, None if same_features(student, first) else first)
 
 
 @dataclass
@@ -106,8 +114,8 @@ class WordDistillation:
 
     The teacher's distribution is the mean of its members' (each fed the same reference prefix, in
     eval mode). Reported: the references' cross-entropy, so the history compares with plain ``fit``.
-    ``teacher_features`` (image ids -> features) is for a student whose encoder is fine-tuned: the
-    teachers read the public encoder's features, not the student's.
+    ``teacher_features`` (image ids -> features) is for a student that reads other features than its
+    teachers (:attr:`Teachers.features_model`): the teachers read theirs.
     """
 
     teachers: list[Decoder]

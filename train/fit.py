@@ -32,7 +32,7 @@ from common.atomic import atomic_write_text
 from . import metrics
 from .cli import comma_list
 from .data import CaptionDataset, ImageRecord, load_dataset
-from .distill import WordDistillation, distillation_fact, public_encoder_model, teacher_decoders
+from .distill import Teachers, WordDistillation, distillation_fact, load_teachers
 from .features import FeatureSource, feature_source
 from .loop import Example, LoopConfig, Objective, bucketed_batches, build_examples, train_epoch
 from .scoring import SplitResult, score_records
@@ -300,10 +300,10 @@ def _objective(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageR
             raise ValueError("--label-smoothing with --distill-from: the teachers' distribution already spreads "
                              "each word's target")
         device = next(model.decoder.parameters()).device
-        teachers = teacher_decoders(comma_list(cfg.distill_from), model, device)
+        teachers = load_teachers(comma_list(cfg.distill_from), model, device)
         return (build_examples(train_records, model.vocab, cfg.max_caption_len),
-                WordDistillation(teachers, cfg.distill_weight, model.vocab.pad_id, cfg.alpha_c,
-                                 _teacher_features(cfg, model, train_records, device)))
+                WordDistillation(teachers.decoders, cfg.distill_weight, model.vocab.pad_id, cfg.alpha_c,
+                                 _teacher_features(cfg, teachers, train_records, device)))
     if not cfg.scst:
         return build_examples(train_records, model.vocab, cfg.max_caption_len), None
     if cfg.scst_baseline not in BASELINES:
@@ -326,15 +326,13 @@ def _objective(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageR
     return image_examples(train_records), objective
 
 
-def _teacher_features(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageRecord],
+def _teacher_features(cfg: TrainConfig, teachers: Teachers, train_records: list[ImageRecord],
                       device: torch.device) -> FeatureSource | None:
-    """For a student whose top encoder blocks are fine-tuned: the public encoder's features, which its
-    teachers were trained on and read (None: the teachers read the student's own)."""
-    if not model.config.fine_tune_blocks:
+    """The features the teachers were trained on, when the student reads others (None: the same)."""
+    if teachers.features_model is None:
         return None
-    public = public_encoder_model(model).to(device)
     images = {r.image_id: r.path for r in train_records}
-    return feature_source(public, images, device, None if cfg.raw_images else cfg.cache,
+    return feature_source(teachers.features_model, images, device, None if cfg.raw_images else cfg.cache,
                           cfg.feature_batch_size, cfg.progress)
 
 
