@@ -1,9 +1,11 @@
-"""Which encoder: decoders trained on EfficientNet-Lite0, -Lite1 and -Lite2 features, compared.
+"""Which encoder: decoders trained on EfficientNet-Lite0, -Lite1 and -Lite2 features, compared
+(or on one encoder's 7x7 and 14x14 grids: ``efficientnet_lite1`` and ``efficientnet_lite1_os16``,
+written to ``--out bench/results/encoders_grid.json``).
 
     python bench/encoders.py RUN_DIR [RUN_DIR ...] [--data flickr:../shared/data/flickr8k]
                              [--photos 24] [--baseline captioner/default_model]
 
-Each RUN_DIR is a ``python -m train fit --encoder efficientnet_liteN`` run, all with one recipe
+Each RUN_DIR is a ``python -m train fit --encoder NAME`` run, all with one recipe
 (the command each was trained with is in its ``history.json``). For each:
 
 * quality: its ``best`` checkpoint decodes the whole validation split with the baseline model's

@@ -101,7 +101,15 @@ def bot_burst() -> str:
 
 def encoders() -> str:
     """The README's encoder table (markdown), from bench/results/encoders.json."""
-    d = _load("encoders")
+    return _encoder_table(_load("encoders"))
+
+
+def grid() -> str:
+    """The README's attention-grid table (7x7 against 14x14 Lite1 features), from bench/results/encoders_grid.json."""
+    return _encoder_table(_load("encoders_grid"))
+
+
+def _encoder_table(d: dict[str, Any]) -> str:
     lines = ["| encoder | val CIDEr by epoch (fit's beam 3) | BLEU-4 | METEOR | CIDEr | training (s) "
              "| CPU latency, one photo (p50) |",  # training: wall clock, on a machine shared with other runs
              "|---|---|---|---|---|---|---|"]
@@ -254,6 +262,33 @@ def seeds() -> str:
     return "\n".join(lines)
 
 
+# The 7x7 grid against the 14x14 one (efficientnet_lite1_os16), stage by stage, all run in one session:
+# (stage, decoding its validation used, 7x7 run, 14x14 run), histories in bench/results/training/grid/.
+GRID_STAGES = (("cross-entropy, 3 epochs, lr 4e-4", "beam 3", "enc-lite1", "enc-lite1os16"),
+               ("annealing, 2 epochs, lr 1e-4", "beam 10, length penalty 1.0, trigram blocking",
+                "lite1-anneal", "lite1os16-anneal"),
+               ("word-level distillation from v3 and v7, 1 epoch, lr 5e-5",
+                "beam 5, length penalty 1.0, trigram blocking", "kd-plain-lite1", "kd-plain-lite1os16"))
+
+
+def grid_stages() -> str:
+    """The README's table of the finer grid through the recipe: each stage's best validation epoch."""
+    lines = ["| stage | validation decoding | 7x7: val CIDEr / BLEU-4 | 14x14: val CIDEr / BLEU-4 | CIDEr, 14x14 / 7x7 "
+             "| training (s), 7x7 / 14x14 |",  # training: wall clock of the stage's epochs
+             "|---|---|---|---|---|---|"]
+    for stage, decoding, *names in GRID_STAGES:
+        cells, ciders, seconds = [], [], []
+        for name in names:
+            epochs = _history(f"grid/{name}")["epochs"]
+            best = max(epochs, key=lambda e: e["val"]["CIDEr"])["val"]
+            cells.append(f"{best['CIDEr']:.3f} / {best['Bleu_4']:.3f}")
+            ciders.append(best["CIDEr"])
+            seconds.append(f"{sum(e['train_seconds'] for e in epochs):,.0f}")
+        lines.append(f"| {stage} | {decoding} | {cells[0]} | {cells[1]} | {ciders[1] / ciders[0]:.3f}x "
+                     f"| {' / '.join(seconds)} |")
+    return "\n".join(lines)
+
+
 LINEAGE_STAGES = (("cross-entropy, lr 4e-4", "aug-xe", "mir-xe"), ("annealing, lr 1e-4", "aug-anneal", "mir-anneal"))
 
 
@@ -299,7 +334,7 @@ def _bound(result: dict[str, Any]) -> str:
 
 
 ROWS = {"worker": worker, "train_cache": train_cache, "scale": scale, "bot_burst": bot_burst, "encoders": encoders,
-        "scst": scst, "learning_loop_scst": learning_loop_scst,
+        "grid": grid, "grid_stages": grid_stages, "scst": scst, "learning_loop_scst": learning_loop_scst,
         "learning_loop_bases": learning_loop_bases, "seeds": seeds, "ensemble": ensemble, "distill": distill,
         "lineages": lineages}
 
