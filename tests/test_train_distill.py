@@ -34,6 +34,20 @@ def teachers(tmp_path: Path) -> list[str]:
     return [str(make_checkpoint(tmp_path / f"teacher{seed}", seed=seed, version=f"t{seed}")) for seed in (0, 1)]
 
 
+@pytest.fixture
+def read(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """The features the teachers read during word-level distillation, batch by batch."""
+    batches: list[torch.Tensor] = []
+    teach = WordDistillation.teacher_probabilities
+
+    def recording(self: WordDistillation, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        batches.append(features.detach().clone())
+        return teach(self, features, tokens)
+
+    monkeypatch.setattr(WordDistillation, "teacher_probabilities", recording)
+    return batches
+
+
 def _ensemble_captions(teachers: list[str], spec: str, split: str, cache: Path) -> dict[str, str]:
     models = [checkpoint.load(path) for path in teachers]
     records = load_dataset(spec, (split,)).split(split)
@@ -186,18 +200,11 @@ def test_fit_distills_and_records_its_teachers(tmp_path: Path, source: str, teac
 
 
 def test_a_fine_tuned_student_is_taught_on_the_public_encoders_features(
-        tmp_path: Path, source: str, teachers: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, source: str, teachers: list[str], read: list[torch.Tensor],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The teachers were trained on the public encoder's features: they read those, not the student's,
     whose top encoder block moves as it is fine-tuned."""
     monkeypatch.setattr(metrics, "java_available", lambda: False)
-    read: list[torch.Tensor] = []
-    teach = WordDistillation.teacher_probabilities
-
-    def recording(self: WordDistillation, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        read.append(features.detach().clone())
-        return teach(self, features, tokens)
-
-    monkeypatch.setattr(WordDistillation, "teacher_probabilities", recording)
     out = tmp_path / "student"
     assert main(tiny_fit_args(source, out, tmp_path / "cache", epochs=1, init_from=teachers[0],
                               distill_from=",".join(teachers), fine_tune_blocks=1, encoder_lr=0.3,
@@ -216,18 +223,11 @@ def test_a_fine_tuned_student_is_taught_on_the_public_encoders_features(
 
 
 def test_a_student_on_a_finer_grid_is_taught_on_its_teachers_features(
-        tmp_path: Path, source: str, teachers: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, source: str, teachers: list[str], read: list[torch.Tensor],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A student that attends over another grid (here the tiny encoder at twice the size: 4x4 regions
     against its teachers' 2x2) learns from teachers that read the features they were trained on."""
     monkeypatch.setattr(metrics, "java_available", lambda: False)
-    read: list[torch.Tensor] = []
-    teach = WordDistillation.teacher_probabilities
-
-    def recording(self: WordDistillation, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        read.append(features.detach().clone())
-        return teach(self, features, tokens)
-
-    monkeypatch.setattr(WordDistillation, "teacher_probabilities", recording)
     start = make_checkpoint(tmp_path / "fine", tiny_config(image_size=128), seed=2)
     out = tmp_path / "student"
     assert main(tiny_fit_args(source, out, tmp_path / "cache", epochs=1, init_from=start, image_size=128,
