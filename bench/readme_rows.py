@@ -214,6 +214,29 @@ def ensemble() -> str:
     return "\n".join(lines)
 
 
+COMBINE_WHAT = {
+    "member": "alone",
+    "weights averaged": "one decoder, the mean of their weights",
+    "ensemble": "both decoders, the mean of their word distributions",
+    "both views": "alone, on the photo and its mirror image, the mean of its two word distributions",
+    "consensus": "alone, its 5 final beams reranked by CIDEr-D against each other",
+}
+
+
+def combine() -> str:
+    """The README's table of a model and its seed sibling combined four ways, from bench/results/combine.json."""
+    d = _load("combine")
+    lines = ["| how | models | BLEU-4 | METEOR | CIDEr | BLEU-4 / CIDEr vs the first model alone | decoding (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in d["results"]:
+        m, ratio = row["metrics"], row["ratio_to_model"]
+        what = COMBINE_WHAT[row["kind"]].replace("5 final beams", f"{row['decoding']['beam_size']} final beams")
+        lines.append(f"| {row['kind']}: {what} | {' + '.join(row['models'])} | {m['Bleu_4']:.4f} "
+                     f"| {m['METEOR']:.4f} | {m['CIDEr']:.4f} | {ratio['Bleu_4']:.3f}x / {ratio['CIDEr']:.3f}x "
+                     f"| {row['decode_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 DISTILL_RUNS = ("kd-seq-mir-anneal", "kd-seq-v3", "kd-w1", "kd-w2", "kd-w4", "kd-aug", "kd-aug2", "kd-aug-lr1",
                 "kd-aug3t", "kd-aug8", "kd-ban", "ft2-kd", "ft2-kd-s1",
                 "ft2-kd-s2", "kd-aug-s1", "kd-aug-s2")
@@ -336,7 +359,7 @@ def _bound(result: dict[str, Any]) -> str:
 ROWS = {"worker": worker, "train_cache": train_cache, "scale": scale, "bot_burst": bot_burst, "encoders": encoders,
         "grid": grid, "grid_stages": grid_stages, "scst": scst, "learning_loop_scst": learning_loop_scst,
         "learning_loop_bases": learning_loop_bases, "seeds": seeds, "ensemble": ensemble, "distill": distill,
-        "lineages": lineages}
+        "lineages": lineages, "combine": combine}
 
 if __name__ == "__main__":
     print(ROWS[sys.argv[1]]())

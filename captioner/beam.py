@@ -78,6 +78,7 @@ def beam_search(decoder: StepDecoder, features: Tensor, config: BeamConfig = Bea
     return _best_per_image(*_search(decoder, features, config, special), config)
 
 
+@torch.no_grad()
 def n_best(decoder: StepDecoder, features: Tensor, config: BeamConfig = BeamConfig(),
            special: SpecialIds = SpecialIds()) -> list[list[Hypothesis]]:
     """All ``config.beam_size`` final beams of each image, best first (self-critical training

@@ -45,17 +45,22 @@ class DecoderEnsemble:
         self._projection_sizes = [m.config.attention_dim for m in self.members]
         self._state_sizes = [m.config.hidden_dim for m in self.members]
 
+    def member_features(self, features: Tensor) -> list[Tensor]:
+        """What each member reads: the same features (a subclass may give each its own view)."""
+        return [features] * len(self.members)
+
     def project(self, features: Tensor) -> Tensor:
-        return torch.cat([m.project(features) for m in self.members], dim=-1)
+        return torch.cat([m.project(f) for m, f in zip(self.members, self.member_features(features), strict=True)],
+                         dim=-1)
 
     def init_state(self, features: Tensor) -> DecoderState:
-        return _joined([m.init_state(features) for m in self.members])
+        return _joined([m.init_state(f) for m, f in zip(self.members, self.member_features(features), strict=True)])
 
     def step(self, tokens: Tensor, features: Tensor, projected: Tensor, state: DecoderState) -> StepOutput:
-        outputs = [member.step(tokens, features, member_projected, member_state)
-                   for member, member_projected, member_state
-                   in zip(self.members, projected.split(self._projection_sizes, dim=-1),
-                          self._split(state), strict=True)]
+        outputs = [member.step(tokens, member_features, member_projected, member_state)
+                   for member, member_features, member_projected, member_state
+                   in zip(self.members, self.member_features(features),
+                          projected.split(self._projection_sizes, dim=-1), self._split(state), strict=True)]
         # log(mean_i p_i), computed in log space: a word one member finds impossible is still
         # possible for the ensemble when another member gives it probability.
         log_probs = torch.logsumexp(torch.stack([o.log_probs for o in outputs]), dim=0) - math.log(len(outputs))
