@@ -62,7 +62,8 @@ DECODE_BATCH = 100
 
 
 def averaged_weights(paths: Sequence[str | None]) -> CaptionModel:
-    """One model whose trained weights are the mean of the checkpoints' (same architecture and words)."""
+    """One model whose decoder's weights are the mean of the checkpoints' (same features, architecture
+    and words: the frozen public encoder is the same in all of them)."""
     models = [checkpoint.load(path) for path in paths]
     first = models[0]
     for other in models[1:]:
@@ -70,13 +71,9 @@ def averaged_weights(paths: Sequence[str | None]) -> CaptionModel:
         if other.config != first.config or other.vocab.words != first.vocab.words:
             raise SystemExit(f"{other.version} and {first.version} differ in architecture or words: "
                              "their weights cannot be averaged")
-    parts: list[Callable[[CaptionModel], torch.nn.Module]] = [lambda m: m.decoder]
-    if first.config.fine_tune_blocks:
-        parts.append(lambda m: m.encoder.backbone)
-    for part in parts:
-        states = [part(m).state_dict() for m in models]
-        part(first).load_state_dict({name: torch.stack([s[name].float() for s in states]).mean(dim=0)
-                                     .to(tensor.dtype) for name, tensor in states[0].items()})
+    states = [m.decoder.state_dict() for m in models]
+    first.decoder.load_state_dict({name: torch.stack([s[name].float() for s in states]).mean(dim=0).to(tensor.dtype)
+                                   for name, tensor in states[0].items()})
     first.meta = {"version": "mean of " + " + ".join(m.version for m in models)}
     return first
 
