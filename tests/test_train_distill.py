@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -36,12 +37,12 @@ def teachers(tmp_path: Path) -> list[str]:
 
 @pytest.fixture
 def read(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
-    """The features the teachers read during word-level distillation, batch by batch."""
+    """The features the teachers read during word-level distillation: each teacher's, batch by batch."""
     batches: list[torch.Tensor] = []
     teach = WordDistillation.teacher_probabilities
 
-    def recording(self: WordDistillation, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        batches.append(features.detach().clone())
+    def recording(self: WordDistillation, features: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+        batches.extend(f.detach().clone() for f in features)
         return teach(self, features, tokens)
 
     monkeypatch.setattr(WordDistillation, "teacher_probabilities", recording)
@@ -163,7 +164,7 @@ def test_training_on_the_teachers_words_brings_the_student_to_them(tmp_path: Pat
     student = checkpoint.load(make_checkpoint(tmp_path / "s", seed=0))
     teacher = checkpoint.load(make_checkpoint(tmp_path / "t", seed=1))
     features, batch = _batch(student)
-    objective = WordDistillation(load_teachers([str(tmp_path / "t")], student, torch.device("cpu")).decoders,
+    objective = WordDistillation(load_teachers([str(tmp_path / "t")], student, torch.device("cpu"))[0].decoders,
                                  1.0, student.vocab.pad_id, alpha_c=0.0)
     optimizer = torch.optim.Adam(student.decoder.parameters(), lr=1e-2)
     tokens = pad([e.tokens for e in batch], student.vocab.pad_id)
@@ -243,13 +244,52 @@ def test_a_student_on_a_finer_grid_is_taught_on_its_teachers_features(
             assert torch.isclose(theirs, features, atol=2e-2).all(dim=(1, 2)).any()
 
 
-def test_teachers_must_read_one_public_encoders_features(tmp_path: Path, teachers: list[str]) -> None:
+def test_teachers_are_grouped_by_the_features_they_read(tmp_path: Path, teachers: list[str]) -> None:
     student = checkpoint.load(teachers[0])
     tuned = make_checkpoint(tmp_path / "tuned", tiny_config(fine_tune_blocks=1))
-    other = make_checkpoint(tmp_path / "other", tiny_config(image_size=128))
+    other = str(make_checkpoint(tmp_path / "other", tiny_config(image_size=128), version="other"))
+    groups = load_teachers([teachers[0], other, teachers[1]], student, torch.device("cpu"))
+    assert [len(g.decoders) for g in groups] == [2, 1]
+    assert groups[0].features_model is None  # the student's own features
+    assert groups[1].features_model is not None and groups[1].features_model.version == "other"
     with pytest.raises(ValueError, match="fine-tuned encoder"):
-        load_teachers([str(tuned)], student, torch.device("cpu"))
-    with pytest.raises(ValueError, match="same encoder features"):
-        load_teachers([teachers[0], str(other)], student, torch.device("cpu"))
+        load_teachers([teachers[0], str(tuned)], student, torch.device("cpu"))
     with pytest.raises(ValueError, match="at least one"):
         load_teachers([], student, torch.device("cpu"))
+
+
+def test_each_teacher_reads_its_own_features_and_the_target_is_their_mean(tmp_path: Path) -> None:
+    student = checkpoint.load(make_checkpoint(tmp_path / "s", seed=0))
+    near, far = (checkpoint.load(make_checkpoint(tmp_path / f"t{seed}", seed=seed)).decoder for seed in (1, 2))
+    features, batch = _batch(student)
+    torch.manual_seed(5)
+    own = torch.randn(len(batch), 16, far.encoder_dim)  # another grid: 16 regions against the student's 4
+    calls: list[list[str]] = []
+
+    def far_features(ids: Sequence[str]) -> torch.Tensor:
+        calls.append(list(ids))
+        return own
+
+    pad_id = student.vocab.pad_id
+    loss, _ = WordDistillation([near, far, far], 1.0, pad_id, alpha_c=0.0,
+                               teacher_features=[None, far_features, far_features])(student.decoder, features, batch)
+    assert calls == [[e.image_id for e in batch]]  # one read a batch for the teachers that share a source
+    tokens = pad([e.tokens for e in batch], pad_id)
+    mask = tokens[:, 1:] != pad_id
+    with torch.no_grad():
+        target = (torch.softmax(near(features, tokens)[0], dim=-1) + 2 * torch.softmax(far(own, tokens)[0], dim=-1)) / 3
+    expected = -(target * torch.log_softmax(student.decoder(features, tokens)[0], dim=-1)).sum(-1)[mask].mean()
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_teachers_on_two_grids_teach_one_student(
+        tmp_path: Path, source: str, teachers: list[str], read: list[torch.Tensor],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2x2 teacher (the student's grid) and a 4x4 one distil into the student together, each reading its own."""
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    finer = str(make_checkpoint(tmp_path / "finer", tiny_config(image_size=128), seed=2, version="finer"))
+    out = tmp_path / "student"
+    assert main(tiny_fit_args(source, out, tmp_path / "cache", epochs=1, init_from=teachers[0],
+                              distill_from=",".join([teachers[1], finer]), progress=False)) == 0
+    assert checkpoint.read_document(out / "best")["meta"]["distillation"]["teachers"] == ["t1", "finer"]
+    assert {f.shape[1] for f in read} == {4, 16}  # regions: the 2x2 teacher's and the 4x4 one's

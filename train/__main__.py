@@ -62,8 +62,9 @@ FIT_HELP: dict[str, str] = {
     "scst_sampling": "under --scst, where the rewarded captions come from: multinomial (drawn word by word, "
                      "Rennie et al.) or beam (the final beams of a beam search with the --val-* length "
                      "penalty and n-gram blocking, --scst-samples wide: what serving ranks)",
-    "distill_from": "word-level distillation: comma-separated checkpoints (same encoder and words as the "
-                    "model) whose mean word distribution is mixed into each reference word's target",
+    "distill_from": "word-level distillation: comma-separated checkpoints (the model's words, each on a "
+                    "public encoder's features, which it reads whatever the model reads) whose mean word "
+                    "distribution is mixed into each reference word's target",
     "distill_weight": "under --distill-from, the teacher's share of each word's target (0-1)",
     "resume": "continue the run in --out exactly where it stopped (weights, optimizer, schedule, RNG)",
     "progress": "log progress",

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from captioner import checkpoint
 from captioner.beam import BeamConfig
 from captioner.checkpoint import CaptionModel
-from captioner.ensemble import aligned_decoder, check_same_features, ensemble_of, same_features
+from captioner.ensemble import aligned_decoder, ensemble_of, same_features
 from captioner.inference import beam_config_from_meta, resolve_device
 from captioner.model import Decoder
 from common.atomic import atomic_write_text
@@ -72,37 +72,39 @@ def distillation_fact(paths: str, weight: float) -> dict[str, Any]:
 
 
 @dataclass
-class Teachers:
-    """The frozen teachers of word-level distillation, and where their encoder features come from."""
+class TeacherGroup:
+    """Frozen teachers that read the same features, and where those come from."""
 
     decoders: list[Decoder]
-    # None: the teachers read the student's own features. Otherwise the first teacher, whose frozen
-    # public encoder gives the features they were all trained on, when the student's differ: its
-    # top blocks are being fine-tuned, or it attends over another grid or backbone.
+    # None: the student's own features. Otherwise the group's first teacher, whose frozen public
+    # encoder gives the features they were trained on, when the student's differ: its top blocks
+    # are being fine-tuned, or it attends over another grid or backbone.
     features_model: CaptionModel | None
 
 
-def load_teachers(paths: Sequence[str], student: CaptionModel, device: torch.device) -> Teachers:
-    """The teachers on ``device``, frozen, their word rows in the student's order.
+def load_teachers(paths: Sequence[str], student: CaptionModel, device: torch.device) -> list[TeacherGroup]:
+    """The teachers on ``device``, frozen, their word rows in the student's order, grouped by the
+    features they read (in the order first given), so that each group's features are read once a batch.
 
-    They must read one and the same public encoder's features (they are decoded as one ensemble);
-    the student may read others.
+    Each teacher must read a public encoder's features; teachers on other grids or backbones than
+    the student's, or than each other's, read their own.
     """
     models = [checkpoint.load(path, device) for path in paths]
     if not models:
         raise ValueError("word-level distillation needs at least one teacher checkpoint")
-    first = models[0]
-    if first.config.fine_tune_blocks:
-        raise ValueError(f"teacher {first.version} has a fine-tuned encoder: teachers must read a public "
-                         "encoder's features")
-    for model in models[1:]:
-        check_same_features(first, model)
-    decoders = []
+    groups: list[tuple[CaptionModel, list[Decoder]]] = []
     for model in models:
+        if model.config.fine_tune_blocks:
+            raise ValueError(f"teacher {model.version} has a fine-tuned encoder: teachers must read a public "
+                             "encoder's features")
         decoder = aligned_decoder(model, student.vocab).eval()
         decoder.requires_grad_(False)
-        decoders.append(decoder)
-    return Teachers(decoders, None if same_features(student, first) else first)
+        group = next((decoders for first, decoders in groups if same_features(first, model)), None)
+        if group is None:
+            groups.append((model, [decoder]))
+        else:
+            group.append(decoder)
+    return [TeacherGroup(decoders, None if same_features(student, first) else first) for first, decoders in groups]
 
 
 @dataclass
@@ -113,21 +115,24 @@ class WordDistillation:
            + alpha_c * the attention penalty
 
     The teacher's distribution is the mean of its members' (each fed the same reference prefix, in
-    eval mode). Reported: the references' cross-entropy, so the history compares with plain ``fit``.
-    ``teacher_features`` (image ids -> features) is for a student that reads other features than its
-    teachers (:attr:`Teachers.features_model`): the teachers read theirs.
+    eval mode, each on the features it was trained on). Reported: the references' cross-entropy, so
+    the history compares with plain ``fit``.
     """
 
     teachers: list[Decoder]
     weight: float
     pad_id: int
     alpha_c: float
-    teacher_features: Callable[[Sequence[str]], Tensor] | None = None
+    # Per teacher, image ids -> the features it reads, for teachers that read others than the
+    # student (:attr:`TeacherGroup.features_model`); None (or no entry) reads the student's.
+    teacher_features: Sequence[Callable[[Sequence[str]], Tensor] | None] = ()
     name: str = "loss"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight <= 1.0:
             raise ValueError("the distillation weight must be between 0 and 1")
+        if len(self.teacher_features) > len(self.teachers):
+            raise ValueError("more teacher feature sources than teachers")
 
     def __call__(self, decoder: nn.Module, features: Tensor, batch: Sequence[Example]) -> tuple[Tensor, Tensor]:
         tokens = pad([e.tokens for e in batch], self.pad_id).to(features.device)
@@ -135,14 +140,30 @@ class WordDistillation:
         references, penalty = reference_terms(logits, alphas, tokens, self.pad_id, self.alpha_c, 0.0)
         mask = tokens[:, 1:] != self.pad_id
         log_probs = F.log_softmax(logits.float(), dim=-1)
-        if self.teacher_features is not None:
-            features = self.teacher_features([e.image_id for e in batch])
-        taught = -(self.teacher_probabilities(features, tokens) * log_probs).sum(dim=-1)[mask].mean()
+        taught = -(self.teacher_probabilities(self.teachers_view(features, batch), tokens) * log_probs
+                   ).sum(dim=-1)[mask].mean()
         return (1 - self.weight) * references + self.weight * taught + penalty, references
 
+    def teachers_view(self, features: Tensor, batch: Sequence[Example]) -> list[Tensor]:
+        """What each teacher reads for ``batch``: the student's ``features`` or its own, each source read once."""
+        ids = [e.image_id for e in batch]
+        read: dict[int, Tensor] = {}
+        views = []
+        for n in range(len(self.teachers)):
+            source = self.teacher_features[n] if n < len(self.teacher_features) else None
+            if source is None:
+                views.append(features)
+                continue
+            if id(source) not in read:
+                read[id(source)] = source(ids)
+            views.append(read[id(source)])
+        return views
+
     @torch.no_grad()
-    def teacher_probabilities(self, features: Tensor, tokens: Tensor) -> Tensor:
-        return torch.stack([F.softmax(t(features, tokens)[0].float(), dim=-1) for t in self.teachers]).mean(dim=0)
+    def teacher_probabilities(self, features: Sequence[Tensor], tokens: Tensor) -> Tensor:
+        """The mean of the teachers' word distributions, each teacher on its own ``features[i]``."""
+        return torch.stack([F.softmax(t(f, tokens)[0].float(), dim=-1)
+                            for t, f in zip(self.teachers, features, strict=True)]).mean(dim=0)
 
 
 def teacher_captions(teachers: Sequence[str], records: Sequence[ImageRecord], beam: BeamConfig, out: Path,

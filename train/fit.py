@@ -32,7 +32,7 @@ from common.atomic import atomic_write_text
 from . import metrics
 from .cli import comma_list
 from .data import CaptionDataset, ImageRecord, load_dataset
-from .distill import Teachers, WordDistillation, distillation_fact, load_teachers
+from .distill import TeacherGroup, WordDistillation, distillation_fact, load_teachers
 from .features import FeatureSource, feature_source
 from .loop import Example, LoopConfig, Objective, bucketed_batches, build_examples, train_epoch
 from .scoring import SplitResult, score_records
@@ -300,10 +300,11 @@ def _objective(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageR
             raise ValueError("--label-smoothing with --distill-from: the teachers' distribution already spreads "
                              "each word's target")
         device = next(model.decoder.parameters()).device
-        teachers = load_teachers(comma_list(cfg.distill_from), model, device)
+        groups = load_teachers(comma_list(cfg.distill_from), model, device)
+        teachers = [decoder for group in groups for decoder in group.decoders]
+        sources = _teacher_features(cfg, groups, train_records, device)
         return (build_examples(train_records, model.vocab, cfg.max_caption_len),
-                WordDistillation(teachers.decoders, cfg.distill_weight, model.vocab.pad_id, cfg.alpha_c,
-                                 _teacher_features(cfg, teachers, train_records, device)))
+                WordDistillation(teachers, cfg.distill_weight, model.vocab.pad_id, cfg.alpha_c, sources))
     if not cfg.scst:
         return build_examples(train_records, model.vocab, cfg.max_caption_len), None
     if cfg.scst_baseline not in BASELINES:
@@ -326,14 +327,18 @@ def _objective(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageR
     return image_examples(train_records), objective
 
 
-def _teacher_features(cfg: TrainConfig, teachers: Teachers, train_records: list[ImageRecord],
-                      device: torch.device) -> FeatureSource | None:
-    """The features the teachers were trained on, when the student reads others (None: the same)."""
-    if teachers.features_model is None:
-        return None
+def _teacher_features(cfg: TrainConfig, groups: list[TeacherGroup], train_records: list[ImageRecord],
+                      device: torch.device) -> list[FeatureSource | None]:
+    """Per teacher, in the order of the groups' decoders: the features its group was trained on when
+    the student reads others (None: the same), one source per group."""
     images = {r.image_id: r.path for r in train_records}
-    return feature_source(teachers.features_model, images, device, None if cfg.raw_images else cfg.cache,
-                          cfg.feature_batch_size, cfg.progress)
+    sources: list[FeatureSource | None] = []
+    for group in groups:
+        source = None if group.features_model is None else feature_source(
+            group.features_model, images, device, None if cfg.raw_images else cfg.cache, cfg.feature_batch_size,
+            cfg.progress)
+        sources += [source] * len(group.decoders)
+    return sources
 
 
 def _train_key(objective: Objective | None) -> str:
