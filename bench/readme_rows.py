@@ -312,6 +312,25 @@ def grid_stages() -> str:
     return "\n".join(lines)
 
 
+MIXED_TEACHER_RUNS = ("kd-plain-lite1", "kd-plain-3t")
+
+
+def mixed_teachers() -> str:
+    """The README's table of a 7x7 student taught by 7x7 teachers alone and with a 14x14 one beside them."""
+    lines = ["| run | teachers | val CIDEr / BLEU-4 | CIDEr vs the first run | training (s) | torch threads |",
+             "|---|---|---|---|---|---|"]
+    first = None
+    for name in MIXED_TEACHER_RUNS:
+        history = _history(f"grid/{name}")
+        best = max(history["epochs"], key=lambda e: e["val"]["CIDEr"])["val"]
+        first = first or best["CIDEr"]
+        teachers = ", ".join(f"`{t}`" for t in history["config"]["distill_from"].split(","))
+        seconds = sum(e["train_seconds"] for e in history["epochs"])
+        lines.append(f"| `{name}` | {teachers} | {best['CIDEr']:.3f} / {best['Bleu_4']:.3f} "
+                     f"| {best['CIDEr'] / first:.3f}x | {seconds:,.0f} | {history['config']['threads']} |")
+    return "\n".join(lines)
+
+
 LINEAGE_STAGES = (("cross-entropy, lr 4e-4", "aug-xe", "mir-xe"), ("annealing, lr 1e-4", "aug-anneal", "mir-anneal"))
 
 
@@ -359,7 +378,8 @@ def _bound(result: dict[str, Any]) -> str:
 ROWS = {"worker": worker, "train_cache": train_cache, "scale": scale, "bot_burst": bot_burst, "encoders": encoders,
         "grid": grid, "grid_stages": grid_stages, "scst": scst, "learning_loop_scst": learning_loop_scst,
         "learning_loop_bases": learning_loop_bases, "seeds": seeds, "ensemble": ensemble, "distill": distill,
-        "lineages": lineages, "combine": combine}
+        "lineages": lineages, "combine": combine,
+        "mixed_teachers": mixed_teachers}
 
 if __name__ == "__main__":
     print(ROWS[sys.argv[1]]())
