@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.report import RESULTS, add_split_options, relative_spec, start_run, write_result  # noqa: E402
+from bench.report import RESULTS, add_split_options, metric_ratios, relative_spec, start_run, write_result  # noqa: E402
 from captioner import checkpoint  # noqa: E402
 from captioner.beam import BeamConfig, Hypothesis, beam_search, n_best  # noqa: E402
 from captioner.checkpoint import CaptionModel  # noqa: E402
@@ -191,8 +191,7 @@ def main() -> int:
 
     reference = rows[0]["metrics"]
     for entry in rows:
-        entry["ratio_to_model"] = {key: round(value / reference[key], 4)
-                                   for key, value in entry["metrics"].items() if reference.get(key)}
+        entry["ratio_to_model"] = metric_ratios(entry["metrics"], reference)
     write_result(args.json, {
         "benchmark": "a distilled model against its seed siblings combined four ways",
         "data": relative_spec(args.data), "split": args.split, "decoding": asdict(shipped),

@@ -213,7 +213,6 @@ def main() -> int:
                                              for t in SEEN_THRESHOLDS},
         "out_of_domain_hedge_rate": ood_rate, "out_of_domain": outside, "context": run.context("cpu"),
     })
-    print(f"wrote {relative(args.json)}")
     return 0
 
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.report import RESULTS, add_split_options, relative, start_run, write_result  # noqa: E402
+from bench.report import RESULTS, add_split_options, metric_ratios, relative, relative_spec, start_run, write_result  # noqa: E402
 from captioner import checkpoint  # noqa: E402
 from captioner.beam import BeamConfig  # noqa: E402
 from captioner.inference import beam_config_from_meta  # noqa: E402
@@ -60,16 +60,14 @@ def main() -> int:
               + "  ".join(f"{k} {v:.4f}" for k, v in result.scores.values.items()), flush=True)
     reference = next(row for row in rows if row["shipped"])["metrics"]
     for row in rows:
-        row["ratio_to_shipped"] = {key: round(value / reference[key], 4)
-                                   for key, value in row["metrics"].items() if reference.get(key)}
+        row["ratio_to_shipped"] = metric_ratios(row["metrics"], reference)
     model_name = checkpoint.read_document(args.model).get("meta", {}).get("version")
     write_result(args.json, {
         "benchmark": "decoding settings on one model",
         "model": relative(checkpoint.resolve(args.model)), "model_version": model_name,
-        "data": args.data, "split": args.split, "shipped_decoding": asdict(shipped),
+        "data": relative_spec(args.data), "split": args.split, "shipped_decoding": asdict(shipped),
         "results": rows, "context": run.context(args.device),
     })
-    print(f"wrote {relative(args.json)}")
     return 0
 
 

@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.report import RESULTS, relative, start_run, write_result  # noqa: E402
+from bench.report import RESULTS, relative, relative_spec, start_run, write_result  # noqa: E402
 from captioner import checkpoint  # noqa: E402
 from captioner.inference import Captioner, beam_config_from_meta  # noqa: E402
 from train.evaluate import evaluate  # noqa: E402
@@ -130,7 +130,7 @@ def main() -> int:
         print(f"{row['run']}: {row['latency_ms_p50']} ms a photo, {row['latency_ratio_to_baseline']}x the baseline")
     write_result(args.out, {
         "benchmark": "encoders: validation quality and single-photo CPU latency",
-        "data": args.data, "split": args.split, "limit": args.limit, "decoding": asdict(shipped),
+        "data": relative_spec(args.data), "split": args.split, "limit": args.limit, "decoding": asdict(shipped),
         "baseline": relative(checkpoint.resolve(args.baseline)), "baseline_latency": latency["baseline"],
         "latency_photos": len(paths), "latency_rounds": args.rounds, "torch_threads": torch.get_num_threads(),
         "results": rows, "decision": decision(rows), "context": run.context("cpu"),

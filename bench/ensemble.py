@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.report import RESULTS, add_split_options, relative, relative_spec, start_run, write_result  # noqa: E402
+from bench.report import RESULTS, add_split_options, metric_ratios, relative_spec, start_run, write_result  # noqa: E402
 from captioner import checkpoint  # noqa: E402
 from captioner.beam import BeamConfig  # noqa: E402
 from captioner.inference import beam_config_from_meta  # noqa: E402
@@ -70,14 +70,12 @@ def main() -> int:
         rows.append(row("ensemble", members, replace(shipped, beam_size=size), args))
     reference = rows[0]["metrics"]
     for entry in rows:
-        entry["ratio_to_first_member"] = {key: round(value / reference[key], 4)
-                                          for key, value in entry["metrics"].items() if reference.get(key)}
+        entry["ratio_to_first_member"] = metric_ratios(entry["metrics"], reference)
     write_result(args.json, {
         "benchmark": "an ensemble of decoders against its members and distilled students",
         "data": relative_spec(args.data), "split": args.split, "member_decoding": asdict(shipped),
         "results": rows, "context": run.context(args.device),
     })
-    print(f"wrote {relative(args.json)}")
     return 0
 
 

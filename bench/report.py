@@ -178,6 +178,12 @@ def write_result(path: Path, document: dict[str, Any]) -> None:
     print(f"wrote {relative(path)}")
 
 
+def metric_ratios(values: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
+    """Each metric in ``values`` as a ratio to the same metric in ``reference`` (measured in the same
+    run), to 4 decimals; a metric the reference lacks or scores 0 is left out."""
+    return {key: round(value / reference[key], 4) for key, value in values.items() if reference.get(key)}
+
+
 def percentile(values: list[float], q: float) -> float:
     """The nearest-rank percentile ``q`` (0-100) of ``values``."""
     ordered = sorted(values)

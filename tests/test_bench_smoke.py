@@ -252,3 +252,21 @@ def test_ensemble_bench_scores_members_students_and_the_ensemble(tmp_path: Path)
     assert rows[0]["decoder_parameters"] > 0
     assert rows[3]["decoder_parameters"] == rows[0]["decoder_parameters"] + rows[1]["decoder_parameters"]
     assert all(r["n_images"] == 3 for r in rows)
+
+
+@pytest.mark.slow
+def test_decoding_bench_scores_every_setting_against_the_shipped_one(tiny_model: Path, tmp_path: Path) -> None:
+    from bench.decoding import SETTINGS
+    from tests.test_train_support import make_flickr
+
+    data = f"flickr:{make_flickr(tmp_path / 'data', n_train=2, n_val=2)}"
+    out = tmp_path / "decoding.json"
+    document = run_bench("decoding.py", out, "--model", str(tiny_model), "--data", data, "--cache",
+                         str(tmp_path / "cache"), "--json", str(out))
+    assert_reports_its_run(document, "decoding.py", tmp_path)
+    rows = document["results"]
+    shipped = [r for r in rows if r["shipped"]]
+    assert len(rows) in (len(SETTINGS), len(SETTINGS) + 1) and len(shipped) == 1
+    assert shipped[0]["decoding"] == document["shipped_decoding"]
+    assert all(value == 1.0 for value in shipped[0]["ratio_to_shipped"].values())
+    assert all(r["n_images"] == 2 for r in rows)
