@@ -23,6 +23,11 @@ def _history(name: str) -> dict[str, Any]:
     return _load(f"training/{name}")
 
 
+def _best_val(epochs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The validation scores of a run's best epoch by CIDEr (the one its best/ checkpoint holds)."""
+    return dict(max(epochs, key=lambda e: e["val"]["CIDEr"])["val"])
+
+
 def _val_by_epoch(epochs: list[dict[str, Any]], metric: str) -> str:
     return " / ".join(f"{e['val'][metric]:.3f}" for e in epochs)
 
@@ -303,7 +308,7 @@ def grid_stages() -> str:
         cells, ciders, seconds = [], [], []
         for name in names:
             epochs = _history(f"grid/{name}")["epochs"]
-            best = max(epochs, key=lambda e: e["val"]["CIDEr"])["val"]
+            best = _best_val(epochs)
             cells.append(f"{best['CIDEr']:.3f} / {best['Bleu_4']:.3f}")
             ciders.append(best["CIDEr"])
             seconds.append(f"{sum(e['train_seconds'] for e in epochs):,.0f}")
@@ -322,7 +327,7 @@ def mixed_teachers() -> str:
     first = None
     for name in MIXED_TEACHER_RUNS:
         history = _history(f"grid/{name}")
-        best = max(history["epochs"], key=lambda e: e["val"]["CIDEr"])["val"]
+        best = _best_val(history["epochs"])
         first = first or best["CIDEr"]
         teachers = ", ".join(f"`{t}`" for t in history["config"]["distill_from"].split(","))
         seconds = sum(e["train_seconds"] for e in history["epochs"])
