@@ -37,7 +37,7 @@ def teachers(tmp_path: Path) -> list[str]:
 
 @pytest.fixture
 def read(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
-    """The features the teachers read during word-level distillation: each teacher's, batch by batch."""
+    """The features the teachers read during word-level distillation: each group's, batch by batch."""
     batches: list[torch.Tensor] = []
     teach = WordDistillation.teacher_probabilities
 
@@ -146,11 +146,11 @@ def test_weight_zero_is_plain_cross_entropy_and_the_teachers_mean_is_the_target(
     features, batch = _batch(student)
     pad_id = student.vocab.pad_id
     plain = CrossEntropy(pad_id, alpha_c=1.0, label_smoothing=0.0)(student.decoder, features, batch)
-    none = WordDistillation(teachers, 0.0, pad_id, alpha_c=1.0)(student.decoder, features, batch)
+    none = WordDistillation([(teachers, None)], 0.0, pad_id, alpha_c=1.0)(student.decoder, features, batch)
     assert torch.allclose(none[0], plain[0], atol=1e-6) and torch.allclose(none[1], plain[1], atol=1e-6)
 
     # weight 1: the target is the mean of the teachers' distributions, word by word.
-    loss, reported = WordDistillation(teachers, 1.0, pad_id, alpha_c=0.0)(student.decoder, features, batch)
+    loss, reported = WordDistillation([(teachers, None)], 1.0, pad_id, alpha_c=0.0)(student.decoder, features, batch)
     tokens = pad([e.tokens for e in batch], pad_id)
     mask = tokens[:, 1:] != pad_id
     with torch.no_grad():
@@ -164,8 +164,8 @@ def test_training_on_the_teachers_words_brings_the_student_to_them(tmp_path: Pat
     student = checkpoint.load(make_checkpoint(tmp_path / "s", seed=0))
     teacher = checkpoint.load(make_checkpoint(tmp_path / "t", seed=1))
     features, batch = _batch(student)
-    objective = WordDistillation(load_teachers([str(tmp_path / "t")], student, torch.device("cpu"))[0].decoders,
-                                 1.0, student.vocab.pad_id, alpha_c=0.0)
+    [group] = load_teachers([str(tmp_path / "t")], student, torch.device("cpu"))
+    objective = WordDistillation([(group.decoders, None)], 1.0, student.vocab.pad_id, alpha_c=0.0)
     optimizer = torch.optim.Adam(student.decoder.parameters(), lr=1e-2)
     tokens = pad([e.tokens for e in batch], student.vocab.pad_id)
 
@@ -271,8 +271,8 @@ def test_each_teacher_reads_its_own_features_and_the_target_is_their_mean(tmp_pa
         return own
 
     pad_id = student.vocab.pad_id
-    loss, _ = WordDistillation([near, far, far], 1.0, pad_id, alpha_c=0.0,
-                               teacher_features=[None, far_features, far_features])(student.decoder, features, batch)
+    loss, _ = WordDistillation([([near], None), ([far, far], far_features)], 1.0, pad_id,
+                               alpha_c=0.0)(student.decoder, features, batch)
     assert calls == [[e.image_id for e in batch]]  # one read a batch for the teachers that share a source
     tokens = pad([e.tokens for e in batch], pad_id)
     mask = tokens[:, 1:] != pad_id

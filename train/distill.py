@@ -119,20 +119,21 @@ class WordDistillation:
     the history compares with plain ``fit``.
     """
 
-    teachers: list[Decoder]
+    # Each group: teachers that read the same features, and where those come from for a batch's
+    # image ids (None: the student's; a :attr:`TeacherGroup.features_model`'s otherwise).
+    groups: Sequence[tuple[list[Decoder], Callable[[Sequence[str]], Tensor] | None]]
     weight: float
     pad_id: int
     alpha_c: float
-    # Per teacher, image ids -> the features it reads, for teachers that read others than the
-    # student (:attr:`TeacherGroup.features_model`); None (or no entry) reads the student's.
-    teacher_features: Sequence[Callable[[Sequence[str]], Tensor] | None] = ()
     name: str = "loss"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight <= 1.0:
             raise ValueError("the distillation weight must be between 0 and 1")
-        if len(self.teacher_features) > len(self.teachers):
-            raise ValueError("more teacher feature sources than teachers")
+
+    @property
+    def teachers(self) -> list[Decoder]:
+        return [decoder for decoders, _ in self.groups for decoder in decoders]
 
     def __call__(self, decoder: nn.Module, features: Tensor, batch: Sequence[Example]) -> tuple[Tensor, Tensor]:
         tokens = pad([e.tokens for e in batch], self.pad_id).to(features.device)
@@ -140,30 +141,17 @@ class WordDistillation:
         references, penalty = reference_terms(logits, alphas, tokens, self.pad_id, self.alpha_c, 0.0)
         mask = tokens[:, 1:] != self.pad_id
         log_probs = F.log_softmax(logits.float(), dim=-1)
-        taught = -(self.teacher_probabilities(self.teachers_view(features, batch), tokens) * log_probs
-                   ).sum(dim=-1)[mask].mean()
-        return (1 - self.weight) * references + self.weight * taught + penalty, references
-
-    def teachers_view(self, features: Tensor, batch: Sequence[Example]) -> list[Tensor]:
-        """What each teacher reads for ``batch``: the student's ``features`` or its own, each source read once."""
         ids = [e.image_id for e in batch]
-        read: dict[int, Tensor] = {}
-        views = []
-        for n in range(len(self.teachers)):
-            source = self.teacher_features[n] if n < len(self.teacher_features) else None
-            if source is None:
-                views.append(features)
-                continue
-            if id(source) not in read:
-                read[id(source)] = source(ids)
-            views.append(read[id(source)])
-        return views
+        views = [features if source is None else source(ids) for _, source in self.groups]
+        taught = -(self.teacher_probabilities(views, tokens) * log_probs).sum(dim=-1)[mask].mean()
+        return (1 - self.weight) * references + self.weight * taught + penalty, references
 
     @torch.no_grad()
     def teacher_probabilities(self, features: Sequence[Tensor], tokens: Tensor) -> Tensor:
-        """The mean of the teachers' word distributions, each teacher on its own ``features[i]``."""
+        """The mean of the teachers' word distributions, each group's teachers on its ``features[i]``."""
         return torch.stack([F.softmax(t(f, tokens)[0].float(), dim=-1)
-                            for t, f in zip(self.teachers, features, strict=True)]).mean(dim=0)
+                            for (decoders, _), f in zip(self.groups, features, strict=True)
+                            for t in decoders]).mean(dim=0)
 
 
 def teacher_captions(teachers: Sequence[str], records: Sequence[ImageRecord], beam: BeamConfig, out: Path,

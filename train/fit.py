@@ -300,11 +300,10 @@ def _objective(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageR
             raise ValueError("--label-smoothing with --distill-from: the teachers' distribution already spreads "
                              "each word's target")
         device = next(model.decoder.parameters()).device
-        groups = load_teachers(comma_list(cfg.distill_from), model, device)
-        teachers = [decoder for group in groups for decoder in group.decoders]
-        sources = _teacher_features(cfg, groups, train_records, device)
+        groups = [(group.decoders, _teacher_features(cfg, group, train_records, device))
+                  for group in load_teachers(comma_list(cfg.distill_from), model, device)]
         return (build_examples(train_records, model.vocab, cfg.max_caption_len),
-                WordDistillation(teachers, cfg.distill_weight, model.vocab.pad_id, cfg.alpha_c, sources))
+                WordDistillation(groups, cfg.distill_weight, model.vocab.pad_id, cfg.alpha_c))
     if not cfg.scst:
         return build_examples(train_records, model.vocab, cfg.max_caption_len), None
     if cfg.scst_baseline not in BASELINES:
@@ -327,18 +326,14 @@ def _objective(cfg: TrainConfig, model: CaptionModel, train_records: list[ImageR
     return image_examples(train_records), objective
 
 
-def _teacher_features(cfg: TrainConfig, groups: list[TeacherGroup], train_records: list[ImageRecord],
-                      device: torch.device) -> list[FeatureSource | None]:
-    """Per teacher, in the order of the groups' decoders: the features its group was trained on when
-    the student reads others (None: the same), one source per group."""
+def _teacher_features(cfg: TrainConfig, group: TeacherGroup, train_records: list[ImageRecord],
+                      device: torch.device) -> FeatureSource | None:
+    """The features a group of teachers was trained on, when the student reads others (None: the same)."""
+    if group.features_model is None:
+        return None
     images = {r.image_id: r.path for r in train_records}
-    sources: list[FeatureSource | None] = []
-    for group in groups:
-        source = None if group.features_model is None else feature_source(
-            group.features_model, images, device, None if cfg.raw_images else cfg.cache, cfg.feature_batch_size,
-            cfg.progress)
-        sources += [source] * len(group.decoders)
-    return sources
+    return feature_source(group.features_model, images, device, None if cfg.raw_images else cfg.cache,
+                          cfg.feature_batch_size, cfg.progress)
 
 
 def _train_key(objective: Objective | None) -> str:
