@@ -104,6 +104,19 @@ def test_a_run_killed_inside_an_epoch_resumes_exactly(tmp_path: Path, flickr: st
     assert_same_run(straight, resumed)
 
 
+def test_progress_says_where_in_the_epoch_each_chunk_ends(tmp_path: Path, flickr: str,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    # 4 images x 5 captions in batches of 4: 5 batches an epoch, trained 2 at a time.
+    monkeypatch.setattr(fit_module, "CHUNK_BATCHES", 2)
+    with caplog.at_level("INFO", logger="train"):
+        main(tiny_fit_args(flickr, tmp_path / "run", tmp_path / "cache", epochs=1, progress=True))
+    lines = [r.getMessage() for r in caplog.records if "batches/s" in r.getMessage()]
+    assert [line.split(",")[0] for line in lines] == ["epoch 0: batch 2/5", "epoch 0: batch 4/5",
+                                                     "epoch 0: batch 5/5"]
+    assert all(" loss " in line for line in lines)
+
+
 def test_resume_continues_exactly(tmp_path: Path, flickr: str, monkeypatch: pytest.MonkeyPatch) -> None:
     options: dict[str, Any] = dict(epochs=3, dropout=0.3, label_smoothing=0.1, weight_decay=0.01,
                                    progress=False)

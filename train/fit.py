@@ -258,13 +258,17 @@ def _train_epoch_in_chunks(cfg: TrainConfig, out: Path, model: CaptionModel, opt
     last_save = time.monotonic()
     while run.batches_done < len(batches):
         chunk = batches[run.batches_done:run.batches_done + CHUNK_BATCHES]
-        before = run.step
+        before, started = run.step, time.monotonic()
+        # The chunk is logged here, where its place in the epoch is known (train_epoch sees the chunk).
         value, run.step = train_epoch(cfg, model, optimizer, source, examples, chunk, run.step, total_steps,
-                                      decoder, f"epoch {epoch}", objective)
+                                      decoder, f"epoch {epoch}", objective, log_every=0)
         taken = run.step - before
         if taken:
             run.value_sum += value * taken
             run.batches_done += taken
+            if cfg.progress:
+                _log_chunk(epoch, run.batches_done, len(batches), _train_key(objective), value,
+                           optimizer.param_groups[0]["lr"], taken / max(1e-9, time.monotonic() - started))
         if taken < len(chunk):  # --max-steps reached
             break
         if save and cfg.checkpoint_minutes and time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes \
@@ -276,6 +280,11 @@ def _train_epoch_in_chunks(cfg: TrainConfig, out: Path, model: CaptionModel, opt
     value = run.value_sum / run.batches_done if run.batches_done else float("nan")
     run.batches_done, run.value_sum = 0, 0.0
     return value
+
+
+def _log_chunk(epoch: int, done: int, of: int, key: str, value: float, lr: float, rate: float) -> None:
+    log.info("epoch %d: batch %d/%d, %s %.3f, lr %.2e (%.2f batches/s)", epoch, done, of,
+             key.removeprefix("train_"), value, lr, rate)
 
 
 def _save_mid_epoch(out: Path, model: CaptionModel, optimizer: torch.optim.Optimizer, epoch: int,
