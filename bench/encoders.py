@@ -53,6 +53,7 @@ def training_summary(run_dir: Path) -> dict[str, Any]:
     config = history["config"]
     return {
         "encoder": config["model"]["encoder"],
+        "hidden_dim": config["model"]["hidden_dim"],  # the decoder's LSTM width
         "recipe": {key: config[key] for key in ("epochs", "patience", "batch_size", "lr") if key in config},
         "val_cider_by_epoch": [round(e["val"]["CIDEr"], 4) for e in epochs],
         "train_seconds": round(sum(e.get("train_seconds", 0.0) for e in epochs), 1),
