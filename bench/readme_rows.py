@@ -336,6 +336,22 @@ def width_stages() -> str:
     return _stage_table(WIDTH_STAGES, "512", "1024")
 
 
+def decoder_width() -> str:
+    """The README's table of the two distilled students' quality and cost, from bench/results/decoder_width.json."""
+    rows = _load("decoder_width")["results"]
+    first = rows[0]
+    lines = ["| decoder LSTM | BLEU-4 | METEOR | CIDEr | weights in float16 | CPU latency, one photo (p50) |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        val = row["val"]
+        ratio = row["latency_ms_p50"] / first["latency_ms_p50"]
+        # fit saves float32 checkpoints; `train ship` writes float16, half their size.
+        lines.append(f"| {row['training']['hidden_dim']} units (`{row['run']}`) | {val['Bleu_4']:.3f} "
+                     f"| {val['METEOR']:.3f} | {val['CIDEr']:.3f} | {row['weights_mb'] / 2:.1f} MB "
+                     f"| {row['latency_ms_p50']:.0f} ms ({ratio:.2f}x) |")
+    return "\n".join(lines)
+
+
 MIXED_TEACHER_RUNS = ("kd-plain-lite1", "kd-plain-3t")
 
 
@@ -400,7 +416,8 @@ def _bound(result: dict[str, Any]) -> str:
 
 
 ROWS = {"worker": worker, "train_cache": train_cache, "scale": scale, "bot_burst": bot_burst, "encoders": encoders,
-        "grid": grid, "grid_stages": grid_stages, "scst": scst, "learning_loop_scst": learning_loop_scst,
+        "grid": grid, "grid_stages": grid_stages, "width_stages": width_stages,
+        "decoder_width": decoder_width, "scst": scst, "learning_loop_scst": learning_loop_scst,
         "learning_loop_bases": learning_loop_bases, "seeds": seeds, "ensemble": ensemble, "distill": distill,
         "lineages": lineages, "combine": combine,
         "mixed_teachers": mixed_teachers}
