@@ -305,6 +305,9 @@ GRID_STAGES: Stages = (
 WIDTH_STAGES: Stages = (
     (GRID_STAGES[0][0], GRID_STAGES[0][1], "grid/enc-lite1", "width/enc-lite1-h1024"),
     (GRID_STAGES[1][0], GRID_STAGES[1][1], "grid/lite1-anneal", "width/lite1-h1024-anneal"),
+    # v3's own stage (A3); the 512 run is v3's, which went on to a second epoch that fell back.
+    ("self-critical on beam candidates, first epoch, lr 5e-5 (v3)", GRID_STAGES[1][1], "lite1-scst",
+     "width/lite1-h1024-scst"),
     (GRID_STAGES[2][0], GRID_STAGES[2][1], "grid/kd-plain-lite1", "width/kd-plain-lite1-h1024"))
 
 
@@ -352,23 +355,30 @@ def decoder_width() -> str:
     return "\n".join(lines)
 
 
-MIXED_TEACHER_RUNS = ("kd-plain-lite1", "kd-plain-3t")
-
-
-def mixed_teachers() -> str:
-    """The README's table of a 7x7 student taught by 7x7 teachers alone and with a 14x14 one beside them."""
+def _teacher_table(runs: tuple[str, ...]) -> str:
+    """One student recipe taught by different teachers: each run's best epoch against the first run's."""
     lines = ["| run | teachers | val CIDEr / BLEU-4 | CIDEr vs the first run | training (s) | torch threads |",
              "|---|---|---|---|---|---|"]
     first = None
-    for name in MIXED_TEACHER_RUNS:
-        history = _history(f"grid/{name}")
+    for name in runs:
+        history = _history(name)
         best = _best_val(history["epochs"])
         first = first or best["CIDEr"]
         teachers = ", ".join(f"`{t}`" for t in history["config"]["distill_from"].split(","))
         seconds = sum(e["train_seconds"] for e in history["epochs"])
-        lines.append(f"| `{name}` | {teachers} | {best['CIDEr']:.3f} / {best['Bleu_4']:.3f} "
+        lines.append(f"| `{Path(name).name}` | {teachers} | {best['CIDEr']:.3f} / {best['Bleu_4']:.3f} "
                      f"| {best['CIDEr'] / first:.3f}x | {seconds:,.0f} | {history['config']['threads']} |")
     return "\n".join(lines)
+
+
+def mixed_teachers() -> str:
+    """The README's table of a 7x7 student taught by 7x7 teachers alone and with a 14x14 one beside them."""
+    return _teacher_table(("grid/kd-plain-lite1", "grid/kd-plain-3t"))
+
+
+def wide_teacher() -> str:
+    """The README's table of a 512-unit student taught by v3 and v7, and by the 1024-unit v3 and v7."""
+    return _teacher_table(("grid/kd-plain-lite1", "width/kd-plain-wt"))
 
 
 LINEAGE_STAGES = (("cross-entropy, lr 4e-4", "aug-xe", "mir-xe"), ("annealing, lr 1e-4", "aug-anneal", "mir-anneal"))
@@ -420,7 +430,7 @@ ROWS = {"worker": worker, "train_cache": train_cache, "scale": scale, "bot_burst
         "decoder_width": decoder_width, "scst": scst, "learning_loop_scst": learning_loop_scst,
         "learning_loop_bases": learning_loop_bases, "seeds": seeds, "ensemble": ensemble, "distill": distill,
         "lineages": lineages, "combine": combine,
-        "mixed_teachers": mixed_teachers}
+        "mixed_teachers": mixed_teachers, "wide_teacher": wide_teacher}
 
 if __name__ == "__main__":
     print(ROWS[sys.argv[1]]())
