@@ -293,22 +293,25 @@ def seeds() -> str:
 # The default model's recipe run stage by stage twice, one thing changed, all in one session:
 # (stage, decoding its validation used, first run, second run), histories under bench/results/training/.
 Stages = tuple[tuple[str, str, str, str], ...]
+# The recipe's stages as the tables name them: (stage, decoding its validation used).
+CROSS_ENTROPY = ("cross-entropy, 3 epochs, lr 4e-4", "beam 3")
+ANNEALING = ("annealing, 2 epochs, lr 1e-4", "beam 10, length penalty 1.0, trigram blocking")
+# v3's own stage (A3); its 512 run is v3's, which went on to a second epoch that fell back.
+SELF_CRITICAL = ("self-critical on beam candidates, first epoch, lr 5e-5 (v3)", ANNEALING[1])
+DISTILLATION = ("word-level distillation from v3 and v7, 1 epoch, lr 5e-5",
+                "beam 5, length penalty 1.0, trigram blocking")
 # The 7x7 grid against the 14x14 one (efficientnet_lite1_os16).
 GRID_STAGES: Stages = (
-    ("cross-entropy, 3 epochs, lr 4e-4", "beam 3", "grid/enc-lite1", "grid/enc-lite1os16"),
-    ("annealing, 2 epochs, lr 1e-4", "beam 10, length penalty 1.0, trigram blocking",
-     "grid/lite1-anneal", "grid/lite1os16-anneal"),
-    ("word-level distillation from v3 and v7, 1 epoch, lr 5e-5", "beam 5, length penalty 1.0, trigram blocking",
-     "grid/kd-plain-lite1", "grid/kd-plain-lite1os16"))
+    (*CROSS_ENTROPY, "grid/enc-lite1", "grid/enc-lite1os16"),
+    (*ANNEALING, "grid/lite1-anneal", "grid/lite1os16-anneal"),
+    (*DISTILLATION, "grid/kd-plain-lite1", "grid/kd-plain-lite1os16"))
 # The shipped decoder's 512-unit LSTM against a 1024-unit one, on the 7x7 grid; the 512 runs are the
-# grid table's.
+# grid table's and v3's.
 WIDTH_STAGES: Stages = (
-    (GRID_STAGES[0][0], GRID_STAGES[0][1], "grid/enc-lite1", "width/enc-lite1-h1024"),
-    (GRID_STAGES[1][0], GRID_STAGES[1][1], "grid/lite1-anneal", "width/lite1-h1024-anneal"),
-    # v3's own stage (A3); the 512 run is v3's, which went on to a second epoch that fell back.
-    ("self-critical on beam candidates, first epoch, lr 5e-5 (v3)", GRID_STAGES[1][1], "lite1-scst",
-     "width/lite1-h1024-scst"),
-    (GRID_STAGES[2][0], GRID_STAGES[2][1], "grid/kd-plain-lite1", "width/kd-plain-lite1-h1024"))
+    (*CROSS_ENTROPY, "grid/enc-lite1", "width/enc-lite1-h1024"),
+    (*ANNEALING, "grid/lite1-anneal", "width/lite1-h1024-anneal"),
+    (*SELF_CRITICAL, "lite1-scst", "width/lite1-h1024-scst"),
+    (*DISTILLATION, "grid/kd-plain-lite1", "width/kd-plain-lite1-h1024"))
 
 
 def _stage_table(stages: Stages, first: str, second: str) -> str:

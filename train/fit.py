@@ -261,7 +261,7 @@ def _train_epoch_in_chunks(cfg: TrainConfig, out: Path, model: CaptionModel, opt
         before, started = run.step, time.monotonic()
         # The chunk is logged here, where its place in the epoch is known (train_epoch sees the chunk).
         value, run.step = train_epoch(cfg, model, optimizer, source, examples, chunk, run.step, total_steps,
-                                      decoder, f"epoch {epoch}", objective, log_every=0)
+                                      decoder, objective=objective, log_every=0)
         taken = run.step - before
         if taken:
             run.value_sum += value * taken

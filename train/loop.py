@@ -175,8 +175,8 @@ def autocast_for(device: torch.device) -> Callable[[], AbstractContextManager[No
 
 def train_epoch(cfg: LoopConfig, model: CaptionModel, optimizer: torch.optim.Optimizer, source: Features,
                 examples: Sequence[Example], batches: list[list[int]], step: int, total_steps: int,
-                decoder: nn.Module | None = None, label: str = "",
-                objective: Objective | None = None, log_every: int = 50) -> tuple[float, int]:
+                decoder: nn.Module | None = None, objective: Objective | None = None,
+                log_every: int = 50) -> tuple[float, int]:
     """One pass over ``batches``: (mean of the objective's reported value, global step after it).
 
     The objective is teacher-forced cross-entropy unless given (self-critical training passes its
@@ -217,7 +217,7 @@ def train_epoch(cfg: LoopConfig, model: CaptionModel, optimizer: torch.optim.Opt
         values.append(value.detach().item())
         if cfg.progress and log_every and n % log_every == 0:
             rate = (n + 1) / max(1e-9, time.time() - t0)
-            log.info("%s step %d/%d %s %.3f lr %.2e (%.1f batches/s)", label, n, len(batches), step_loss.name,
+            log.info("step %d/%d %s %.3f lr %.2e (%.1f batches/s)", n, len(batches), step_loss.name,
                      float(np.mean(values[-log_every:])), optimizer.param_groups[0]["lr"], rate)
     return float(np.mean(values)) if values else float("nan"), step
 
